@@ -1,0 +1,350 @@
+"""Stage 1: train a VQ-VAE tokenizer, the usual way or with deferred quantization.
+
+Runs unchanged as ``python -m pipelines.train_tokenizer``, ``accelerate launch -m pipelines.train_tokenizer``
+and ``accelerate launch --multi_gpu --num_processes N -m pipelines.train_tokenizer``::
+
+    python -m pipelines.train_tokenizer --config configs/tokenizer/synthetic_ema.yaml --output-dir runs/tok
+
+Schedules (``schedule.mode``):
+- ``early``: quantize from step 0; the codebook starts random (``schedule.init=random``) or from k-means on
+  the untrained encoder's outputs (``schedule.init=kmeans``).
+- ``deferred``: ``schedule.ae_steps`` of continuous autoencoder training, then k-means on the trained
+  encoder's outputs (gathered from every process, computed once, broadcast), then quantized training,
+  optionally blended in over ``schedule.transition_steps`` (``z = a z_e + (1 - a) z_q``, ``a``: 1 -> 0).
+``train.steps`` counts all phases. Killed runs resume from the newest checkpoint with the same command.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from pipelines.common import (
+    CheckpointManager,
+    MetricsLogger,
+    TrainConfig,
+    fail_on_nonfinite,
+    make_accelerator,
+    parse_cli,
+    show_progress,
+    write_run_config,
+)
+from tokenizer.data import DataConfig, build_dataset, make_dataloader
+from tokenizer.io import save_json
+from tokenizer.model import ModelConfig, VQVAE
+from tokenizer.stats import CodeUsage, code_distance
+
+
+@dataclass
+class ScheduleConfig:
+    """When and how quantization starts."""
+
+    mode: str = "early"  # "early" | "deferred"
+    init: str = "random"  # early only: "random" | "kmeans" (k-means on the untrained encoder)
+    ae_steps: int = 0  # deferred: continuous steps before quantization
+    kmeans_batches: int = 20  # batches (per process) of encoder outputs for k-means
+    transition_steps: int = 0  # deferred: soft blend length after ae_steps (0: hard switch)
+
+    def validate(self) -> None:
+        if self.mode not in ("early", "deferred"):
+            raise ValueError(f"mode must be 'early' or 'deferred', got {self.mode!r}")
+        if self.init not in ("random", "kmeans"):
+            raise ValueError(f"init must be 'random' or 'kmeans', got {self.init!r}")
+        if self.mode == "deferred" and self.ae_steps < 1:
+            raise ValueError("deferred quantization needs ae_steps >= 1 continuous steps")
+        if self.mode == "early" and (self.ae_steps or self.transition_steps):
+            raise ValueError("ae_steps and transition_steps only apply to mode=deferred")
+        if self.kmeans_batches < 1 or self.transition_steps < 0:
+            raise ValueError("kmeans_batches must be >= 1 and transition_steps >= 0")
+
+
+@dataclass
+class TokenizerRunConfig:
+    """Everything one tokenizer run needs; saved as ``config.yaml`` in the run folder."""
+
+    output_dir: str = "runs/tokenizer"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def validate(self) -> None:
+        if self.data.image_size != self.model.image_size or self.data.channels != self.model.in_channels:
+            raise ValueError(
+                f"data gives {self.data.channels}x{self.data.image_size}x{self.data.image_size} images but the model "
+                f"expects {self.model.in_channels}x{self.model.image_size}x{self.model.image_size}; set "
+                "model.image_size/model.in_channels equal to data.image_size/data.channels"
+            )
+        if self.schedule.mode == "deferred" and self.schedule.ae_steps >= self.train.steps:
+            raise ValueError(
+                f"schedule.ae_steps ({self.schedule.ae_steps}) must be smaller than train.steps ({self.train.steps})"
+            )
+
+
+def phase_at(step: int, schedule: ScheduleConfig) -> tuple[str, float]:
+    """(phase, alpha) for an optimizer step: ``ae`` (continuous) or ``quantize`` with blend weight alpha."""
+    if schedule.mode == "early":
+        return "quantize", 0.0
+    if step < schedule.ae_steps:
+        return "ae", 1.0
+    if schedule.transition_steps:
+        return "quantize", max(0.0, 1.0 - (step - schedule.ae_steps) / schedule.transition_steps)
+    return "quantize", 0.0
+
+
+@torch.no_grad()
+def init_codebook_from_encoder(model: VQVAE, loader, batches: int, accelerator) -> int:
+    """k-means-initialise the codebook(s) on ``batches`` batches of encoder outputs from every process.
+
+    The quantizer gathers the vectors across processes, computes k-means once and broadcasts, so all
+    replicas hold the same codebook. Returns the number of local vectors used.
+    """
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        z = model.encode_latents(batch["image"])  # (B, h, w, D)
+        chunks.append(z.reshape(-1, z.shape[-1]).float())
+    vectors = torch.cat(chunks)
+    model.quantizer.init_codebook(vectors)
+    model.train(was_training)
+    accelerator.wait_for_everyone()
+    return vectors.shape[0]
+
+
+@torch.no_grad()
+def evaluate_tokenizer(model: VQVAE, loader, accelerator, max_batches: int = 0) -> dict:
+    """Reconstruction and codebook statistics over the whole loader (all processes), eval mode.
+
+    MSE is on images scaled to [0, 1] (the [-1, 1] training MSE / 4); PSNR is the mean per-image PSNR.
+    """
+    raw = accelerator.unwrap_model(model)
+    was_training = raw.training
+    raw.eval()
+    usage = CodeUsage(raw.quantizer.codebook_size)
+    selection = torch.zeros(len(raw.quantizer.codebook_sizes), dtype=torch.float64)
+    sq_errors, n_seen = [], 0
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        images = batch["image"]
+        out = raw(images)
+        per_image = ((out.recon.clamp(-1, 1) - images) ** 2).flatten(1).mean(1) / 4.0  # (B,) on [0, 1]
+        per_image, indices = accelerator.gather_for_metrics((per_image, out.quant.indices))
+        sq_errors.append(per_image.double().cpu())
+        usage.update(indices)
+        if len(raw.quantizer.codebook_sizes) > 1:
+            # which codebook each image's first position used (joint id -> codebook)
+            offsets = torch.tensor(raw.quantizer.codebook_offsets, device=indices.device)
+            book = torch.bucketize(indices.flatten(1), offsets, right=True) - 1  # (B, h*w)
+            selection += torch.bincount(book.flatten(), minlength=len(offsets)).double().cpu()
+        n_seen += images.shape[0]
+    mse = torch.cat(sq_errors)
+    psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean()
+    result = {
+        "recon_mse": float(mse.mean()),
+        "psnr": float(psnr),
+        "perplexity": float(usage.perplexity()),
+        "usage": float(usage.usage()),
+        "code_distance": _code_distance(raw),
+        "num_images": int(mse.numel()),
+    }
+    if selection.sum() > 0:
+        result["selection"] = (selection / selection.sum()).tolist()
+    raw.train(was_training)
+    return result
+
+
+def _code_distance(model: VQVAE) -> float:
+    """Mean pairwise distance between codes; for a ladder, the code-count-weighted mean over codebooks."""
+    books = model.quantizer.codebooks()
+    sizes = [b.shape[0] for b in books]
+    return float(sum(float(code_distance(b)) * n for b, n in zip(books, sizes)) / sum(sizes))
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig):
+    """Adam(W) over trainable parameters and the warm-up/cosine or constant schedule."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+    if train.lr_schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, train.warmup_steps, train.steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, train.warmup_steps)
+    return optimizer, scheduler
+
+
+def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> dict:
+    """Train (or resume) one tokenizer run into ``cfg.output_dir``; returns the summary dict.
+
+    ``stop_after`` ends this invocation after that many optimizer steps in total (as if the job were
+    preempted); rerunning resumes from the newest checkpoint.
+    """
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(
+        cfg.train,
+        out,
+        "tokenizer",
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+        # the quantizer is idle in the continuous phase, so DDP must tolerate unused parameters
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    write_run_config(cfg, out, accelerator)
+    train_ds = build_dataset(cfg.data, "train")
+    val_ds = build_dataset(cfg.data, "validation")
+    model = VQVAE(cfg.model)
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    train_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, drop_last=True)
+    val_loader = make_dataloader(val_ds, cfg.train.batch_size, shuffle=False)
+    kmeans_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed + 1)
+    if len(train_loader) == 0:
+        raise ValueError(
+            f"the training split has {len(train_ds)} images, fewer than one batch of {cfg.train.batch_size}; "
+            "lower train.batch_size or use more data"
+        )
+    model, optimizer, train_loader, val_loader, kmeans_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, kmeans_loader, scheduler
+    )
+    raw: VQVAE = accelerator.unwrap_model(model)
+    checkpoints = CheckpointManager(out / "checkpoints", keep=cfg.train.keep_checkpoints)
+
+    start = 0
+    latest = checkpoints.latest()
+    if latest is not None:
+        accelerator.load_state(str(latest[0]))
+        start = latest[1]
+        accelerator.print(f"resuming from {latest[0]} (step {start})")
+    elif cfg.schedule.mode == "early" and cfg.schedule.init == "kmeans":
+        n = init_codebook_from_encoder(raw, kmeans_loader, cfg.schedule.kmeans_batches, accelerator)
+        accelerator.print(f"codebook initialised by k-means on {n} vectors of the untrained encoder (per process)")
+    logger = MetricsLogger(out / "metrics.jsonl", accelerator, resume_step=start)
+
+    total = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
+    micro_per_epoch = len(train_loader)
+    consumed = start * cfg.train.grad_accum  # micro-batches already used
+    epoch = consumed // micro_per_epoch
+    bad_step = torch.tensor(-1, device=accelerator.device)  # first step with a non-finite loss (no host sync)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    progress = tqdm(total=cfg.train.steps, initial=start, disable=not show_progress(accelerator), desc="tokenizer")
+    model.train()
+
+    def batches():
+        nonlocal epoch
+        skip = consumed % micro_per_epoch
+        while True:
+            train_loader.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            yield from loader
+            skip, epoch = 0, epoch + 1
+
+    stream = batches()
+    step = start
+    images_trained, t_train = 0, 0.0
+    while step < total:
+        phase, alpha = phase_at(step, cfg.schedule)
+        if cfg.schedule.mode == "deferred" and step == cfg.schedule.ae_steps:
+            n = init_codebook_from_encoder(raw, kmeans_loader, cfg.schedule.kmeans_batches, accelerator)
+            accelerator.print(f"step {step}: continuous phase done; codebook k-means on {n} vectors per process")
+        t0 = time.perf_counter()
+        for _ in range(cfg.train.grad_accum):
+            batch = next(stream)
+            with accelerator.accumulate(model):
+                output = model(batch["image"], quantize=phase == "quantize", alpha=alpha)
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            images_trained += batch["image"].shape[0] * accelerator.num_processes
+        step += 1
+        loss = output.loss.detach()
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.tensor(step, device=loss.device), bad_step)
+        loss_sum += loss
+        t_train += time.perf_counter() - t0
+        progress.update(1)
+
+        is_last = step == total
+        if step % cfg.train.log_every == 0 or is_last or step % cfg.train.checkpoint_every == 0:
+            first_bad = int(accelerator.reduce(bad_step.clone(), reduction="max"))
+            if first_bad >= 0:
+                fail_on_nonfinite(float("nan"), first_bad, checkpoints)
+        if step % cfg.train.log_every == 0 or is_last:
+            record = step_metrics(raw, output, accelerator, phase, alpha)
+            record["loss"] = float(accelerator.reduce(loss_sum, reduction="mean")) / max(1, _since_log(step, cfg))
+            record["lr"] = scheduler.get_last_lr()[0]
+            loss_sum.zero_()
+            logger.log(record, step)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", phase=phase)
+        if step % cfg.train.checkpoint_every == 0 or is_last:
+            checkpoints.save(accelerator, step)
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not is_last:
+            logger.log({f"val_{k}": v for k, v in evaluate_tokenizer(model, val_loader, accelerator, cfg.train.eval_batches).items()}, step)
+    progress.close()
+
+    if step < cfg.train.steps:  # stopped early on purpose; the checkpoint above lets the next run resume
+        accelerator.end_training()
+        return {"steps": step, "stopped_early": True}
+    summary = evaluate_tokenizer(model, val_loader, accelerator, cfg.train.eval_batches)
+    summary.update(
+        steps=step,
+        images_per_second=images_trained / t_train if t_train > 0 else None,
+        kind=cfg.model.quantizer.kind,
+        schedule=cfg.schedule.mode,
+        num_processes=accelerator.num_processes,
+    )
+    if accelerator.is_main_process:
+        raw.save_pretrained(out / "model")
+        save_json(summary, out / "summary.json")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _since_log(step: int, cfg: TokenizerRunConfig) -> int:
+    """How many steps the running loss sum covers at this logging step."""
+    last = (step - 1) // cfg.train.log_every * cfg.train.log_every
+    return step - last
+
+
+@torch.no_grad()
+def step_metrics(model: VQVAE, output, accelerator, phase: str, alpha: float) -> dict:
+    """The logged record for one step (batch statistics averaged over processes)."""
+    record: dict = {
+        "phase": phase,
+        "recon_mse": float(accelerator.reduce(output.recon_loss.detach(), reduction="mean")) / 4.0,
+        "perplexity": None,
+        "usage": None,
+        "code_distance": _code_distance(model),
+    }
+    if phase == "quantize" and output.quant is not None:
+        stats = output.quant.stats
+        record["perplexity"] = float(accelerator.reduce(stats["perplexity"].detach().float(), reduction="mean"))
+        record["usage"] = float(accelerator.reduce(stats["usage"].detach().float(), reduction="mean"))
+        if "selection" in stats:
+            record["selection"] = accelerator.reduce(stats["selection"].detach().float(), reduction="mean").tolist()
+        if "tau" in stats:
+            record["tau"] = float(stats["tau"])
+        if alpha > 0:
+            record["alpha"] = alpha
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    cfg, _ = parse_cli(TokenizerRunConfig, argv, "Train a VQ-VAE tokenizer (stage 1).")
+    summary = train_tokenizer(cfg)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
