@@ -1,0 +1,537 @@
+"""Data for every stage: an embedded procedural image set and anything ``datasets.load_dataset`` reads.
+
+``build_dataset(cfg, split)`` returns a torch ``Dataset`` whose items are dicts::
+
+    {"image": float (C, H, W) in [-1, 1], "label": int64 scalar, "factors": int64 (F,)}
+
+Two sources share that contract:
+
+- ``synthetic`` (:class:`SyntheticShapes`): shapes x colours x grid positions x scales on a dark noisy
+  background, generated in-process from a seed. The factors are known exactly, so a generator's mode
+  coverage can be counted. ``label = shape * n_colours + colour`` (the "mode").
+- ``hf`` (:class:`HFImageDataset`): a hub name, local parquet files or an image folder through
+  ``datasets``. Images are decoded lazily per item (or once into memory with ``cache_in_memory``), then
+  go through the one preprocessing path :func:`preprocess_pil` (mode L/RGB, resize or centre crop,
+  scale to [-1, 1]). ``factors`` is ``[label]``, or empty with ``label = -1`` when unlabeled.
+
+Each dataset carries ``num_classes``, ``factor_names``, ``factor_sizes``, ``class_names`` and a
+``fingerprint`` (stable hash of what defines its images, for caching FID statistics and classifiers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .config import ConfigError
+
+SPLITS = ("train", "validation", "test")
+SOURCES = ("synthetic", "hf")
+RESIZE_POLICIES = ("resize", "center_crop")
+
+# Bump when the synthetic generator changes, so cached statistics keyed by the fingerprint go stale.
+SYNTHETIC_VERSION = 1
+
+SHAPE_NAMES = ("circle", "square", "triangle", "cross")
+# RGB palette chosen so that the luminances (grey mode) stay distinct too: 52, 100, 126, 148, 178, 227.
+COLOUR_NAMES = ("blue", "red", "magenta", "green", "orange", "yellow")
+PALETTE = torch.tensor(
+    [[20, 40, 200], [240, 40, 40], [220, 60, 220], [60, 210, 60], [255, 170, 20], [255, 245, 80]],
+    dtype=torch.uint8,
+)
+GRID = 3  # positions: a GRID x GRID grid of cells, index = row * GRID + col
+SCALES = (0.28, 0.44)  # half-extent of a shape as a fraction of the cell side
+BACKGROUND = (8, 32)  # background grey level drawn uniformly in [lo, hi) per pixel (slightly noisy)
+SYNTHETIC_FACTORS = ("shape", "colour", "position", "scale")
+# Rec. 601 luma weights: grey images are the luminance of the RGB ones.
+LUMA = torch.tensor([0.299, 0.587, 0.114])
+
+# Source split names (as hub datasets spell them) accepted for each of our splits.
+_SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val"), "test": ("test",)}
+
+
+class DataError(ConfigError):
+    """The data configuration or the data on disk is unusable; the message says what to change."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where images come from and how they are preprocessed (section ``data`` of every config).
+
+    ``source="synthetic"`` uses the embedded shapes set (sizes ``num_train`` / ``num_validation`` /
+    ``num_test``). ``source="hf"`` reads with ``datasets.load_dataset(path, data_files=..., data_dir=...)``:
+    ``path`` is a hub name, a builder (``"parquet"``, ``"imagefolder"``) or a local dataset folder; when it is
+    left out it is inferred from ``data_files`` (by extension) or ``data_dir`` (image folder).
+    """
+
+    source: str = "synthetic"
+    path: str | None = None
+    data_files: dict[str, str] | None = None  # split -> file or glob
+    data_dir: str | None = None
+    image_column: str | None = None  # None: the first Image feature
+    label_column: str | None = None  # None: a ClassLabel feature or a column "label"/"labels"; else unlabeled
+    image_size: int = 32
+    channels: int = 3
+    resize: str = "resize"  # "resize": whole image to size; "center_crop": central square, then resize
+    validation_fraction: float = 0.05  # carved from train when the source has no validation split
+    max_samples: int | None = None  # per-split cap (a seeded random subset), for quick runs
+    seed: int = 0
+    num_train: int = 10000
+    num_validation: int = 1000
+    num_test: int = 1000
+    cache_in_memory: bool = False  # hf: decode every image once into a uint8 tensor
+    cache_dir: str | None = None  # hf: where ``datasets`` keeps its Arrow cache (None: its default)
+
+    def validate(self) -> None:
+        """Raise ``DataError`` naming the field to change when the configuration cannot work."""
+        if self.source not in SOURCES:
+            raise DataError(f"data.source={self.source!r} is unknown; use one of {', '.join(SOURCES)}")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 8:
+            raise DataError(f"data.image_size={self.image_size!r} must be one integer >= 8 (square images)")
+        if self.channels not in (1, 3):
+            raise DataError(f"data.channels={self.channels!r} must be 1 (grey) or 3 (RGB)")
+        if self.resize not in RESIZE_POLICIES:
+            raise DataError(f"data.resize={self.resize!r} is unknown; use one of {', '.join(RESIZE_POLICIES)}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise DataError(f"data.validation_fraction={self.validation_fraction!r} must be in [0, 1)")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise DataError(f"data.max_samples={self.max_samples!r} must be >= 1, or null for no cap")
+        if self.num_train < 1 or self.num_validation < 0 or self.num_test < 0:
+            raise DataError("data.num_train must be >= 1 and data.num_validation, data.num_test >= 0")
+        if self.source == "synthetic":
+            given = [k for k in ("path", "data_files", "data_dir") if getattr(self, k) is not None]
+            if given:
+                raise DataError(
+                    f"data.{given[0]} is set but data.source='synthetic' ignores it; set data.source=hf "
+                    f"to read it, or remove data.{given[0]}"
+                )
+        else:
+            if self.path is None and not self.data_files and self.data_dir is None:
+                raise DataError(
+                    "data.source='hf' needs data.path (hub name or builder such as 'parquet'), "
+                    "data.data_files (split -> file) or data.data_dir (image folder)"
+                )
+            unknown = sorted(set(self.data_files or {}) - set(SPLITS))
+            if unknown:
+                raise DataError(
+                    f"data.data_files has split {unknown[0]!r}; its keys must be among {', '.join(SPLITS)}"
+                )
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+
+
+def _hash(obj: object) -> str:
+    """Stable short sha256 of a JSON-serialisable object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _seed_for(seed: int, split: str) -> int:
+    """A 63-bit generator seed per (seed, split), so splits differ but each is reproducible."""
+    return int(hashlib.sha256(f"vqgen-data:{seed}:{split}".encode()).hexdigest()[:15], 16)
+
+
+# --------------------------------------------------------------------------------------- synthetic
+
+
+def render_shapes(factors: torch.Tensor, image_size: int, channels: int, generator: torch.Generator,
+                  chunk: int = 1024) -> torch.Tensor:
+    """Draw one image per row of ``factors`` (N, 4) = (shape, colour, position, scale) -> uint8 (N, C, S, S).
+
+    Masks come from a coordinate grid, vectorised over ``chunk`` images at a time. Each shape gets a
+    random sub-cell offset (continuous, not a factor) that keeps it inside its grid cell, so pixels of
+    the shape always lie in the cell named by ``position``.
+    """
+    n = factors.shape[0]
+    s = image_size
+    cell = s / GRID
+    scales = torch.tensor(SCALES)
+    # Pixel centres, (1, S, 1) and (1, 1, S).
+    ys = (torch.arange(s, dtype=torch.float32) + 0.5).view(1, s, 1)
+    xs = (torch.arange(s, dtype=torch.float32) + 0.5).view(1, 1, s)
+    out = torch.empty(n, channels, s, s, dtype=torch.uint8)
+    for start in range(0, n, chunk):
+        f = factors[start:start + chunk]
+        b = f.shape[0]
+        shape, colour, pos, scale = f.unbind(1)
+        r = (scales[scale] * cell).view(b, 1, 1)  # half-extent in pixels, (b, 1, 1)
+        slack = cell / 2 - r  # how far the centre may move and keep the shape in its cell
+        jitter = (torch.rand(b, 2, generator=generator) * 2 - 1).view(b, 2, 1, 1) * slack.unsqueeze(1) * 0.8
+        cy = ((pos // GRID).float() + 0.5).view(b, 1, 1) * cell + jitter[:, 0]
+        cx = ((pos % GRID).float() + 0.5).view(b, 1, 1) * cell + jitter[:, 1]
+        dy, dx = ys - cy, xs - cx  # (b, S, S) each
+        ady, adx = dy.abs(), dx.abs()
+        masks = torch.stack(
+            [
+                dx * dx + dy * dy <= r * r,  # circle
+                torch.maximum(adx, ady) <= 0.85 * r,  # square (slightly smaller: similar area)
+                (dy <= r) & (dy >= -r) & (adx <= (dy + r) / 2),  # triangle, apex up, base 2r wide
+                ((adx <= r / 3) & (ady <= r)) | ((ady <= r / 3) & (adx <= r)),  # cross
+            ],
+            dim=1,
+        )  # (b, 4, S, S)
+        mask = masks[torch.arange(b), shape]  # (b, S, S)
+        bg = torch.randint(BACKGROUND[0], BACKGROUND[1], (b, 1, s, s), generator=generator, dtype=torch.uint8)
+        img = bg.expand(b, 3, s, s).clone()
+        fg = PALETTE[colour].view(b, 3, 1, 1).expand(b, 3, s, s)
+        rgb = torch.where(mask.unsqueeze(1), fg, img)  # (b, 3, S, S) uint8
+        if channels == 1:
+            rgb = (rgb.float() * LUMA.view(1, 3, 1, 1)).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        out[start:start + b] = rgb
+    return out
+
+
+class SyntheticShapes(Dataset):
+    """The embedded procedural image set: shape x colour x position x scale, generated once from a seed.
+
+    Factors: shape (circle, square, triangle, cross), colour (6), position (3x3 grid cell, row-major),
+    scale (2). ``label = shape * 6 + colour``. The same ``(seed, split)`` gives the same images; other
+    splits give other images from the same distribution. Images are held as uint8 ``images`` (N, C, S, S);
+    ``factors_table`` (N, 4) and ``labels`` (N,) hold the ground truth.
+    """
+
+    factor_names = list(SYNTHETIC_FACTORS)
+    factor_sizes = [len(SHAPE_NAMES), len(COLOUR_NAMES), GRID * GRID, len(SCALES)]
+    num_classes = len(SHAPE_NAMES) * len(COLOUR_NAMES)
+    class_names = [f"{c} {s}" for s in SHAPE_NAMES for c in COLOUR_NAMES]
+
+    def __init__(self, num_images: int, image_size: int = 32, channels: int = 3, seed: int = 0,
+                 split: str = "train"):
+        _check_split(split)
+        if image_size < 8 or channels not in (1, 3):
+            raise DataError("SyntheticShapes needs image_size >= 8 and channels 1 or 3")
+        g = torch.Generator().manual_seed(_seed_for(seed, split))
+        self.factors_table = torch.stack(
+            [torch.randint(k, (num_images,), generator=g) for k in self.factor_sizes], dim=1
+        )  # (N, 4) int64
+        self.labels = self.factors_table[:, 0] * len(COLOUR_NAMES) + self.factors_table[:, 1]
+        self.images = render_shapes(self.factors_table, image_size, channels, g)
+        self.fingerprint = _hash(
+            {"source": "synthetic", "version": SYNTHETIC_VERSION, "n": num_images, "size": image_size,
+             "channels": channels, "seed": seed, "split": split}
+        )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {
+            "image": self.images[i].float() / 127.5 - 1.0,
+            "label": self.labels[i],
+            "factors": self.factors_table[i],
+        }
+
+
+# ---------------------------------------------------------------------------------------------- hf
+
+
+def preprocess_pil(img: Image.Image, image_size: int, channels: int, resize: str = "resize") -> torch.Tensor:
+    """The one preprocessing path for real images: PIL -> uint8 (C, S, S).
+
+    ``resize``: the whole image to S x S (bicubic; PIL filters over the source footprint, so downscaling
+    is antialiased). ``center_crop``: the central square (side = shorter side), then the same resize.
+    """
+    img = img.convert("L" if channels == 1 else "RGB")  # also drops alpha and expands palettes
+    if resize == "center_crop":
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)  # (S, S) or (S, S, 3)
+    t = torch.from_numpy(arr.copy())
+    return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1).contiguous()
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 in [0, 255] -> float in [-1, 1] (any shape)."""
+    return images.float() / 127.5 - 1.0
+
+
+def _resolve_builder(cfg: DataConfig) -> str:
+    """``cfg.path``, or the packaged builder implied by ``data_files`` / ``data_dir``."""
+    if cfg.path is not None:
+        return cfg.path
+    if cfg.data_files:
+        exts = {Path(p).suffix.lower().lstrip(".") for p in cfg.data_files.values()}
+        builders = {"parquet": "parquet", "csv": "csv", "json": "json", "jsonl": "json", "arrow": "arrow"}
+        found = {builders.get(e) for e in exts}
+        if len(found) != 1 or None in found:
+            raise DataError(
+                f"cannot tell the format of data.data_files (extensions {sorted(exts)}); "
+                "set data.path to a builder such as 'parquet' or 'imagefolder'"
+            )
+        return found.pop()
+    return "imagefolder"
+
+
+def _is_remote(p: str) -> bool:
+    return "://" in p
+
+
+def _local_files(cfg: DataConfig) -> dict[str, list[str]]:
+    """Check that every local data file / glob exists; returns split -> sorted matching files."""
+    out: dict[str, list[str]] = {}
+    for split, pattern in (cfg.data_files or {}).items():
+        if _is_remote(pattern):
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise DataError(
+                f"data.data_files.{split}={pattern!r} matches no file (working directory {os.getcwd()}); "
+                "fix the path"
+            )
+        out[split] = matches
+    if cfg.data_dir is not None and not _is_remote(cfg.data_dir) and cfg.path in (None, "imagefolder"):
+        if not Path(cfg.data_dir).expanduser().is_dir():
+            raise DataError(f"data.data_dir={cfg.data_dir!r} is not a folder; fix the path")
+    return out
+
+
+def _load(cfg: DataConfig):
+    """``datasets.load_dataset`` with our errors; returns a ``DatasetDict``."""
+    import datasets  # imported here: synthetic-only users never pay for it
+
+    builder = _resolve_builder(cfg)
+    try:
+        dsd = datasets.load_dataset(
+            builder,
+            data_files=dict(cfg.data_files) if cfg.data_files else None,
+            data_dir=cfg.data_dir,
+            cache_dir=cfg.cache_dir,
+        )
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
+        raise DataError(
+            f"datasets could not load {builder!r} (data_files={cfg.data_files}, data_dir={cfg.data_dir}): "
+            f"{err}. Check data.path (hub name, 'parquet', 'imagefolder') and that files exist; "
+            "without a network only local files work"
+        ) from None
+    if not isinstance(dsd, datasets.DatasetDict):
+        raise DataError(f"{builder!r} did not load as named splits; give data.data_files as split -> file")
+    return dsd
+
+
+def _image_column(ds, cfg: DataConfig) -> str:
+    import datasets
+
+    cols = list(ds.features)
+    if cfg.image_column is not None:
+        if cfg.image_column not in cols:
+            raise DataError(f"data.image_column={cfg.image_column!r} is not a column; columns: {cols}")
+        if not isinstance(ds.features[cfg.image_column], datasets.Image):
+            raise DataError(f"data.image_column={cfg.image_column!r} does not hold images; columns: {cols}")
+        return cfg.image_column
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    raise DataError(f"no image column found (columns: {cols}); set data.image_column to the image column")
+
+
+def _label_column(ds, cfg: DataConfig) -> str | None:
+    import datasets
+
+    cols = list(ds.features)
+    if cfg.label_column is not None:
+        if cfg.label_column not in cols:
+            raise DataError(f"data.label_column={cfg.label_column!r} is not a column; columns: {cols}")
+        return cfg.label_column
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            return name
+    for name in ("label", "labels"):
+        feature = ds.features.get(name)
+        if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+            return name
+    return None
+
+
+def _source_split(dsd, split: str) -> str | None:
+    for name in _SPLIT_ALIASES[split]:
+        if name in dsd:
+            return name
+    return None
+
+
+def _subset(n: int, k: int, seed: int, salt: str) -> torch.Tensor:
+    """A seeded random choice of ``k`` of ``n`` indices, kept in source order (int64 (k,))."""
+    g = torch.Generator().manual_seed(_seed_for(seed, salt))
+    return torch.randperm(n, generator=g)[:k].sort().values
+
+
+def _split_indices(dsd, cfg: DataConfig, split: str) -> tuple[str, torch.Tensor | None]:
+    """Which source split to read and which of its rows (None: all).
+
+    Without a source validation split, validation is a seeded random ``validation_fraction`` of train,
+    and train is the rest, so the two never overlap.
+    """
+    available = list(dsd)
+    name = _source_split(dsd, split)
+    if name is not None:
+        return name, None
+    if split == "validation" or (split == "train" and _source_split(dsd, "validation") is None):
+        train = _source_split(dsd, "train")
+        if train is None:
+            raise DataError(f"the data has no 'train' split (splits: {available}); name one 'train' in data_files")
+        n = len(dsd[train])
+        n_val = int(round(n * cfg.validation_fraction))
+        if n_val == 0 or n_val == n:
+            if split == "train":
+                return train, None
+            raise DataError(
+                f"the data has no validation split (splits: {available}) and validation_fraction="
+                f"{cfg.validation_fraction} of {n} train rows carves none; raise data.validation_fraction "
+                "or give data_files.validation"
+            )
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed_for(cfg.seed, "carve")))
+        chosen = perm[:n_val] if split == "validation" else perm[n_val:]
+        return train, chosen.sort().values
+    raise DataError(f"the data has no {split!r} split (splits: {available}); add data_files.{split}")
+
+
+class HFImageDataset(Dataset):
+    """Images (and labels) from a ``datasets.Dataset``, preprocessed by :func:`preprocess_pil` per item.
+
+    With ``cache_in_memory`` all images are decoded once into uint8 ``images`` (N, C, S, S).
+    """
+
+    def __init__(self, hf_dataset, image_column: str, label_column: str | None, cfg: DataConfig,
+                 num_classes: int, class_names: list[str] | None, fingerprint: str):
+        self._cfg = cfg
+        self._image_column = image_column
+        self._label_column = label_column
+        keep = [image_column] + ([label_column] if label_column else [])
+        self._hf = hf_dataset.select_columns(keep)
+        self.num_classes = num_classes
+        self.class_names = class_names
+        self.factor_names = ["label"] if label_column else []
+        self.factor_sizes = [num_classes] if label_column else []
+        self.fingerprint = fingerprint
+        if label_column:
+            self.labels = torch.as_tensor(np.asarray(self._hf[label_column]), dtype=torch.int64)
+        else:
+            self.labels = torch.full((len(self._hf),), -1, dtype=torch.int64)
+        self.images: torch.Tensor | None = None
+        if cfg.cache_in_memory:
+            self.images = torch.stack([self._decode(row[image_column]) for row in self._hf])
+
+    def _decode(self, img: Image.Image) -> torch.Tensor:
+        c = self._cfg
+        return preprocess_pil(img, c.image_size, c.channels, c.resize)
+
+    def __len__(self) -> int:
+        return len(self._hf)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        i = int(i)
+        if self.images is not None:
+            image = self.images[i]
+        else:
+            image = self._decode(self._hf[i][self._image_column])
+        label = self.labels[i]
+        factors = label.view(1) if self._label_column else torch.zeros(0, dtype=torch.int64)
+        return {"image": to_float(image), "label": label, "factors": factors}
+
+
+def _build_hf(cfg: DataConfig, split: str) -> HFImageDataset:
+    import datasets
+
+    files = _local_files(cfg)  # first, so a wrong path gets our message rather than the library's
+    dsd = _load(cfg)
+    name, rows = _split_indices(dsd, cfg, split)
+    ds = dsd[name]
+    image_col = _image_column(ds, cfg)
+    label_col = _label_column(ds, cfg)
+    num_classes, class_names = 0, None
+    if label_col is not None:
+        feature = ds.features[label_col]
+        if isinstance(feature, datasets.ClassLabel):
+            num_classes, class_names = feature.num_classes, list(feature.names)
+        else:
+            # Plain integer labels: the class count must agree across splits, so look at all of them.
+            num_classes = 1 + max(int(np.max(np.asarray(d[label_col]))) for d in dsd.values() if len(d))
+    if rows is not None:
+        ds = ds.select(rows.tolist())
+    if cfg.max_samples is not None and len(ds) > cfg.max_samples:
+        ds = ds.select(_subset(len(ds), cfg.max_samples, cfg.seed, f"cap:{split}").tolist())
+    fingerprint = _hash(
+        {
+            "source": "hf", "path": cfg.path, "data_dir": cfg.data_dir and Path(cfg.data_dir).name,
+            # Basename and size, not the full path: the same files elsewhere give the same fingerprint.
+            "files": {s: [(Path(f).name, os.path.getsize(f)) for f in fs] for s, fs in files.items()},
+            "remote_files": {s: p for s, p in (cfg.data_files or {}).items() if s not in files},
+            "image_column": image_col, "label_column": label_col, "size": cfg.image_size,
+            "channels": cfg.channels, "resize": cfg.resize, "validation_fraction": cfg.validation_fraction,
+            "max_samples": cfg.max_samples, "seed": cfg.seed, "split": split, "rows": len(ds),
+        }
+    )
+    return HFImageDataset(ds, image_col, label_col, cfg, num_classes, class_names, fingerprint)
+
+
+# ----------------------------------------------------------------------------------------- public
+
+
+def build_dataset(cfg: DataConfig, split: str) -> Dataset:
+    """The ``split`` ("train" | "validation" | "test") of the data that ``cfg`` describes.
+
+    Items: ``{"image": (C, S, S) float in [-1, 1], "label": int64, "factors": (F,) int64}``; attributes
+    ``num_classes``, ``factor_names``, ``factor_sizes``, ``class_names``, ``fingerprint``, ``labels``.
+    """
+    _check_split(split)
+    cfg.validate()
+    if cfg.source == "synthetic":
+        n = {"train": cfg.num_train, "validation": cfg.num_validation, "test": cfg.num_test}[split]
+        if cfg.max_samples is not None:
+            n = min(n, cfg.max_samples)
+        return SyntheticShapes(n, cfg.image_size, cfg.channels, cfg.seed, split)
+    return _build_hf(cfg, split)
+
+
+def make_dataloader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                    num_workers: int = 0) -> DataLoader:
+    """A plain ``DataLoader`` over ``ds`` with a seeded generator (reproducible order), ready for
+    ``accelerator.prepare``; the default collate stacks the item dicts into batch dicts."""
+    if batch_size < 1:
+        raise DataError(f"batch_size={batch_size} must be >= 1")
+    if drop_last and len(ds) < batch_size:
+        raise DataError(
+            f"the dataset has {len(ds)} images, fewer than batch_size={batch_size} with drop_last: "
+            "lower the batch size or use more data"
+        )
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0,
+    )
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images (B, C, H, W) -> uint8 in [0, 255] (values outside are clipped)."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> None:
+    """Save a batch (B, C, H, W), float in [-1, 1] or uint8, as one PNG grid with ``nrow`` images a row."""
+    from torchvision.utils import save_image
+
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise DataError(f"save_image_grid expects (B, 1 or 3, H, W) images, got shape {tuple(images.shape)}")
+    x = images.detach().cpu()
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else (x.float().clamp(-1, 1) + 1) / 2
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(x, str(path), nrow=nrow, padding=2)
