@@ -1,0 +1,42 @@
+"""Configuration of the stage-2 prior's network (section ``model`` of ``configs/prior/*.yaml``).
+
+The training loop's settings (``pipelines.common.TrainConfig``) and the run layout live with the
+pipeline (``pipelines.train_prior.PriorRunConfig``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class PriorModelConfig:
+    """Shape of the autoregressive transformer (built from a ``transformers`` config, no pretrained weights).
+
+    ``arch`` picks ``GPT2LMHeadModel`` (learned absolute positions) or ``LlamaForCausalLM`` (rotary
+    positions, SwiGLU). ``class_conditional`` makes the first token a class token instead of BOS; during
+    training it is replaced by the null class with probability ``label_dropout`` so that the same network
+    gives the unconditional logits that classifier-free guidance needs.
+    """
+
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    class_conditional: bool = False
+    label_dropout: float = 0.1
+
+    def validate(self) -> None:
+        """Reject shapes the transformer cannot be built with."""
+        if self.n_layer < 1 or self.n_head < 1 or self.n_embd < 1:
+            raise ValueError("n_layer, n_head and n_embd must be positive")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("llama needs an even head size (n_embd / n_head) for rotary embeddings")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")

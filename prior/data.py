@@ -1,0 +1,94 @@
+"""The token data set: what ``pipelines.encode`` writes and the prior trains on.
+
+Layout of a tokens directory (``RUN/tokens``)::
+
+    meta.json              {"format", "vocab_info", "num_classes", "grid", "tokenizer": {path, fingerprint, files},
+                            "data": the tokenizer run's data config, "splits": {split: {"file", "count"}}}
+    <split>.safetensors    "tokens" (N, h, w) int16 or int32 (the smallest that holds every code id),
+                           "labels" (N,) int64 (-1 when the data has no labels)
+
+Every file is written atomically; ``meta.json`` is rewritten after each split, so a split listed there
+is complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from tokenizer.io import atomic_path, load_json
+
+TOKENS_META = "meta.json"
+TOKENS_FORMAT = 1
+
+
+class TokenDataError(ValueError):
+    """A tokens directory is missing, incomplete or inconsistent; the message says what to run."""
+
+
+def storage_dtype(num_codes: int) -> torch.dtype:
+    """Smallest signed integer type that holds ids ``0 .. num_codes - 1`` (safetensors has no uint16 in torch)."""
+    return torch.int16 if num_codes <= torch.iinfo(torch.int16).max + 1 else torch.int32
+
+
+def split_file(split: str) -> str:
+    return f"{split}.safetensors"
+
+
+def save_token_split(directory: str | Path, split: str, tokens: torch.Tensor, labels: torch.Tensor,
+                     num_codes: int) -> Path:
+    """Write ``tokens`` (N, h, w) and ``labels`` (N,) of one split compactly and atomically."""
+    path = Path(directory) / split_file(split)
+    tensors = {"tokens": tokens.to(storage_dtype(num_codes)).contiguous(), "labels": labels.long().contiguous()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+    return path
+
+
+def read_token_meta(directory: str | Path) -> dict:
+    """``meta.json`` of a tokens directory, with a clear error when encoding has not been run."""
+    path = Path(directory) / TOKENS_META
+    if not path.is_file():
+        raise TokenDataError(
+            f"{directory} holds no encoded tokens (no {TOKENS_META}); run "
+            f"`python -m pipelines.encode --tokenizer-run RUN/tokenizer --output-dir {directory}` first"
+        )
+    meta = load_json(path)
+    if meta.get("format") != TOKENS_FORMAT:
+        raise TokenDataError(f"{path} has format {meta.get('format')!r}; re-run pipelines.encode with --overwrite")
+    return meta
+
+
+def load_token_split(directory: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (N, h, w) int64, labels (N,) int64) of one encoded split."""
+    meta = read_token_meta(directory)
+    if split not in meta["splits"]:
+        raise TokenDataError(
+            f"split {split!r} was not encoded in {directory} (have: {', '.join(meta['splits']) or 'none'}); "
+            f"run pipelines.encode with --splits {split}"
+        )
+    tensors = load_file(str(Path(directory) / meta["splits"][split]["file"]))
+    return tensors["tokens"].long(), tensors["labels"].long()
+
+
+class TokenDataset(Dataset):
+    """One encoded split; items ``{"codes": (h, w) int64, "label": int64}``. Held compactly in memory."""
+
+    def __init__(self, directory: str | Path, split: str):
+        meta = read_token_meta(directory)
+        if split not in meta["splits"]:
+            load_token_split(directory, split)  # raises the explanatory error
+        tensors = load_file(str(Path(directory) / meta["splits"][split]["file"]))
+        self.tokens = tensors["tokens"]  # (N, h, w) int16/int32
+        self.labels = tensors["labels"]  # (N,) int64
+        self.meta = meta
+        self.num_classes = int(meta["num_classes"])
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"codes": self.tokens[i].long(), "label": self.labels[i]}

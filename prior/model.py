@@ -1,0 +1,202 @@
+"""The prior: a causal transformer from ``transformers`` over the joint token vocabulary.
+
+``Prior`` wraps a ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` built from scratch, owns the vocabulary
+layout (``TokenVocab``) and the record of the tokenizer whose tokens it models. It saves as the HF
+model's own files (``config.json`` + ``model.safetensors``) plus ``vqgen_prior.json``, and refuses to be
+loaded next to a different tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from tokenizer.config import from_dict
+from tokenizer.io import atomic_path, file_fingerprint, load_json, save_json
+
+from .config import PriorModelConfig
+from .vocab import TokenVocab
+
+PRIOR_RECORD = "vqgen_prior.json"
+# Files of a tokenizer model directory whose bytes define it (see VQVAE.save_pretrained).
+TOKENIZER_FILES = ("config.json", "model.safetensors")
+
+
+class TokenizerMismatchError(ValueError):
+    """A prior is used with a tokenizer other than the one whose tokens it was trained on."""
+
+
+@dataclass
+class PriorOutput:
+    """Result of ``Prior.forward``.
+
+    ``logits`` (B, T-1, V) predict positions 1..T-1; ``nll`` (B,) is each sequence's mean negative
+    log-likelihood in nats over those positions; ``loss`` is its batch mean.
+    """
+
+    logits: torch.Tensor
+    nll: torch.Tensor
+    loss: torch.Tensor
+
+
+def tokenizer_record(tokenizer_dir: str | Path) -> dict:
+    """Identity of a saved tokenizer: its path, its fingerprint and the sha256 of each defining file."""
+    from tokenizer.model import tokenizer_fingerprint  # late import: the prior library needs no model code
+
+    tokenizer_dir = Path(tokenizer_dir)
+    missing = [name for name in TOKENIZER_FILES if not (tokenizer_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{tokenizer_dir} is not a saved tokenizer (missing {', '.join(missing)}); "
+            "pass the tokenizer run's model/ directory"
+        )
+    return {
+        "path": str(tokenizer_dir.resolve()),
+        "fingerprint": tokenizer_fingerprint(tokenizer_dir),
+        "files": {name: file_fingerprint(tokenizer_dir / name) for name in TOKENIZER_FILES},
+    }
+
+
+def check_tokenizer(expected: dict, tokenizer_dir: str | Path, what: str) -> None:
+    """Raise ``TokenizerMismatchError`` unless ``tokenizer_dir`` is the tokenizer recorded in ``expected``.
+
+    ``what`` names the thing that carries the record (e.g. "the prior at RUN/prior/model").
+    """
+    actual = tokenizer_record(tokenizer_dir)
+    if actual["fingerprint"] == expected["fingerprint"]:
+        return
+    differing = [
+        name for name in TOKENIZER_FILES if expected.get("files", {}).get(name) != actual["files"].get(name)
+    ]
+    raise TokenizerMismatchError(
+        f"{what} was trained on tokens of the tokenizer at {expected['path']} "
+        f"(fingerprint {expected['fingerprint'][:12]}), but the tokenizer at {actual['path']} has fingerprint "
+        f"{actual['fingerprint'][:12]}; these files differ: {', '.join(differing) or 'none (fingerprint only)'}. "
+        f"Pass --tokenizer {expected['path']} (the tokenizer it was trained with), "
+        "or re-encode the tokens and retrain the prior for this tokenizer."
+    )
+
+
+def build_transformer(cfg: PriorModelConfig, vocab: TokenVocab) -> nn.Module:
+    """A randomly initialised HF causal LM whose vocabulary and context fit ``vocab``."""
+    common = dict(vocab_size=vocab.vocab_size, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if cfg.arch == "gpt2":
+        config = GPT2Config(
+            n_positions=vocab.seq_len,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            **common,
+        )
+        return GPT2LMHeadModel(config)
+    config = LlamaConfig(
+        hidden_size=cfg.n_embd,
+        intermediate_size=4 * cfg.n_embd,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_head,
+        max_position_embeddings=vocab.seq_len,
+        attention_dropout=cfg.dropout,
+        tie_word_embeddings=False,
+        **common,
+    )
+    return LlamaForCausalLM(config)
+
+
+class Prior(nn.Module):
+    """Autoregressive prior over token grids.
+
+    Args:
+        cfg: transformer shape and conditioning options.
+        vocab: the token layout (built from the tokenizer's ``vocab_info()``).
+        tokenizer: ``tokenizer_record(...)`` of the tokenizer whose tokens are modelled (None only in
+            tests that never save).
+        transformer: an existing HF model (when loading); by default a new randomly initialised one.
+    """
+
+    def __init__(
+        self,
+        cfg: PriorModelConfig,
+        vocab: TokenVocab,
+        tokenizer: dict | None = None,
+        transformer: nn.Module | None = None,
+    ):
+        super().__init__()
+        if cfg.class_conditional != vocab.class_conditional:
+            raise ValueError("PriorModelConfig.class_conditional and TokenVocab.class_conditional disagree")
+        self.cfg = cfg
+        self.vocab = vocab
+        self.tokenizer = tokenizer
+        self.transformer = transformer if transformer is not None else build_transformer(cfg, vocab)
+
+    def sequences(self, codes: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Codes (B, h, w) + labels (B,) -> token ids (B, T); in training, with label dropout for CFG."""
+        if self.vocab.class_conditional and labels is not None and self.training and self.cfg.label_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.cfg.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, -1), labels)
+        return self.vocab.encode(codes, labels)
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> PriorOutput:
+        """Teacher-forced NLL of token grids ``codes`` (B, h, w) given class ``labels`` (B,) (or None)."""
+        ids = self.sequences(codes, labels)  # (B, T)
+        logits = self.transformer(input_ids=ids[:, :-1]).logits  # (B, T-1, V)
+        token_nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+        nll = token_nll.mean(dim=1)
+        return PriorOutput(logits=logits, nll=nll, loss=nll.mean())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def record(self) -> dict:
+        """Contents of ``vqgen_prior.json``: everything besides the HF files needed to rebuild and check it."""
+        return {
+            "format": 1,
+            "model": asdict(self.cfg),
+            "vocab": self.vocab.to_dict(),
+            "tokenizer": self.tokenizer,
+        }
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``directory/`` (HF ``config.json`` + ``model.safetensors`` + ``vqgen_prior.json``) atomically."""
+        if self.tokenizer is None:
+            raise ValueError("this prior has no tokenizer record; build it with tokenizer=tokenizer_record(dir)")
+        with atomic_path(directory) as tmp:
+            self.transformer.save_pretrained(tmp)
+            save_json(self.record(), Path(tmp) / PRIOR_RECORD)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, tokenizer_dir: str | Path | None = None) -> "Prior":
+        """Load a saved prior; if ``tokenizer_dir`` is given it must be the tokenizer the prior was trained on.
+
+        Raises ``TokenizerMismatchError`` (with what to pass instead) when the tokenizer differs.
+        """
+        directory = Path(directory)
+        if not (directory / PRIOR_RECORD).is_file():
+            raise FileNotFoundError(
+                f"{directory} is not a saved prior (no {PRIOR_RECORD}); pass the prior run's model/ directory"
+            )
+        rec = load_json(directory / PRIOR_RECORD)
+        if tokenizer_dir is not None:
+            check_tokenizer(rec["tokenizer"], tokenizer_dir, f"the prior at {directory}")
+        return cls(
+            from_dict(PriorModelConfig, rec["model"]),
+            TokenVocab.from_dict(rec["vocab"]),
+            tokenizer=rec["tokenizer"],
+            transformer=AutoModelForCausalLM.from_pretrained(directory),
+        )
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """Where the tokenizer lived when the prior was trained (None if unrecorded)."""
+        return Path(self.tokenizer["path"]) if self.tokenizer else None
+
+

@@ -1,0 +1,178 @@
+"""Sampling token grids from a ``Prior``: KV-cached or full-prefix, with temperature, top-k, top-p and CFG.
+
+Randomness is drawn per *sample*, not per batch: sample ``i`` of a run with seed ``s`` takes its uniforms
+from a generator seeded by ``(s, i)`` and turns them into tokens by inverse-CDF sampling. So a sample does
+not depend on the batch size, on how many processes share the work, or on whether the KV cache is used
+(the cached and uncached paths compute the same logits up to float rounding and consume the same uniforms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from .model import Prior
+
+
+class SamplingError(ValueError):
+    """Sampling options that cannot work with this prior; the message says what to change."""
+
+
+@dataclass
+class SamplingConfig:
+    """How to draw samples.
+
+    ``temperature`` 0 means greedy decoding (argmax). ``top_k`` 0 and ``top_p`` 1 disable those filters.
+    ``cfg_scale`` is the classifier-free guidance scale (1 = plain conditional sampling; only for
+    class-conditional priors). ``labels`` are cycled over the samples; empty means classes
+    ``0, 1, 2, ...`` in turn (class-conditional) or no class (unconditional, label -1).
+    """
+
+    num_samples: int = 64
+    batch_size: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 1.0
+    labels: list[int] = field(default_factory=list)
+    use_cache: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Reject values that cannot be sampled with."""
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise ValueError("num_samples and batch_size must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_k must be >= 0 (0 = off) and top_p in (0, 1] (1 = off)")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+
+
+def sample_labels(prior: Prior, cfg: SamplingConfig, indices: torch.Tensor) -> torch.Tensor:
+    """Class label (B,) of each global sample index in ``indices`` (B,); -1 when unconditional."""
+    vocab = prior.vocab
+    if not vocab.class_conditional:
+        if any(label != -1 for label in cfg.labels):
+            raise SamplingError("this prior is unconditional; drop the class labels (or train with class_conditional)")
+        return torch.full_like(indices, -1)
+    if cfg.labels:
+        bad = [label for label in cfg.labels if not -1 <= label < vocab.num_classes]
+        if bad:
+            raise SamplingError(f"labels {bad} are not classes of this prior; use 0..{vocab.num_classes - 1} or -1")
+        table = torch.tensor(cfg.labels, dtype=torch.long)
+        return table[indices % len(cfg.labels)]
+    return indices % vocab.num_classes
+
+
+def per_sample_uniforms(seed: int, indices: torch.Tensor, steps: int) -> torch.Tensor:
+    """Uniforms (B, steps) in [0, 1); row ``b`` depends only on ``(seed, indices[b])``."""
+    rows = []
+    for index in indices.tolist():
+        # SeedSequence mixes (seed, index) into a well-spread 64-bit seed, so nearby pairs don't collide.
+        state = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        gen = torch.Generator().manual_seed(state)
+        rows.append(torch.rand(steps, generator=gen, dtype=torch.float64))
+    return torch.stack(rows)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) to -inf. ``logits`` (B, V) float32."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the most likely token always stays).
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, u: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Next token (B,) from masked logits (B, V) and uniforms ``u`` (B,) by inverse-CDF sampling."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    cdf = logits.double().softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    target = (u.to(cdf) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # Rounding can put the target past the last nonzero entry; step back to the last allowed token.
+    last_allowed = (cdf < cdf[:, -1:]).sum(dim=1)
+    return torch.minimum(idx, last_allowed)
+
+
+@torch.inference_mode()
+def sample_batch(prior: Prior, labels: torch.Tensor, uniforms: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Generate one batch of full sequences (B, seq_len) for class ``labels`` (B,) with ``uniforms`` (B, T-1)."""
+    vocab, model = prior.vocab, prior.transformer
+    device = next(model.parameters()).device
+    guided = vocab.class_conditional and cfg.cfg_scale != 1.0
+    batch = labels.shape[0]
+    ids = vocab.condition_tokens(labels.to(device), batch, device)[:, None]  # (B, 1)
+    if guided:
+        null = torch.full_like(ids, vocab.null_class)
+    cache = DynamicCache(config=model.config) if cfg.use_cache else None
+    step_input = torch.cat([ids, null]) if guided else ids  # (B or 2B, t)
+    uniforms = uniforms.to(device)
+    for t in range(1, vocab.seq_len):
+        if cfg.use_cache:
+            out = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1)
+        else:
+            out = model(input_ids=step_input, use_cache=False, logits_to_keep=1)
+        logits = out.logits[:, -1].float()  # (B or 2B, V)
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + cfg.cfg_scale * (cond - uncond)
+        logits = logits.masked_fill(~vocab.allowed(ids), float("-inf"))
+        nxt = choose_tokens(logits, uniforms[:, t - 1], cfg)[:, None]  # (B, 1)
+        ids = torch.cat([ids, nxt], dim=1)
+        if guided:
+            null = torch.cat([null, nxt], dim=1)
+        new_tokens = torch.cat([nxt, nxt]) if guided else nxt
+        # With a cache only the new token is fed; without, the whole prefix is re-run.
+        step_input = new_tokens if cfg.use_cache else (torch.cat([ids, null]) if guided else ids)
+    return ids
+
+
+def sample_tokens(
+    prior: Prior,
+    cfg: SamplingConfig,
+    indices: torch.Tensor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample the token grids of global sample ``indices`` (default ``0..num_samples-1``).
+
+    Returns ``(codes (N, h, w) int64, labels (N,) int64)`` on the CPU. ``progress(n)`` is called after
+    each batch with the number of samples just finished.
+    """
+    cfg.validate()
+    if cfg.cfg_scale != 1.0 and not prior.vocab.class_conditional:
+        raise SamplingError("cfg_scale needs a class-conditional prior; use cfg_scale=1 for this one")
+    if indices is None:
+        indices = torch.arange(cfg.num_samples)
+    was_training = prior.training
+    prior.eval()
+    codes, labels = [], []
+    try:
+        for chunk in indices.split(cfg.batch_size):
+            chunk_labels = sample_labels(prior, cfg, chunk)
+            uniforms = per_sample_uniforms(cfg.seed, chunk, prior.vocab.seq_len - 1)
+            ids = sample_batch(prior, chunk_labels, uniforms, cfg)
+            codes.append(prior.vocab.decode(ids).cpu())
+            labels.append(chunk_labels)
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        prior.train(was_training)
+    h, w = prior.vocab.grid
+    if not codes:
+        return torch.empty(0, h, w, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return torch.cat(codes), torch.cat(labels)
