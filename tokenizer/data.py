@@ -182,6 +182,8 @@ def render_shapes(factors: torch.Tensor, image_size: int, channels: int, generat
             dim=1,
         )  # (b, 4, S, S)
         mask = masks[torch.arange(b), shape]  # (b, S, S)
+        # Tiny images: a small shape may cover no pixel centre; always draw the pixel under the centre.
+        mask |= (ys.floor() == cy.floor()) & (xs.floor() == cx.floor())
         bg = torch.randint(BACKGROUND[0], BACKGROUND[1], (b, 1, s, s), generator=generator, dtype=torch.uint8)
         img = bg.expand(b, 3, s, s).clone()
         fg = PALETTE[colour].view(b, 3, 1, 1).expand(b, 3, s, s)
@@ -227,7 +229,7 @@ class SyntheticShapes(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {
-            "image": self.images[i].float() / 127.5 - 1.0,
+            "image": to_float(self.images[i]),
             "label": self.labels[i],
             "factors": self.factors_table[i],
         }
@@ -378,26 +380,27 @@ def _split_indices(dsd, cfg: DataConfig, split: str) -> tuple[str, torch.Tensor 
     """
     available = list(dsd)
     name = _source_split(dsd, split)
-    if name is not None:
+    if split == "test" or _source_split(dsd, "validation") is not None:
+        if name is None:
+            raise DataError(f"the data has no {split!r} split (splits: {available}); add data_files.{split}")
         return name, None
-    if split == "validation" or (split == "train" and _source_split(dsd, "validation") is None):
-        train = _source_split(dsd, "train")
-        if train is None:
-            raise DataError(f"the data has no 'train' split (splits: {available}); name one 'train' in data_files")
-        n = len(dsd[train])
-        n_val = int(round(n * cfg.validation_fraction))
-        if n_val == 0 or n_val == n:
-            if split == "train":
-                return train, None
-            raise DataError(
-                f"the data has no validation split (splits: {available}) and validation_fraction="
-                f"{cfg.validation_fraction} of {n} train rows carves none; raise data.validation_fraction "
-                "or give data_files.validation"
-            )
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed_for(cfg.seed, "carve")))
-        chosen = perm[:n_val] if split == "validation" else perm[n_val:]
-        return train, chosen.sort().values
-    raise DataError(f"the data has no {split!r} split (splits: {available}); add data_files.{split}")
+    # No source validation split: carve it from train.
+    train = _source_split(dsd, "train")
+    if train is None:
+        raise DataError(f"the data has no 'train' split (splits: {available}); add data_files.train")
+    n = len(dsd[train])
+    n_val = int(round(n * cfg.validation_fraction))
+    if n_val == 0 or n_val == n:
+        if split == "train":
+            return train, None
+        raise DataError(
+            f"the data has no validation split (splits: {available}) and validation_fraction="
+            f"{cfg.validation_fraction} of {n} train rows carves none; raise data.validation_fraction "
+            "or add data_files.validation"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed_for(cfg.seed, "carve")))
+    chosen = perm[:n_val] if split == "validation" else perm[n_val:]
+    return train, chosen.sort().values
 
 
 class HFImageDataset(Dataset):
