@@ -1,0 +1,259 @@
+"""Stage 2: train the GPT prior on encoded tokens.
+
+Runs unchanged as ``python -m pipelines.train_prior``, ``accelerate launch -m pipelines.train_prior`` and
+``accelerate launch --multi_gpu --num_processes N -m pipelines.train_prior``::
+
+    python -m pipelines.train_prior --config configs/prior/synthetic_cond.yaml --output-dir RUN/prior tokens=RUN/tokens
+
+Writes ``RUN/prior/``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step_*``, ``model/`` (the prior,
+with the record of its tokenizer) and ``summary.json`` (``val_nll`` in nats per token,
+``bits_per_token``, ``steps``, ``tokens_per_second``, ...). A killed run resumes from its newest
+checkpoint with the same command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from pipelines.common import (
+    CheckpointManager,
+    MetricsLogger,
+    TrainConfig,
+    fail_on_nonfinite,
+    make_accelerator,
+    parse_cli,
+    show_progress,
+    write_run_config,
+)
+from prior.config import PriorModelConfig
+from prior.data import TokenDataError, TokenDataset, read_token_meta
+from prior.model import Prior
+from prior.vocab import TokenVocab
+from tokenizer.data import make_dataloader
+from tokenizer.io import save_json
+
+
+@dataclass
+class PriorTrainConfig(TrainConfig):
+    """``TrainConfig`` with defaults suited to a small GPT: AdamW (0.9, 0.95), warm-up then cosine."""
+
+    steps: int = 2000
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"
+    eval_every: int = 500
+
+
+@dataclass
+class PriorRunConfig:
+    """Everything one prior run needs; saved as ``config.yaml`` in the run folder.
+
+    ``tokens`` is the directory written by ``pipelines.encode``; the prior inherits its tokenizer record.
+    ``mixed_precision`` None takes the setting of ``accelerate launch`` (or its config file).
+    """
+
+    output_dir: str = "runs/prior"
+    tokens: str = ""
+    mixed_precision: str | None = None
+    model: PriorModelConfig = field(default_factory=PriorModelConfig)
+    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+
+    def validate(self) -> None:
+        if not self.tokens:
+            raise ValueError("tokens is not set; pass tokens=RUN/tokens (the --output-dir of pipelines.encode)")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16, bf16 or null, got {self.mixed_precision!r}")
+
+
+def build_optimizer(model: Prior, train: TrainConfig, num_training_steps: int):
+    """AdamW with weight decay on matrices only (not on biases, norms), plus the warm-up/cosine schedule.
+
+    The scheduler is stepped once per optimizer update by the loop (it is not handed to ``prepare``,
+    which would step it once per process).
+    """
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas))
+    if train.lr_schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, train.warmup_steps, num_training_steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, train.warmup_steps)
+    return optimizer, scheduler
+
+
+@torch.no_grad()
+def evaluate_prior(model: Prior, loader, accelerator, max_batches: int = 0) -> dict:
+    """Mean validation NLL over every process's share (exact: each sequence has the same length)."""
+    was_training = model.training
+    model.eval()
+    nlls = []
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        with accelerator.autocast():
+            out = model(batch["codes"], batch["label"] if model.vocab.class_conditional else None)
+        nlls.append(accelerator.gather_for_metrics(out.nll.float()).double().cpu())
+    model.train(was_training)
+    nll = float(torch.cat(nlls).mean())
+    return {"val_nll": nll, "bits_per_token": nll / math.log(2), "val_sequences": int(sum(x.numel() for x in nlls))}
+
+
+def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
+    """Train (or resume) one prior run into ``cfg.output_dir``; returns the summary dict.
+
+    ``stop_after`` ends this invocation after that many optimizer steps in total (as if preempted);
+    running it again resumes from the newest checkpoint.
+    """
+    from accelerate.utils import DataLoaderConfiguration
+
+    out = Path(cfg.output_dir)
+    meta = read_token_meta(cfg.tokens)
+    if "train" not in meta["splits"]:
+        raise TokenDataError(f"{cfg.tokens} has no encoded train split; run pipelines.encode with --splits train,...")
+    vocab = TokenVocab.from_vocab_info(meta["vocab_info"], meta["num_classes"], cfg.model.class_conditional)
+    extra = {"mixed_precision": cfg.mixed_precision} if cfg.mixed_precision else {}
+    # Accumulation is done by hand below (exactly grad_accum micro-batches per update, also across epoch
+    # ends), so the Accelerator itself runs with grad_accum=1.
+    accelerator = make_accelerator(
+        dataclasses.replace(cfg.train, grad_accum=1),
+        out,
+        "prior",
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+        **extra,
+    )
+    write_run_config(cfg, out, accelerator)
+    train_ds = TokenDataset(cfg.tokens, "train")
+    val_split = "validation" if "validation" in meta["splits"] else "train"
+    if val_split == "train":
+        accelerator.print("warning: no encoded validation split; validation NLL is measured on the train split")
+    val_ds = TokenDataset(cfg.tokens, val_split)
+
+    model = Prior(cfg.model, vocab, tokenizer=meta["tokenizer"])
+    optimizer, scheduler = build_optimizer(model, cfg.train, cfg.train.steps)
+    train_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, drop_last=True,
+                                   num_workers=cfg.train.num_workers)
+    val_loader = make_dataloader(val_ds, cfg.train.batch_size, shuffle=False)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    accelerator.register_for_checkpointing(scheduler)
+    raw: Prior = accelerator.unwrap_model(model)
+    checkpoints = CheckpointManager(out / "checkpoints", keep=cfg.train.keep_checkpoints)
+
+    start = 0
+    latest = checkpoints.latest()
+    if latest is not None:
+        accelerator.load_state(str(latest[0]))
+        start = latest[1]
+        accelerator.print(f"resuming from {latest[0]} (step {start})")
+    logger = MetricsLogger(out / "metrics.jsonl", accelerator, resume_step=start)
+    accelerator.print(
+        f"prior: {raw.num_parameters / 1e6:.2f}M parameters, vocabulary {vocab.vocab_size}, sequence {vocab.seq_len}, "
+        f"{len(train_ds)} training sequences, {accelerator.num_processes} process(es)"
+    )
+
+    total = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
+    accum = cfg.train.grad_accum
+    micro_per_epoch = len(train_loader)
+    consumed = start * accum
+    epoch = consumed // micro_per_epoch
+
+    def batches():
+        nonlocal epoch
+        skip = consumed % micro_per_epoch
+        while True:
+            train_loader.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            yield from loader
+            skip, epoch = 0, epoch + 1
+
+    stream = batches()
+    conditional = vocab.class_conditional
+    tokens_per_seq = vocab.seq_len - 1  # predicted positions per sequence
+    loss_sum = torch.zeros((), device=accelerator.device)
+    tokens_trained, t_train = 0, 0.0
+    progress = tqdm(total=cfg.train.steps, initial=start, disable=not show_progress(accelerator), desc="prior")
+    model.train()
+    step = start
+    while step < total:
+        t0 = time.perf_counter()
+        for micro in range(accum):
+            batch = next(stream)
+            # Gradients are all-reduced only on the last micro-batch of an update.
+            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+            with sync:
+                output = model(batch["codes"], batch["label"] if conditional else None)
+                accelerator.backward(output.loss / accum)
+            loss_sum += output.loss.detach() / accum
+            tokens_trained += batch["codes"].shape[0] * tokens_per_seq * accelerator.num_processes
+        if cfg.train.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        t_train += time.perf_counter() - t0
+        progress.update(1)
+
+        is_last = step == total
+        if step % cfg.train.log_every == 0 or is_last:
+            since = step - (step - 1) // cfg.train.log_every * cfg.train.log_every
+            loss = float(accelerator.reduce(loss_sum, reduction="mean")) / since
+            fail_on_nonfinite(loss, step, checkpoints)
+            loss_sum.zero_()
+            record = {"loss": loss, "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_second": tokens_trained / t_train if t_train > 0 else None}
+            logger.log(record, step)
+            progress.set_postfix(loss=f"{loss:.4f}")
+        if step % cfg.train.checkpoint_every == 0 or is_last:
+            checkpoints.save(accelerator, step)
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not is_last:
+            logger.log(evaluate_prior(raw, val_loader, accelerator, cfg.train.eval_batches), step)
+    progress.close()
+
+    if step < cfg.train.steps:  # stopped on purpose; the checkpoint written above lets the next run resume
+        accelerator.end_training()
+        return {"steps": step, "stopped_early": True}
+    summary = evaluate_prior(raw, val_loader, accelerator, cfg.train.eval_batches)
+    logger.log(summary, step)
+    summary.update(
+        val_split=val_split,
+        steps=step,
+        tokens_per_second=tokens_trained / t_train if t_train > 0 else None,
+        num_parameters=raw.num_parameters,
+        vocab_size=vocab.vocab_size,
+        seq_len=vocab.seq_len,
+        class_conditional=conditional,
+        num_processes=accelerator.num_processes,
+        mixed_precision=accelerator.mixed_precision,
+    )
+    if accelerator.is_main_process:
+        raw.save_pretrained(out / "model")
+        save_json(summary, out / "summary.json")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Command-line entry point: ``--config FILE --output-dir DIR key=value ...``."""
+    cfg, _ = parse_cli(PriorRunConfig, argv, "Train the GPT prior on encoded tokens (stage 2).")
+    return train_prior(cfg)
+
+
+if __name__ == "__main__":
+    main()
