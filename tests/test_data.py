@@ -59,7 +59,8 @@ def _write_parquet(path, images, labels=None, class_label: bool = True) -> str:
     feats = {"image": datasets.Image()}
     data = {"image": images}
     if labels is not None:
-        feats["label"] = datasets.ClassLabel(names=[str(i) for i in range(10)]) if class_label else datasets.Value("int64")
+        names = [str(i) for i in range(10)]
+        feats["label"] = datasets.ClassLabel(names=names) if class_label else datasets.Value("int64")
         data["label"] = labels
     datasets.Dataset.from_dict(data, features=datasets.Features(feats)).to_parquet(str(path))
     return str(path)

@@ -468,10 +468,14 @@ def _build_hf(cfg: DataConfig, split: str) -> HFImageDataset:
         ds = ds.select(rows.tolist())
     if cfg.max_samples is not None and len(ds) > cfg.max_samples:
         ds = ds.select(_subset(len(ds), cfg.max_samples, cfg.seed, f"cap:{split}").tolist())
+    data_dir = cfg.data_dir
+    if data_dir is not None and Path(data_dir).expanduser().is_dir():
+        data_dir = str(Path(data_dir).expanduser().resolve())
     fingerprint = _hash(
         {
-            "source": "hf", "path": cfg.path, "data_dir": cfg.data_dir and Path(cfg.data_dir).name,
-            # Basename and size, not the full path: the same files elsewhere give the same fingerprint.
+            # A local image folder by its absolute path (names like "images" are too common to tell sets
+            # apart); data files by basename and size, so the same files elsewhere match.
+            "source": "hf", "path": cfg.path, "data_dir": data_dir,
             "files": {s: [(Path(f).name, os.path.getsize(f)) for f in fs] for s, fs in files.items()},
             "remote_files": {s: p for s, p in (cfg.data_files or {}).items() if s not in files},
             "image_column": image_col, "label_column": label_col, "size": cfg.image_size,
