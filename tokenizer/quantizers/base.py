@@ -1,0 +1,280 @@
+"""The quantizer interface: one flat config, one output type, one base class, one factory.
+
+Every quantizer takes channel-last input ``z`` of shape (B, ..., dim) and returns a ``QuantizerOutput``.
+Quantizers with a single codebook (``vq``, ``ema``, ``gumbel``) share the dead-code reset implemented
+here; ``adaptive`` holds one ``ema`` quantizer per codebook of its ladder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..distributed import all_gather_cat, all_reduce_, broadcast_, rank
+from ..stats import code_counts
+
+KINDS = ("vq", "ema", "gumbel", "adaptive")
+GRANULARITIES = ("image", "position")
+
+
+class QuantizerConfigError(ConfigError):
+    """A quantizer configuration that cannot work; the message names the field and what to change."""
+
+
+@dataclass
+class QuantizerConfig:
+    """Settings of every quantizer kind in one flat dataclass (fields a kind does not use are ignored).
+
+    Temperature schedules advance with the number of training forward passes ``t``:
+    ``gumbel`` anneals exponentially, ``tau = tau_start * (tau_end / tau_start) ** min(t / tau_anneal_steps, 1)``
+    (1 -> 1/16 as in VQGAN's Gumbel model); ``adaptive``'s selector anneals linearly, as the authors' code does,
+    ``tau = selector_tau_start + (selector_tau_end - selector_tau_start) * min(t / selector_tau_steps, 1)``
+    (2e4 -> 1 over 20k steps). For ``adaptive`` the vocabulary comes from ``capacity`` and ``ladder_dims``
+    (codebook i has capacity // ladder_dims[i] codes of width ladder_dims[i]) and ``codebook_size`` is unused;
+    ``dim`` is the latent width before the per-codebook projections.
+    """
+
+    kind: str = "ema"  # "vq" | "ema" | "gumbel" | "adaptive"
+    codebook_size: int = 512
+    dim: int = 64
+    beta: float = 0.25  # commitment weight
+    decay: float = 0.99  # EMA decay (ema, adaptive; usage tracking for dead codes)
+    eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
+    cosine: bool = False  # vq only: l2-normalised inputs and codes
+    kl_weight: float = 5e-4  # gumbel: weight of KL(q || uniform)
+    straight_through: bool = False  # gumbel: hard one-hot samples with straight-through gradients
+    tau_start: float = 1.0  # gumbel temperature schedule (exponential)
+    tau_end: float = 0.0625
+    tau_anneal_steps: int = 10000
+    capacity: int = 65536  # adaptive: W = N_i * D_i for every codebook
+    ladder_dims: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 8, 4, 2, 1])
+    granularity: str = "image"  # adaptive: one codebook per "image" or per "position"
+    selector_heads: int = 4  # adaptive: attention heads of the selector (must divide dim)
+    selector_tau_start: float = 2e4  # adaptive selector temperature schedule (linear)
+    selector_tau_end: float = 1.0
+    selector_tau_steps: int = 20000
+    dead_code_threshold: float = 0.0  # 0 = off; codes whose EMA usage count is below this are re-seeded
+    dead_code_window: int = 100  # training steps between dead-code checks
+    kmeans_iters: int = 10  # Lloyd iterations of init_codebook
+    kmeans_seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``QuantizerConfigError`` naming the first field that cannot work."""
+
+        def fail(message: str) -> None:
+            raise QuantizerConfigError(f"quantizer: {message}")
+
+        if self.kind not in KINDS:
+            fail(f"unknown kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.codebook_size < 1:
+            fail(f"codebook_size must be >= 1, got {self.codebook_size}")
+        if self.dim < 1:
+            fail(f"dim must be >= 1, got {self.dim}")
+        if self.beta < 0:
+            fail(f"beta (commitment weight) must be >= 0, got {self.beta}")
+        if not 0.0 < self.decay < 1.0:
+            fail(f"decay must lie strictly between 0 and 1 (e.g. 0.99), got {self.decay}")
+        if self.eps <= 0:
+            fail(f"eps must be > 0 (e.g. 1e-5), got {self.eps}")
+        if self.cosine and self.kind != "vq":
+            fail(f"cosine=true is only supported by kind 'vq', not {self.kind!r}; set cosine=false")
+        if self.cosine and self.dim < 2:
+            fail("cosine=true needs dim >= 2 (a normalised 1-d code is just a sign)")
+        if self.kl_weight < 0:
+            fail(f"kl_weight must be >= 0, got {self.kl_weight}")
+        for prefix, start, end, steps in (
+            ("tau", self.tau_start, self.tau_end, self.tau_anneal_steps),
+            ("selector_tau", self.selector_tau_start, self.selector_tau_end, self.selector_tau_steps),
+        ):
+            if start <= 0 or end <= 0:
+                fail(f"{prefix}_start and {prefix}_end must be > 0, got {start} and {end}")
+            if end > start:
+                fail(f"{prefix}_end ({end}) must not exceed {prefix}_start ({start}); the temperature anneals downwards")
+        if self.tau_anneal_steps < 1 or self.selector_tau_steps < 1:
+            fail("tau_anneal_steps and selector_tau_steps must be >= 1")
+        if self.granularity not in GRANULARITIES:
+            fail(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.kind == "adaptive":
+            self._validate_ladder(fail)
+        if self.dead_code_threshold < 0:
+            fail(f"dead_code_threshold must be >= 0 (0 turns the reset off), got {self.dead_code_threshold}")
+        if self.dead_code_window < 1:
+            fail(f"dead_code_window must be >= 1 step, got {self.dead_code_window}")
+        if self.kmeans_iters < 0:
+            fail(f"kmeans_iters must be >= 0, got {self.kmeans_iters}")
+
+    def _validate_ladder(self, fail) -> None:
+        if self.capacity < 1:
+            fail(f"capacity must be >= 1, got {self.capacity}")
+        if not self.ladder_dims:
+            fail("ladder_dims must list at least one codebook width, e.g. [128, 64, 32, 16, 8, 4, 2, 1]")
+        for d in self.ladder_dims:
+            if d < 1 or self.capacity % d:
+                fail(
+                    f"ladder_dims entry {d} does not divide capacity {self.capacity}; every codebook must hold "
+                    "capacity // D codes of width D exactly (use divisors of the capacity)"
+                )
+        if len(set(self.ladder_dims)) != len(self.ladder_dims):
+            fail(f"ladder_dims must not repeat a width, got {self.ladder_dims}")
+        if self.selector_heads < 1 or self.dim % self.selector_heads:
+            fail(f"selector_heads ({self.selector_heads}) must be >= 1 and divide dim ({self.dim})")
+
+    def ladder(self) -> list[tuple[int, int]]:
+        """The adaptive ladder as (N_i, D_i) pairs with N_i * D_i == capacity."""
+        return [(self.capacity // d, d) for d in self.ladder_dims]
+
+
+@dataclass
+class QuantizerOutput:
+    """What every quantizer returns (see docs/architecture.md)."""
+
+    quantized: torch.Tensor  # (B, ..., dim) to the decoder (straight-through where applicable)
+    indices: torch.Tensor  # (B, ...) int64 code ids (joint ids for adaptive)
+    loss: torch.Tensor  # scalar, added to the reconstruction loss
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # batch statistics, device tensors
+
+
+class Quantizer(nn.Module):
+    """Base class: input checks and flattening; subclasses implement the abstract members below."""
+
+    def __init__(self, cfg: QuantizerConfig):
+        super().__init__()
+        self.config = cfg
+        self.dim = cfg.dim
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        """Number of codes of each codebook."""
+        raise NotImplementedError
+
+    @property
+    def codebook_size(self) -> int:
+        """Total vocabulary (sum over codebooks)."""
+        return sum(self.codebook_sizes)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Code ids (B, ...) -> codes (B, ..., dim)."""
+        raise NotImplementedError
+
+    def init_codebook(self, vectors: torch.Tensor) -> None:  # pragma: no cover - abstract
+        """k-means initialisation from ``vectors`` (M, dim) (gathered across processes, rank 0, broadcast)."""
+        raise NotImplementedError
+
+    def codebooks(self) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        """The codebooks as (N_i, D_i) tensors (detached)."""
+        raise NotImplementedError
+
+    def _flatten(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, ..., dim) -> (M, dim) float32 with a clear error for a wrong last axis."""
+        if z.dim() < 2 or z.shape[-1] != self.dim:
+            raise ValueError(
+                f"{type(self).__name__} expects channel-last input (B, ..., {self.dim}), got {tuple(z.shape)}; "
+                "check quantizer.dim against the encoder output"
+            )
+        return z.reshape(-1, self.dim).float()
+
+    def _check_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Validate init_codebook input -> (M, dim) float32."""
+        if vectors.dim() != 2 or vectors.shape[1] != self.dim or vectors.shape[0] < 1:
+            raise ValueError(
+                f"init_codebook expects vectors of shape (M, {self.dim}) with M >= 1, got {tuple(vectors.shape)}"
+            )
+        return vectors.detach().float()
+
+
+class SingleCodebookQuantizer(Quantizer):
+    """Shared bookkeeping of quantizers with one codebook: usage tracking and dead-code reset.
+
+    With ``dead_code_threshold > 0`` every ``dead_code_window`` training forward passes the codes whose
+    EMA usage count (decay ``decay``, counts summed over processes) is below the threshold are re-seeded
+    from the current batch's inputs gathered from all processes. Rank 0 draws the replacements and
+    broadcasts the codebook state, so every replica holds the same codebook. This check syncs with the
+    host, once per window.
+    """
+
+    def __init__(self, cfg: QuantizerConfig):
+        super().__init__(cfg)
+        self._forwards_since_check = 0  # Python counter: no host sync to decide when to check
+        self._resets = 0
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return [self.config.codebook_size]
+
+    @property
+    def dead_code_enabled(self) -> bool:
+        """Whether dead-code resets are on."""
+        return self.config.dead_code_threshold > 0
+
+    def usage_counts(self) -> torch.Tensor:
+        """(K,) EMA usage count of each code (what the dead-code threshold is compared with)."""
+        return self.usage_ema
+
+    def _track_usage(self, indices: torch.Tensor) -> None:
+        """EMA of code counts over processes; for quantizers without EMA cluster sizes of their own."""
+        counts = all_reduce_(code_counts(indices, self.config.codebook_size))
+        self.usage_ema.mul_(self.config.decay).add_(counts, alpha=1.0 - self.config.decay)
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a reset may change (broadcast from rank 0 afterwards)."""
+        raise NotImplementedError
+
+    def _reseed(self, dead: torch.Tensor, samples: torch.Tensor) -> None:
+        """Give the codes ``dead`` (n,) int64 the new values ``samples`` (n, dim)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _maybe_reset_dead_codes(self, flat: torch.Tensor) -> None:
+        """Called after every training forward with this batch's inputs ``flat`` (M, dim)."""
+        if not self.dead_code_enabled:
+            return
+        self._forwards_since_check += 1
+        if self._forwards_since_check < self.config.dead_code_window:
+            return
+        self._forwards_since_check = 0
+        self.reset_dead_codes(flat)
+
+    @torch.no_grad()
+    def reset_dead_codes(self, recent: torch.Tensor) -> int:
+        """Re-seed the codes with usage below the threshold from ``recent`` inputs (M, dim) of all processes.
+
+        Every process must call it (collectives). Returns the number of codes re-seeded.
+        """
+        candidates = all_gather_cat(recent.detach().float().contiguous())  # (sum_r M_r, dim)
+        dead = (self.usage_counts() < self.config.dead_code_threshold).nonzero().squeeze(1)  # (n,)
+        num_dead = torch.tensor([dead.numel()], device=recent.device)
+        broadcast_(num_dead, src=0)
+        if int(num_dead) == 0:
+            return 0
+        if rank() == 0:
+            self._resets += 1
+            generator = torch.Generator(device=candidates.device).manual_seed(self.config.kmeans_seed + self._resets)
+            n = dead.numel()
+            # without replacement while there are enough inputs, otherwise some inputs seed several codes
+            if n <= candidates.shape[0]:
+                rows = torch.randperm(candidates.shape[0], generator=generator, device=candidates.device)[:n]
+            else:
+                rows = torch.randint(candidates.shape[0], (n,), generator=generator, device=candidates.device)
+            self._reseed(dead, candidates[rows])
+        for t in self._state_tensors():
+            broadcast_(t.data, src=0)
+        return int(num_dead)
+
+
+def build_quantizer(cfg: QuantizerConfig) -> Quantizer:
+    """Validate ``cfg`` and build the quantizer of ``cfg.kind``."""
+    cfg.validate()
+    # imported here: the quantizer modules import this one
+    from .adaptive import AdaptiveQuantizer
+    from .ema import EMAQuantizer
+    from .gumbel import GumbelQuantizer
+    from .vq import VQQuantizer
+
+    classes = {"vq": VQQuantizer, "ema": EMAQuantizer, "gumbel": GumbelQuantizer, "adaptive": AdaptiveQuantizer}
+    return classes[cfg.kind](cfg)

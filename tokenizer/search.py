@@ -1,0 +1,66 @@
+"""Nearest-code search without materialising a (M, K, D) tensor.
+
+``nearest_code`` ranks codes by ``||e_k||^2 - 2 x . e_k`` (``||x||^2`` is the same for every code), one fused
+matrix product (``addmm``) per chunk of rows, chunked so that the (rows, K) distance block never exceeds
+``chunk_elements`` entries: with the default 2**24 (64 MiB in float32), K = 65536 is searched 256 rows at a
+time. ``nearest_scalar`` handles D = 1 by binary search over the sorted codebook, O(M log K).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK_ELEMENTS = 2**24
+
+
+def nearest_code(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    codes_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Index of the nearest row of ``codes`` (K, D) for every row of ``x`` (M, D) -> (M,) int64.
+
+    ``codes_sq`` (K,) may pass precomputed squared norms. Runs in float32 even under autocast, because
+    bf16 distances would pick wrong codes.
+    """
+    if x.dim() != 2 or codes.dim() != 2 or x.shape[1] != codes.shape[1]:
+        raise ValueError(f"nearest_code expects x (M, D) and codes (K, D), got {tuple(x.shape)} and {tuple(codes.shape)}")
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, codes = x.float(), codes.float()
+        if codes_sq is None:
+            codes_sq = codes.square().sum(dim=1)  # (K,)
+        m, k = x.shape[0], codes.shape[0]
+        rows = max(1, chunk_elements // max(k, 1))
+        codes_t = codes.t()  # (D, K), a view
+        if m <= rows:
+            return torch.addmm(codes_sq, x, codes_t, alpha=-2.0).argmin(dim=1)  # (M, K) -> (M,)
+        out = torch.empty(m, dtype=torch.int64, device=x.device)
+        for start in range(0, m, rows):
+            block = torch.addmm(codes_sq, x[start : start + rows], codes_t, alpha=-2.0)  # (rows, K)
+            torch.argmin(block, dim=1, out=out[start : start + rows])
+        return out
+
+
+def nearest_scalar(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Nearest code for scalar data: ``x`` (M,) or (M, 1), ``codes`` (K,) or (K, 1) -> (M,) int64.
+
+    Sorts the codebook (O(K log K)) and binary-searches every value (O(M log K)); never builds (M, K).
+    """
+    values, order = codes.detach().reshape(-1).float().sort()  # (K,), (K,)
+    x = x.detach().reshape(-1).float()  # (M,)
+    k = values.shape[0]
+    pos = torch.searchsorted(values, x)  # (M,) in [0, K]: values[pos - 1] <= x < values[pos]
+    hi = pos.clamp(max=k - 1)
+    lo = (pos - 1).clamp(min=0)
+    take_hi = (values[hi] - x).abs() < (x - values[lo]).abs()
+    return order[torch.where(take_hi, hi, lo)]
+
+
+def nearest(
+    x: torch.Tensor, codes: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """Dispatch: binary search for D = 1, chunked matrix products otherwise. (M, D), (K, D) -> (M,)."""
+    if codes.shape[-1] == 1:
+        return nearest_scalar(x, codes)
+    return nearest_code(x, codes, chunk_elements)

@@ -1,0 +1,124 @@
+"""Codebook statistics: usage and perplexity over many batches, mean code distance, selection histogram.
+
+Everything stays on the device and returns tensors, so calling these in a training step adds no host
+synchronisation; convert with ``float()`` when logging.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .distributed import all_reduce_
+from .search import DEFAULT_CHUNK_ELEMENTS
+
+
+def code_counts(indices: torch.Tensor, num_codes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """How often each code occurs in ``indices`` (any shape) -> (num_codes,) via index_add (no sync)."""
+    flat = indices.reshape(-1)
+    return torch.zeros(num_codes, dtype=dtype, device=flat.device).index_add_(
+        0, flat, torch.ones(flat.shape[0], dtype=dtype, device=flat.device)
+    )
+
+
+def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the distribution ``counts / counts.sum()``; 0-dim tensor (1 when counts are all 0)."""
+    p = counts / counts.sum().clamp_min(1e-12)
+    return torch.exp(-torch.special.xlogy(p, p).sum())
+
+
+def batch_stats(indices: torch.Tensor, num_codes: int) -> dict[str, torch.Tensor]:
+    """``perplexity`` and ``usage`` (fraction of codes used at least once) of one batch of code ids."""
+    counts = code_counts(indices, num_codes)
+    return {"perplexity": perplexity_from_counts(counts), "usage": (counts > 0).float().mean()}
+
+
+class CodeUsage:
+    """Accumulates code counts over many batches; perplexity and usage are independent of batch size.
+
+    ``update(indices)`` adds a batch (bincount-like via index_add on the indices' device, no host sync);
+    under data parallelism call ``all_reduce()`` once before reading to sum the counts of every process.
+    """
+
+    def __init__(self, num_codes: int, device: torch.device | str | None = None):
+        if num_codes < 1:
+            raise ValueError(f"CodeUsage needs num_codes >= 1, got {num_codes}")
+        self.num_codes = num_codes
+        self.counts = torch.zeros(num_codes, dtype=torch.float64, device=device)
+
+    def update(self, indices: torch.Tensor) -> None:
+        """Add the code ids ``indices`` (any shape, int64 in [0, num_codes))."""
+        if self.counts.device != indices.device:
+            # first batch decides the device when none was given
+            self.counts = self.counts.to(indices.device)
+        self.counts += code_counts(indices, self.num_codes, dtype=torch.float64)
+
+    def reset(self) -> None:
+        """Forget all counts."""
+        self.counts.zero_()
+
+    def all_reduce(self) -> "CodeUsage":
+        """Sum the counts over all processes (in place; call once per accumulation). Returns self."""
+        all_reduce_(self.counts)
+        return self
+
+    @property
+    def total(self) -> torch.Tensor:
+        """Number of code ids seen, 0-dim tensor."""
+        return self.counts.sum()
+
+    def histogram(self) -> torch.Tensor:
+        """(num_codes,) fraction of all ids that were each code (zeros before any update)."""
+        return self.counts / self.total.clamp_min(1.0)
+
+    def perplexity(self) -> torch.Tensor:
+        """exp(entropy) of the accumulated code distribution (1 .. num_codes)."""
+        return perplexity_from_counts(self.counts)
+
+    def usage(self) -> torch.Tensor:
+        """Fraction of codes used at least once."""
+        return (self.counts > 0).double().mean()
+
+    def selection_histogram(self, codebook_sizes: Sequence[int]) -> torch.Tensor:
+        """For joint ids of several codebooks: (len(codebook_sizes),) fraction of ids in each codebook."""
+        if sum(codebook_sizes) != self.num_codes:
+            raise ValueError(f"codebook_sizes sum to {sum(codebook_sizes)}, but this CodeUsage has {self.num_codes} codes")
+        per_codebook = torch.stack([part.sum() for part in self.counts.split(list(codebook_sizes))])
+        return per_codebook / per_codebook.sum().clamp_min(1.0)
+
+
+def selection_histogram(indices: torch.Tensor, codebook_sizes: Sequence[int]) -> torch.Tensor:
+    """Fraction of joint ids ``indices`` (any shape) falling in each codebook -> (len(codebook_sizes),).
+
+    Codebook i owns the ids [offset_i, offset_i + N_i) with offsets the running sum of ``codebook_sizes``.
+    """
+    sizes = torch.tensor(list(codebook_sizes), device=indices.device)
+    ends = sizes.cumsum(0)  # (K_cb,) exclusive upper bounds
+    which = torch.bucketize(indices.reshape(-1), ends, right=True)  # (M,) codebook of each id
+    counts = code_counts(which, len(codebook_sizes))
+    return counts / counts.sum().clamp_min(1.0)
+
+
+@torch.no_grad()
+def code_distance(codes: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Mean pairwise Euclidean distance between the rows of ``codes`` (K, D), zero diagonal included.
+
+    Same value as ``torch.cdist(codes, codes).mean()`` (the papers' diagnostic) but computed in float64
+    blocks of at most ``chunk_elements`` distances, so K = 65536 never holds a K x K matrix. For D = 1 the
+    exact O(K log K) formula over the sorted values is used.
+    """
+    if codes.dim() != 2 or codes.shape[0] < 1:
+        raise ValueError(f"code_distance expects a (K, D) codebook, got shape {tuple(codes.shape)}")
+    codes = codes.detach().double()
+    k = codes.shape[0]
+    if codes.shape[1] == 1:
+        # sum_{i,j} |x_i - x_j| = 2 * sum_i x_(i) * (2i - K + 1) for the sorted values x_(0) <= ... <= x_(K-1)
+        values = codes.reshape(-1).sort().values
+        weights = 2.0 * torch.arange(k, device=codes.device, dtype=codes.dtype) - (k - 1)
+        return 2.0 * (values * weights).sum() / (k * k)
+    rows = max(1, chunk_elements // k)
+    total = codes.new_zeros(())
+    for start in range(0, k, rows):
+        total += torch.cdist(codes[start : start + rows], codes).sum()
+    return total / (k * k)
