@@ -1,0 +1,233 @@
+"""Matplotlib figures for reports. Each function draws one PNG and returns its path.
+
+Figures are built with ``matplotlib.figure.Figure`` directly (no pyplot): no global backend state, no
+windows, safe to call from any process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+__all__ = [
+    "plot_code_usage",
+    "plot_comparison",
+    "plot_per_image",
+    "plot_projection",
+    "plot_selection",
+    "plot_training_curves",
+    "save_grids",
+]
+
+# Curves drawn from metrics.jsonl when present: key -> (panel title, log scale on y).
+CURVES = {
+    "loss": ("loss", True),
+    "recon_mse": ("reconstruction MSE ([0,1] scale)", True),
+    "perplexity": ("code perplexity (batch)", False),
+    "usage": ("code usage (batch fraction)", False),
+    "code_distance": ("mean pairwise code distance", False),
+    "tau": ("temperature tau", True),
+}
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*pts)
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def _phase_changes(records: list[dict]) -> list[tuple[float, str]]:
+    """(step, new phase) wherever ``phase`` changes, e.g. deferred quantization switching on."""
+    out, last = [], None
+    for r in records:
+        phase = r.get("phase")
+        if phase is not None and last is not None and phase != last:
+            out.append((float(r["step"]), str(phase)))
+        last = phase if phase is not None else last
+    return out
+
+
+def plot_training_curves(records: list[dict], path: str | Path, title: str = "training") -> Path | None:
+    """One panel per logged curve (see ``CURVES``) plus stacked codebook-selection fractions.
+
+    Phase changes (continuous -> quantize) are marked with a dashed line. Returns None without data.
+    """
+    panels = [k for k in CURVES if _series(records, k)[0].size]
+    selection = [(r["step"], r["selection"]) for r in records if isinstance(r.get("selection"), list)]
+    n = len(panels) + (1 if selection else 0)
+    if n == 0:
+        return None
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
+    changes = _phase_changes(records)
+    for i, key in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        steps, values = _series(records, key)
+        ax.plot(steps, values, lw=1.2)
+        label, log = CURVES[key]
+        if log and (values > 0).all():
+            ax.set_yscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        for step, phase in changes:
+            ax.axvline(step, color="grey", ls="--", lw=0.8)
+            ax.text(step, ax.get_ylim()[1], f" {phase}", fontsize=7, va="top", color="grey")
+        ax.tick_params(labelsize=7)
+    if selection:
+        ax = fig.add_subplot(rows, cols, n)
+        steps = np.asarray([s for s, _ in selection], dtype=float)
+        fractions = np.asarray([f for _, f in selection], dtype=float)  # (T, K)
+        ax.stackplot(steps, fractions.T, labels=[f"book {k}" for k in range(fractions.shape[1])])
+        ax.set_ylim(0, 1)
+        ax.set_title("codebook selection fractions", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.legend(fontsize=6, loc="upper right", ncol=2)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_code_usage(histograms: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Rank-frequency curves of code histograms (e.g. data tokens vs sampled tokens).
+
+    Codes are sorted by frequency per histogram, so a flat curve means uniform use and a steep drop
+    means a few codes dominate; the x position where a curve ends is the number of used codes.
+    """
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    for name, counts in histograms.items():
+        p = counts.double() / max(float(counts.sum()), 1.0)
+        p = torch.sort(p[p > 0], descending=True).values.numpy()
+        ax.plot(np.arange(1, p.size + 1), p, lw=1.4, label=f"{name} ({p.size}/{counts.numel()} codes used)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("code rank")
+    ax.set_ylabel("frequency")
+    ax.set_title("code usage (rank-frequency)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_selection(counts: torch.Tensor, labels: list[str], path: str | Path) -> Path:
+    """Bar chart of how often each codebook of the adaptive ladder was selected."""
+    fig = Figure(figsize=(max(4.0, 0.7 * len(labels) + 1.5), 3.2))
+    ax = fig.add_subplot(1, 1, 1)
+    frac = (counts.double() / max(float(counts.sum()), 1.0)).numpy()
+    ax.bar(np.arange(len(labels)), frac, color="tab:blue")
+    ax.set_xticks(np.arange(len(labels)), labels, rotation=45, fontsize=8, ha="right")
+    ax.set_ylabel("fraction of tokens")
+    ax.set_title("adaptive codebook selection")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_grids(rows: dict[str, torch.Tensor], path: str | Path, max_images: int = 10) -> Path:
+    """Rows of uint8 images (N, 3, H, W), one row per name (e.g. real / reconstructed / sampled)."""
+    rows = {k: v[:max_images] for k, v in rows.items() if v is not None and v.shape[0] > 0}
+    n_cols = max(v.shape[0] for v in rows.values())
+    fig = Figure(figsize=(1.0 * n_cols + 1.2, 1.05 * len(rows)))
+    for r, (name, images) in enumerate(rows.items()):
+        for c in range(images.shape[0]):
+            ax = fig.add_subplot(len(rows), n_cols, r * n_cols + c + 1)
+            ax.imshow(images[c].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
+    fig.subplots_adjust(wspace=0.05, hspace=0.05)
+    return _save(fig, path)
+
+
+def plot_projection(latents: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor, path: str | Path,
+                    title: str = "codes over encoder outputs (PCA of z_e)") -> Path:
+    """Scatter the codes (K, D) over the encoder outputs (M, D), both projected on z_e's top-2 PCs.
+
+    Shrinkage shows at a glance: codes huddled in a small part of the latent cloud. Used codes are
+    coloured by log frequency; unused (dead) codes are grey crosses.
+    """
+    latents, codes = latents.double(), codes.double()
+    mean = latents.mean(0)
+    if latents.shape[1] >= 2:
+        _, _, v = torch.linalg.svd(latents - mean, full_matrices=False)
+        basis = v[:2].T  # (D, 2)
+    else:  # D = 1: the value on x, a small jitter on y so that points do not overlap
+        basis = torch.ones(1, 1, dtype=torch.float64)
+    z2, c2 = (latents - mean) @ basis, (codes - mean) @ basis
+    if z2.shape[1] == 1:
+        g = torch.Generator().manual_seed(0)
+        z2 = torch.cat([z2, 0.1 * torch.randn(z2.shape[0], 1, generator=g, dtype=torch.float64)], 1)
+        c2 = torch.cat([c2, torch.zeros(c2.shape[0], 1, dtype=torch.float64)], 1)
+    fig = Figure(figsize=(5.6, 4.8))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(z2[:, 0].numpy(), z2[:, 1].numpy(), s=2, c="0.75", alpha=0.4, label="encoder outputs z_e",
+               rasterized=True)
+    used = counts > 0
+    if (~used).any():
+        dead = c2[~used]
+        ax.scatter(dead[:, 0].numpy(), dead[:, 1].numpy(), s=10, marker="x", c="0.35", lw=0.7,
+                   label=f"unused codes ({int((~used).sum())})")
+    if used.any():
+        live = c2[used]
+        sc = ax.scatter(live[:, 0].numpy(), live[:, 1].numpy(), s=12, c=np.log10(counts[used].double().numpy()),
+                        cmap="viridis", label=f"used codes ({int(used.sum())})")
+        fig.colorbar(sc, ax=ax, label="log10 count")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2" if latents.shape[1] >= 2 else "(jitter)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best", markerscale=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_per_image(per_image: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Histograms of per-image PSNR and SSIM over the evaluated split."""
+    keys = [k for k in ("psnr", "ssim") if k in per_image]
+    fig = Figure(figsize=(4.0 * len(keys), 3.0))
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        values = per_image[key].numpy()
+        ax.hist(values, bins=40, color="tab:blue")
+        ax.axvline(values.mean(), color="k", ls="--", lw=1, label=f"mean {values.mean():.3f}")
+        ax.set_title(f"per-image {key.upper()}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_comparison(runs: dict[str, list[dict]], path: str | Path,
+                    keys: tuple[str, ...] = ("recon_mse", "perplexity", "code_distance", "usage")) -> Path | None:
+    """Overlaid training curves of several runs, one panel per metric."""
+    keys = tuple(k for k in keys if any(_series(rec, k)[0].size for rec in runs.values()))
+    if not keys:
+        return None
+    fig = Figure(figsize=(4.3 * len(keys), 3.3))
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        for name, records in runs.items():
+            steps, values = _series(records, key)
+            if steps.size:
+                ax.plot(steps, values, lw=1.2, label=name)
+        label, log = CURVES[key]
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

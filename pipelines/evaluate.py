@@ -1,0 +1,365 @@
+"""Evaluate a run: reconstruction, FID-type metrics, diversity and shrinkage, as ``report.json`` + ``report.html``.
+
+    python -m pipelines.evaluate --run RUN                        # writes RUN/report.{json,md,html}
+    python -m pipelines.evaluate --run RUN_A --run RUN_B --output DIR   # plus DIR/comparison.{json,md,html}
+    python -m pipelines.evaluate --run RUN --extractor inception --weights-path pt_inception.pth
+
+A run folder holds ``tokenizer/`` (``model/``, ``config.yaml``, ``metrics.jsonl``) and optionally
+``prior/metrics.jsonl`` and ``samples/`` (``tokens.safetensors``, ``images/*.png``, ``meta.json``). Data
+tokens are re-encoded from the evaluation split (one pass gives reconstructions, codes and encoder outputs).
+Plots go to ``report_files/`` beside the report. Everything else is in the ``eval`` library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from eval.diversity import (
+    code_histogram,
+    mean_pairwise_distance,
+    mode_coverage,
+    perplexity,
+    selection_histogram,
+    spread_stats,
+    token_statistics,
+    usage,
+)
+from eval.features import ClassifierConfig
+from eval.fid import (
+    EXTRACTORS,
+    FeatureExtractorError,
+    FeatureSpace,
+    cached_reference,
+    fidelity_metrics,
+    images_to_uint8,
+    load_feature_space,
+    reference_key,
+)
+from eval.plots import (
+    plot_code_usage,
+    plot_comparison,
+    plot_per_image,
+    plot_projection,
+    plot_selection,
+    plot_training_curves,
+    save_grids,
+)
+from eval.reconstruction import SplitPass, tokenizer_pass
+from eval.report import write_comparison, write_report
+from tokenizer.config import ConfigError, from_dict, load_config, read_yaml
+from tokenizer.data import SPLITS, DataConfig, build_dataset, make_dataloader
+from tokenizer.model import VQVAE, tokenizer_fingerprint
+
+
+class EvalError(ValueError):
+    """The run folder or the evaluation settings are unusable; the message says what to change."""
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Settings of ``pipelines.evaluate`` (YAML / ``key=value`` like every stage)."""
+
+    extractor: str = "offline"  # "offline" (classifier trained on the data, cached) | "inception"
+    weights_path: str | None = None  # extractor weights; None: cached classifier / downloaded Inception
+    split: str = "test"  # real images: reconstructed, and the reference for FID
+    num_images: int = 5000  # at most this many real images and this many samples
+    batch_size: int = 100
+    device: str = "auto"  # "auto": cuda when available
+    k: int = 5  # neighbourhood for precision / recall / density / coverage
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    max_latents: int = 20000  # encoder outputs kept for the 2-D projection plot
+    grid_images: int = 10
+    classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
+
+    def validate(self) -> None:
+        """Reject settings that cannot work, naming the key."""
+        if self.extractor not in EXTRACTORS:
+            raise ValueError(f"extractor={self.extractor!r}; choose one of {', '.join(EXTRACTORS)}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split={self.split!r}; choose one of {', '.join(SPLITS)}")
+        if self.num_images < 2 or self.batch_size < 1 or self.k < 1 or self.kid_subsets < 1:
+            raise ValueError("num_images must be >= 2 and batch_size, k, kid_subsets >= 1")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a ``metrics.jsonl`` (empty list when the file is missing)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_samples(samples_dir: Path, max_images: int, model: VQVAE, batch_size: int) -> dict | None:
+    """Sampled tokens (N, h, w), labels (N,) and uint8 images (N, 3, H, W) of a run, or None.
+
+    Images come from ``images/*.png`` when present (what the sampler wrote), else from decoding tokens.
+    """
+    token_file = samples_dir / "tokens.safetensors"
+    if not token_file.is_file():
+        return None
+    data = load_file(str(token_file))
+    tokens = data["tokens"][:max_images].long()
+    labels = data.get("labels", torch.full((tokens.shape[0],), -1))[:max_images].long()
+    pngs = sorted((samples_dir / "images").glob("*.png"))[:max_images]
+    if pngs:
+        arrays = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))) for p in pngs]
+        images = torch.stack(arrays).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
+    else:
+        device = next(model.parameters()).device
+        decoded = [model.decode(t.to(device)).clamp(-1, 1).cpu() for t in tokens.split(batch_size)]
+        images = images_to_uint8(torch.cat(decoded))
+    meta_path = samples_dir / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return {"tokens": tokens, "labels": labels, "images": images, "meta": meta}
+
+
+def _predicted_modes(space: FeatureSpace, logits: torch.Tensor) -> torch.Tensor:
+    """Per image the argmax class of each classifier head, (N, heads)."""
+    parts = logits.split([n for _, n in space.heads], dim=-1)
+    return torch.stack([p.argmax(-1) for p in parts], dim=-1)
+
+
+def codebook_report(model: VQVAE, data: SplitPass) -> tuple[dict, dict, torch.Tensor]:
+    """Codebook statistics over the split: (tokenizer entries, codebook entries, all codes in z_e space)."""
+    q = model.quantizer
+    info = model.vocab_info()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        # Every code id looked up into the space of the encoder outputs (B=1, K) -> (K, D); for the
+        # adaptive ladder these are the back-projected codes of every codebook.
+        codes = q.lookup(torch.arange(info["codebook_size"], device=device)[None])[0].double().cpu()
+    books = q.codebooks()
+    per_book = [mean_pairwise_distance(b) for b in books]
+    sizes = [int(b.shape[0]) for b in books]
+    tok = {
+        "perplexity": perplexity(data.code_counts),
+        "usage": usage(data.code_counts),
+        # Code-count-weighted mean over codebooks, as the training logs compute it.
+        "code_distance": sum(d * n for d, n in zip(per_book, sizes)) / sum(sizes),
+        "codebook_size": info["codebook_size"],
+        "quantizer": info["kind"],
+    }
+    cb = {
+        "code_distance_per_codebook": per_book,
+        "codebook_sizes": sizes,
+        "dead_codes": int((data.code_counts == 0).sum()),
+        "spread": spread_stats(codes, data.latents.covariance()),
+    }
+    if len(sizes) > 1:
+        sel = selection_histogram(data.indices, info["codebook_offsets"], info["codebook_sizes"])
+        cb["selection_fractions"] = (sel.double() / sel.sum()).tolist()
+        cb["selection_counts"] = sel.tolist()
+    return tok, cb, codes
+
+
+def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: str | Path | None = None) -> dict:
+    """Evaluate the run in ``run_dir``; write ``report.{json,md,html}`` and plots into ``out_dir`` (default:
+    the run folder). Returns the report dict."""
+    cfg = cfg or EvalConfig()
+    cfg.validate()
+    run = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run
+    tok_dir = run / "tokenizer"
+    if not (tok_dir / "model").is_dir() or not (tok_dir / "config.yaml").is_file():
+        raise EvalError(f"{run} is not a run folder: it needs tokenizer/model/ and tokenizer/config.yaml "
+                        "(written by pipelines.train_tokenizer --output-dir RUN/tokenizer)")
+    device = _device(cfg.device)
+    timing: dict[str, float] = {}
+    notes: list[str] = []
+
+    t = time.perf_counter()
+    model = VQVAE.from_pretrained(tok_dir / "model", map_location=device)
+    data_cfg = from_dict(DataConfig, read_yaml(tok_dir / "config.yaml").get("data") or {}, prefix="data.")
+    dataset = build_dataset(data_cfg, cfg.split)
+    n = min(cfg.num_images, len(dataset))
+    if n < 2:
+        raise EvalError(f"split {cfg.split!r} has {len(dataset)} images; evaluation needs at least 2 (set split=)")
+    loader = make_dataloader(torch.utils.data.Subset(dataset, range(n)), batch_size=cfg.batch_size, shuffle=False)
+    data = tokenizer_pass(model, loader, device, n, cfg.max_latents)
+    timing["tokenizer_pass"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    space = load_feature_space(cfg.extractor, data_cfg=data_cfg, weights_path=cfg.weights_path,
+                               classifier=cfg.classifier, device=str(device))
+    key = reference_key(getattr(dataset, "fingerprint", json.dumps(dataclasses.asdict(data_cfg), sort_keys=True)),
+                        cfg.split, space, n)
+    ref, was_cached = cached_reference(key, lambda: space.extract(data.real, cfg.batch_size))
+    recon_feats = space.extract(data.recon, cfg.batch_size)
+    rec = fidelity_metrics(ref["features"], recon_feats["features"], k=cfg.k, kid_subsets=cfg.kid_subsets,
+                           kid_subset_size=cfg.kid_subset_size,
+                           real_stats={"mu": ref["mu"].numpy(), "sigma": ref["sigma"].numpy()})
+    timing["features_and_rfid"] = time.perf_counter() - t
+
+    recon = data.meter.summary()
+    tok_stats, cb_stats, codes = codebook_report(model, data)
+    tokenizer = {
+        "recon_mse": recon["mse"], "psnr": recon["psnr"], "ssim": recon["ssim"], **tok_stats,
+        "rfid": rec["fid"], "rkid": rec["kid"], "num_images": recon["num_images"],
+    }
+
+    t = time.perf_counter()
+    samples = load_samples(run / "samples", cfg.num_images, model, cfg.batch_size)
+    generation = {key: None for key in ("fid", "kid", "precision", "recall", "density", "coverage",
+                                        "mode_coverage", "token_perplexity")}
+    sample_counts = None
+    if samples is None:
+        notes.append(f"no samples in {run / 'samples'}: generation metrics are n/a")
+    else:
+        expected = samples["meta"].get("tokenizer", {})
+        if isinstance(expected, dict) and expected.get("fingerprint") not in (None, tokenizer_fingerprint(tok_dir / "model")):
+            notes.append("the samples were made with another tokenizer than tokenizer/model: token statistics "
+                         "compare different vocabularies")
+        fake = space.extract(samples["images"], cfg.batch_size)
+        gen = fidelity_metrics(ref["features"], fake["features"], k=cfg.k, kid_subsets=cfg.kid_subsets,
+                               kid_subset_size=cfg.kid_subset_size,
+                               real_stats={"mu": ref["mu"].numpy(), "sigma": ref["sigma"].numpy()})
+        sample_counts = code_histogram(samples["tokens"], tok_stats["codebook_size"])
+        generation.update({k: gen[k] for k in ("fid", "kid", "kid_std", "precision", "recall", "density", "coverage")})
+        generation.update(token_statistics(sample_counts, data.code_counts))
+        generation["num_samples"] = int(samples["images"].shape[0])
+        if space.heads and space.info.get("task") != "rotation":
+            modes = mode_coverage(_predicted_modes(space, fake["logits"]), _predicted_modes(space, ref["logits"]),
+                                  [s for _, s in space.heads], [h for h, _ in space.heads])
+            generation["mode_coverage"] = modes["mode_coverage"]
+            generation["modes"] = modes
+            head_names = [h for h, _ in space.heads]
+            conditional = samples["labels"] >= 0
+            if "label" in head_names and conditional.any():
+                pred = _predicted_modes(space, fake["logits"])[:, head_names.index("label")]
+                generation["conditional_accuracy"] = float((pred[conditional] == samples["labels"][conditional])
+                                                           .double().mean())
+        else:
+            notes.append("mode coverage needs a classifier with classes (offline extractor on labelled data)")
+    timing["generation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    figures = _figures(out / "report_files", run, model, data, codes, samples, sample_counts, cfg)
+    timing["plots"] = time.perf_counter() - t
+
+    if space.name == "offline":
+        notes.append("FID/KID here use the offline classifier's features, not Inception: compare only with "
+                     "reports that name the same feature_extractor.weights_sha256")
+    report = {
+        "run": str(run.resolve()),
+        "split": cfg.split,
+        "tokenizer": tokenizer,
+        "codebook": cb_stats,
+        "generation": generation,
+        "feature_extractor": {**space.describe(), "num_real_images": int(len(ref["features"])),
+                              "num_reconstructions": int(len(recon_feats["features"])),
+                              "num_samples": None if samples is None else int(samples["images"].shape[0]),
+                              "reference_cache_hit": was_cached},
+        "timing_seconds": {k: round(v, 3) for k, v in timing.items()},
+        "notes": notes,
+    }
+    write_report(report, figures, out, title=f"vqgen report: {run.name}")
+    return report
+
+
+def _figures(fig_dir: Path, run: Path, model: VQVAE, data: SplitPass, codes: torch.Tensor, samples: dict | None,
+             sample_counts: torch.Tensor | None, cfg: EvalConfig) -> dict[str, Path]:
+    """All plots of a run report, by caption."""
+    figures: dict[str, Path] = {}
+    rows = {"real": data.real, "reconstructed": data.recon}
+    if samples is not None:
+        rows["sampled"] = samples["images"]
+    figures["real vs reconstructed vs sampled"] = save_grids(rows, fig_dir / "grid.png", cfg.grid_images)
+    curves = plot_training_curves(read_jsonl(run / "tokenizer" / "metrics.jsonl"), fig_dir / "tokenizer_curves.png",
+                                  "tokenizer training")
+    if curves:
+        figures["tokenizer training curves"] = curves
+    prior_curves = plot_training_curves(read_jsonl(run / "prior" / "metrics.jsonl"), fig_dir / "prior_curves.png",
+                                        "prior training")
+    if prior_curves:
+        figures["prior training curves"] = prior_curves
+    hists = {"data tokens": data.code_counts}
+    if sample_counts is not None:
+        hists["sampled tokens"] = sample_counts
+    figures["code usage"] = plot_code_usage(hists, fig_dir / "code_usage.png")
+    # Plot at most 4000 codes: every used one first (most frequent first), then unused ones.
+    order = torch.argsort(data.code_counts, descending=True)[:4000]
+    figures["codes over encoder outputs"] = plot_projection(data.latent_sample, codes[order], data.code_counts[order],
+                                                            fig_dir / "projection.png")
+    info = model.vocab_info()
+    if len(info["codebook_sizes"]) > 1:
+        sel = selection_histogram(data.indices, info["codebook_offsets"], info["codebook_sizes"])
+        labels = [f"N={s}, D={b.shape[1]}" for s, b in zip(info["codebook_sizes"], model.quantizer.codebooks())]
+        figures["codebook selection"] = plot_selection(sel, labels, fig_dir / "selection.png")
+    figures["per-image reconstruction quality"] = plot_per_image(data.meter.per_image, fig_dir / "per_image.png")
+    return figures
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, cfg: EvalConfig | None = None,
+                 reuse: bool = True) -> dict:
+    """Evaluate several runs (or reuse their ``report.json``) and write one comparison table with overlaid
+    tokenizer training curves into ``out_dir``. Returns the comparison content."""
+    out = Path(out_dir)
+    reports, curves = {}, {}
+    for run_dir in run_dirs:
+        run = Path(run_dir)
+        name = run.resolve().name
+        while name in reports:  # two runs with the same folder name: keep both
+            name += "'"
+        existing = run / "report.json"
+        reports[name] = json.loads(existing.read_text()) if reuse and existing.is_file() else evaluate_run(run, cfg)
+        curves[name] = read_jsonl(run / "tokenizer" / "metrics.jsonl")
+    figures = {}
+    overlay = plot_comparison(curves, out / "comparison_files" / "curves.png")
+    if overlay:
+        figures["tokenizer training curves, overlaid"] = overlay
+    write_comparison(reports, figures, out)
+    return json.loads((out / "comparison.json").read_text())
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """CLI: ``--run DIR`` (repeat to compare), ``--output DIR``, extractor options, ``key=value`` overrides."""
+    parser = argparse.ArgumentParser(description="Evaluate runs: reconstruction, FID, diversity and shrinkage.")
+    parser.add_argument("--run", action="append", required=True, help="run folder; repeat to compare runs")
+    parser.add_argument("--output", help="report folder (default: the run folder; required to compare runs)")
+    parser.add_argument("--config", help="YAML file with EvalConfig fields")
+    parser.add_argument("--extractor", choices=EXTRACTORS)
+    parser.add_argument("--weights-path", help="feature extractor weights (Inception .pth or classifier .safetensors)")
+    parser.add_argument("--num-images", type=int)
+    parser.add_argument("--split", choices=SPLITS)
+    parser.add_argument("--device")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--reevaluate", action="store_true", help="comparison: evaluate even runs with a report.json")
+    parser.add_argument("overrides", nargs="*", help="EvalConfig key=value overrides, e.g. classifier.max_steps=500")
+    args = parser.parse_args(argv)
+    flags = {"extractor": args.extractor, "weights_path": args.weights_path, "num_images": args.num_images,
+             "split": args.split, "device": args.device, "batch_size": args.batch_size}
+    overrides = list(args.overrides) + [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    try:
+        cfg = load_config(EvalConfig, args.config, overrides)
+        if len(args.run) == 1:
+            report = evaluate_run(args.run[0], cfg, args.output)
+            where = Path(args.output or args.run[0])
+            print(f"wrote {where / 'report.json'} and {where / 'report.html'}")
+            return report
+        if not args.output:
+            raise EvalError("comparing several runs needs --output DIR for the comparison table")
+        result = compare_runs(args.run, args.output, cfg, reuse=not args.reevaluate)
+        print(f"wrote {Path(args.output) / 'comparison.html'}")
+        return result
+    except (ConfigError, EvalError, FeatureExtractorError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()
