@@ -112,7 +112,9 @@ def plot_code_usage(histograms: dict[str, torch.Tensor], path: str | Path) -> Pa
     for name, counts in histograms.items():
         p = counts.double() / max(float(counts.sum()), 1.0)
         p = torch.sort(p[p > 0], descending=True).values.numpy()
-        ax.plot(np.arange(1, p.size + 1), p, lw=1.4, label=f"{name} ({p.size}/{counts.numel()} codes used)")
+        # Markers keep very short curves (a collapsed codebook uses 1-2 codes) visible.
+        ax.plot(np.arange(1, p.size + 1), p, lw=1.4, marker="o" if p.size <= 30 else None, ms=3,
+                label=f"{name} ({p.size}/{counts.numel()} codes used)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("code rank")
@@ -204,6 +206,8 @@ def plot_per_image(per_image: dict[str, torch.Tensor], path: str | Path) -> Path
         ax.hist(values, bins=40, color="tab:blue")
         ax.axvline(values.mean(), color="k", ls="--", lw=1, label=f"mean {values.mean():.3f}")
         ax.set_title(f"per-image {key.upper()}", fontsize=9)
+        ax.set_xlabel("dB" if key == "psnr" else "SSIM", fontsize=8)
+        ax.set_ylabel("images", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)

@@ -118,7 +118,7 @@ def load_samples(samples_dir: Path, max_images: int, model: VQVAE, batch_size: i
     labels = data.get("labels", torch.full((tokens.shape[0],), -1))[:max_images].long()
     pngs = sorted((samples_dir / "images").glob("*.png"))[:max_images]
     if pngs:
-        arrays = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))) for p in pngs]
+        arrays = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))) for p in pngs]
         images = torch.stack(arrays).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
     else:
         device = next(model.parameters()).device
@@ -230,7 +230,8 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
                                kid_subset_size=cfg.kid_subset_size,
                                real_stats={"mu": ref["mu"].numpy(), "sigma": ref["sigma"].numpy()})
         sample_counts = code_histogram(samples["tokens"], tok_stats["codebook_size"])
-        generation.update({k: gen[k] for k in ("fid", "kid", "kid_std", "precision", "recall", "density", "coverage")})
+        generation.update({k: gen[k] for k in ("fid", "kid", "precision", "recall", "density", "coverage")})
+        generation["kid_std"] = gen["kid_std"]
         generation.update(token_statistics(sample_counts, data.code_counts))
         generation["num_samples"] = int(samples["images"].shape[0])
         if space.heads and space.info.get("task") != "rotation":
