@@ -67,7 +67,7 @@ def parse_cli(config_cls: type, argv: Sequence[str] | None, description: str) ->
     parser.add_argument("--config", help="YAML config file (fields not given keep their defaults)")
     parser.add_argument("--output-dir", help="run folder (overrides the config's output_dir)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
@@ -88,6 +88,7 @@ def make_accelerator(train: TrainConfig, output_dir: str | Path, project_name: s
 
     trackers = [t for t in train.trackers if t != "tensorboard" or _has_tensorboard()]
     accelerator = Accelerator(
+        cpu=use_cpu_processes(),
         gradient_accumulation_steps=train.grad_accum,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
@@ -97,6 +98,17 @@ def make_accelerator(train: TrainConfig, output_dir: str | Path, project_name: s
     if trackers:
         accelerator.init_trackers(project_name)
     return accelerator
+
+
+def use_cpu_processes() -> bool:
+    """True for several processes on a machine without CUDA (``--multi_gpu`` on a CPU box).
+
+    Accelerate only picks its multi-CPU (gloo) mode when told to use the CPU; without this flag each
+    process would silently train alone.
+    """
+    import torch
+
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _has_tensorboard() -> bool:

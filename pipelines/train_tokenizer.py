@@ -80,6 +80,13 @@ class TokenizerRunConfig:
                 f"expects {self.model.in_channels}x{self.model.image_size}x{self.model.image_size}; set "
                 "model.image_size/model.in_channels equal to data.image_size/data.channels"
             )
+        uses_kmeans = self.schedule.mode == "deferred" or self.schedule.init == "kmeans"
+        if self.model.quantizer.kind == "gumbel" and uses_kmeans:
+            raise ValueError(
+                "k-means codebook initialisation (schedule.init=kmeans or schedule.mode=deferred) needs a "
+                "nearest-code quantizer; model.quantizer.kind=gumbel chooses codes from learned logits. Use "
+                "kind vq, ema or adaptive, or schedule.mode=early with schedule.init=random for gumbel"
+            )
         if self.schedule.mode == "deferred" and self.schedule.ae_steps >= self.train.steps:
             raise ValueError(
                 f"schedule.ae_steps ({self.schedule.ae_steps}) must be smaller than train.steps ({self.train.steps})"
@@ -302,6 +309,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
         kind=cfg.model.quantizer.kind,
         schedule=cfg.schedule.mode,
         num_processes=accelerator.num_processes,
+        replica_max_abs_diff=replica_max_abs_diff(raw, accelerator),
     )
     if accelerator.is_main_process:
         raw.save_pretrained(out / "model")
@@ -309,6 +317,16 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+@torch.no_grad()
+def replica_max_abs_diff(model: torch.nn.Module, accelerator) -> float:
+    """Largest difference between any replica's parameters/buffers and the main process's (0.0 = identical)."""
+    flat = torch.cat([t.detach().float().flatten() for t in model.state_dict().values()])
+    if accelerator.num_processes == 1:
+        return 0.0
+    everyone = accelerator.gather(flat[None])  # (P, numel)
+    return float((everyone - everyone[:1]).abs().max())
 
 
 def _since_log(step: int, cfg: TokenizerRunConfig) -> int:
