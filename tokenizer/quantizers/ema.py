@@ -34,7 +34,7 @@ class EMAQuantizer(SingleCodebookQuantizer):
         flat = self._flatten(z)  # (M, D)
         with torch.no_grad():
             idx = nearest(flat.detach(), self.embed)  # (M,)
-            q = self.embed[idx]  # (M, D), a copy: unaffected by the update below
+            q = F.embedding(idx, self.embed)  # (M, D), a copy: unaffected by the update below
             if self.training:
                 self.ema_update(flat.detach(), idx)
         loss = self.config.beta * F.mse_loss(flat, q)
