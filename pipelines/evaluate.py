@@ -188,8 +188,9 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
     data_cfg = from_dict(DataConfig, read_yaml(tok_dir / "config.yaml").get("data") or {}, prefix="data.")
     dataset = build_dataset(data_cfg, cfg.split)
     n = min(cfg.num_images, len(dataset))
-    if n < 2:
-        raise EvalError(f"split {cfg.split!r} has {len(dataset)} images; evaluation needs at least 2 (set split=)")
+    if n <= cfg.k:
+        raise EvalError(f"split {cfg.split!r} has {len(dataset)} images; the k-NN metrics need more than k={cfg.k} "
+                        "(use another split= or a smaller k=)")
     loader = make_dataloader(torch.utils.data.Subset(dataset, range(n)), batch_size=cfg.batch_size, shuffle=False)
     data = tokenizer_pass(model, loader, device, n, cfg.max_latents)
     timing["tokenizer_pass"] = time.perf_counter() - t
@@ -221,6 +222,9 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
     if samples is None:
         notes.append(f"no samples in {run / 'samples'}: generation metrics are n/a")
     else:
+        if samples["images"].shape[0] <= cfg.k:
+            raise EvalError(f"{run / 'samples'} has {samples['images'].shape[0]} samples; the k-NN metrics need "
+                            f"more than k={cfg.k} (sample more images or lower k=)")
         expected = samples["meta"].get("tokenizer", {})
         if isinstance(expected, dict) and expected.get("fingerprint") not in (None, tokenizer_fingerprint(tok_dir / "model")):
             notes.append("the samples were made with another tokenizer than tokenizer/model: token statistics "

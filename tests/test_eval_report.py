@@ -154,3 +154,23 @@ def test_bad_run_folder_exits_with_one_message(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--run", str(tmp_path), "extractor=clip"])
     assert "extractor" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind,dim", [("vq", 1), ("gumbel", 8)])
+def test_codebook_report_and_projection_for_other_quantizers(tmp_path, kind, dim):
+    from eval.plots import plot_projection
+    from eval.reconstruction import tokenizer_pass
+    from pipelines.evaluate import codebook_report
+
+    torch.manual_seed(0)
+    model = VQVAE(ModelConfig(image_size=16, in_channels=3, hidden=16, res_hidden=8, num_res_layers=1, downsample=4,
+                              quantizer=QuantizerConfig(kind=kind, codebook_size=16, dim=dim)))
+    batches = [{"image": torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1} for i in range(2)]
+    data = tokenizer_pass(model, batches, max_images=10)
+    assert data.meter.summary()["num_images"] == 10 and int(data.code_counts.sum()) == 10 * 16
+    tok, cb, codes = codebook_report(model, data)
+    assert codes.shape == (16, dim)
+    assert tok["code_distance"] == pytest.approx(float(torch.cdist(codes, codes).mean()), rel=1e-6)
+    assert cb["spread"]["trace_ratio"] > 0 and "selection_fractions" not in cb
+    path = plot_projection(data.latent_sample, codes, data.code_counts, tmp_path / "projection.png")
+    assert path.stat().st_size > 1000
