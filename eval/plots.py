@@ -219,9 +219,11 @@ def plot_comparison(runs: dict[str, list[dict]], path: str | Path,
     keys = tuple(k for k in keys if any(_series(rec, k)[0].size for rec in runs.values()))
     if not keys:
         return None
-    fig = Figure(figsize=(4.3 * len(keys), 3.3))
+    cols = min(2, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig = Figure(figsize=(5.0 * cols, 3.4 * rows))
     for i, key in enumerate(keys):
-        ax = fig.add_subplot(1, len(keys), i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         for name, records in runs.items():
             steps, values = _series(records, key)
             if steps.size:

@@ -131,9 +131,10 @@ def write_report(report: dict, figures: dict[str, Path], out_dir: str | Path, ti
 # Columns of the comparison table (dotted report keys).
 COMPARISON_KEYS = (
     "tokenizer.recon_mse", "tokenizer.psnr", "tokenizer.ssim", "tokenizer.rfid", "tokenizer.perplexity",
-    "tokenizer.usage", "tokenizer.code_distance", "codebook.spread.trace_ratio", "generation.fid",
-    "generation.kid", "generation.precision", "generation.recall", "generation.density", "generation.coverage",
-    "generation.mode_coverage.mode_coverage", "generation.token_perplexity",
+    "tokenizer.usage", "tokenizer.code_distance", "codebook.dead_codes", "codebook.spread.trace_ratio",
+    "codebook.spread.effective_rank_codes", "generation.fid", "generation.kid", "generation.precision",
+    "generation.recall", "generation.density", "generation.coverage", "generation.mode_coverage",
+    "generation.token_perplexity", "generation.token_js",
 )
 
 

@@ -142,6 +142,8 @@ def test_adaptive_run_without_samples_and_comparison(tmp_path):
     out = tmp_path / "compare"
     comparison = main(["--run", str(fixed), "--run", str(adaptive), "--output", str(out), *FAST])
     assert set(comparison["table"]["tokenizer.psnr"]) == {"fixed", "adaptive"}
+    assert comparison["table"]["generation.fid"]["fixed"] is None
+    assert comparison["table"]["generation.mode_coverage"]["adaptive"] is not None
     assert comparison["fid_comparable"]
     assert (out / "comparison.html").is_file() and (out / "comparison_files" / "curves.png").is_file()
 
