@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.common import die, show_progress
+from pipelines.common import die, show_progress, use_cpu_processes
 from prior.data import TOKENS_FORMAT, TOKENS_META, TokenDataError, save_token_split, split_file
 from prior.model import tokenizer_record
 from tokenizer.config import ConfigError, from_dict, read_yaml, to_dict
@@ -98,8 +98,8 @@ def encode(
     model_dir = tokenizer_run / "model"
     data_cfg = data if data is not None else tokenizer_data_config(tokenizer_run)
     record = tokenizer_record(model_dir)
-    accelerator = Accelerator()
-    model = VQVAE.from_pretrained(model_dir, map_location=accelerator.device)
+    accelerator = Accelerator(cpu=use_cpu_processes())
+    model = VQVAE.from_pretrained(model_dir).to(accelerator.device)
     previous = _existing_meta(output_dir, record, overwrite)
     meta = {
         "format": TOKENS_FORMAT,

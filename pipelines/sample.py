@@ -31,7 +31,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pipelines.common import die, show_progress
+from pipelines.common import die, show_progress, use_cpu_processes
 from prior.model import Prior, check_tokenizer
 from prior.sampling import SamplingConfig, sample_tokens
 from tokenizer.config import ConfigError, from_dict
@@ -86,11 +86,11 @@ def sample(
 
     cfg.validate()
     prior_dir, output_dir = Path(prior_dir), Path(output_dir)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=use_cpu_processes())
     prior = Prior.from_pretrained(prior_dir)
     tokenizer_dir = resolve_tokenizer(prior, prior_dir, tokenizer_dir)
     prior.to(accelerator.device)
-    tokenizer = VQVAE.from_pretrained(tokenizer_dir, map_location=accelerator.device)
+    tokenizer = VQVAE.from_pretrained(tokenizer_dir).to(accelerator.device)
 
     image_dir = output_dir / "images"
     if accelerator.is_main_process:

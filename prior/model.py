@@ -84,7 +84,10 @@ def check_tokenizer(expected: dict, tokenizer_dir: str | Path, what: str) -> Non
 
 def build_transformer(cfg: PriorModelConfig, vocab: TokenVocab) -> nn.Module:
     """A randomly initialised HF causal LM whose vocabulary and context fit ``vocab``."""
-    common = dict(vocab_size=vocab.vocab_size, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    # Untied output head (as in LlamaGen): image-token embeddings and next-token classifiers need not agree,
+    # and an untied model has no shared tensors for checkpoints to deduplicate.
+    common = dict(vocab_size=vocab.vocab_size, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                  tie_word_embeddings=False)
     if cfg.arch == "gpt2":
         config = GPT2Config(
             n_positions=vocab.seq_len,
@@ -105,7 +108,6 @@ def build_transformer(cfg: PriorModelConfig, vocab: TokenVocab) -> nn.Module:
         num_key_value_heads=cfg.n_head,
         max_position_embeddings=vocab.seq_len,
         attention_dropout=cfg.dropout,
-        tie_word_embeddings=False,
         **common,
     )
     return LlamaForCausalLM(config)
