@@ -287,3 +287,14 @@ def test_bad_configurations_raise_one_clear_error(changes, match):
     # the same error reaches users of YAML / key=value configs as a ConfigError (a ValueError)
     with pytest.raises(ConfigError, match=match):
         from_dict(QuantizerConfig, dataclasses.asdict(cfg))
+
+
+def test_hard_gumbel_softmax_is_one_hot_with_soft_gradients():
+    from tokenizer.quantizers.gumbel import gumbel_softmax
+
+    logits = torch.randn(20, 6, requires_grad=True)
+    y = gumbel_softmax(logits, torch.tensor(0.5), hard=True)
+    assert torch.equal(y.detach().sum(dim=-1), torch.ones(20))
+    assert bool(((y.detach() == 0) | (y.detach() == 1)).all())
+    (y * torch.randn(20, 6)).sum().backward()
+    assert float(logits.grad.abs().sum()) > 0

@@ -27,6 +27,7 @@ def _min_sq_dist(x: torch.Tensor, centers: torch.Tensor, chunk_elements: int) ->
     for start in range(0, x.shape[0], rows):
         block = torch.addmm(c_sq, x[start : start + rows], centers.t(), alpha=-2.0)  # (rows, C)
         out[start : start + rows] = (block.min(dim=1).values + x_sq[start : start + rows]).clamp_min(0.0)
+        del block  # one block alive at a time
     return out
 
 

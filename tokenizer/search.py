@@ -39,6 +39,7 @@ def nearest_code(
         for start in range(0, m, rows):
             block = torch.addmm(codes_sq, x[start : start + rows], codes_t, alpha=-2.0)  # (rows, K)
             torch.argmin(block, dim=1, out=out[start : start + rows])
+            del block  # free before the next block is allocated: one block alive at a time
         return out
 
 

@@ -16,7 +16,7 @@ from .base import QuantizerConfig, QuantizerOutput, SingleCodebookQuantizer
 def exponential_tau(step: torch.Tensor, start: float, end: float, steps: int) -> torch.Tensor:
     """``start * (end / start) ** min(step / steps, 1)`` as a 0-dim float tensor (no host sync)."""
     frac = (step.float() / steps).clamp(max=1.0)
-    return start * torch.pow(torch.as_tensor(end / start, device=step.device), frac)
+    return start * torch.exp(frac * math.log(end / start))  # Python scalars only: no host-to-device copy
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: torch.Tensor, hard: bool) -> torch.Tensor:
@@ -28,7 +28,8 @@ def gumbel_softmax(logits: torch.Tensor, tau: torch.Tensor, hard: bool) -> torch
     soft = ((logits + gumbels) / tau).softmax(dim=-1)
     if not hard:
         return soft
-    one_hot = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
+    # scatter rather than F.one_hot, whose input range check may sync with the host
+    one_hot = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
     return one_hot + soft - soft.detach()
 
 
