@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             overwrite=args.overwrite,
             batch_size=args.batch_size,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ConfigError, TokenDataError, FileNotFoundError) as err:
         die(str(err))
 
 

@@ -32,8 +32,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipelines.common import die, show_progress, use_cpu_processes
-from prior.model import Prior, check_tokenizer
-from prior.sampling import SamplingConfig, sample_tokens
+from prior.model import Prior, TokenizerMismatchError, check_tokenizer
+from prior.sampling import SamplingConfig, SamplingError, sample_tokens
 from tokenizer.config import ConfigError, from_dict
 from tokenizer.data import denormalize, save_image_grid
 from tokenizer.io import atomic_path, file_fingerprint, save_json
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "use_cache": not args.no_cache, "seed": args.seed,
         })
         return sample(args.prior, args.output_dir, cfg, args.tokenizer)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, SamplingError, TokenizerMismatchError, FileNotFoundError) as err:
         die(str(err))
 
 

@@ -29,6 +29,7 @@ from pipelines.common import (
     MetricsLogger,
     TrainConfig,
     fail_on_nonfinite,
+    die,
     make_accelerator,
     parse_cli,
     show_progress,
@@ -37,7 +38,7 @@ from pipelines.common import (
 from prior.config import PriorModelConfig
 from prior.data import TokenDataError, TokenDataset, read_token_meta
 from prior.model import Prior
-from prior.vocab import TokenVocab
+from prior.vocab import TokenVocab, VocabError
 from tokenizer.data import make_dataloader
 from tokenizer.io import save_json
 
@@ -252,7 +253,10 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command-line entry point: ``--config FILE --output-dir DIR key=value ...``."""
     cfg, _ = parse_cli(PriorRunConfig, argv, "Train the GPT prior on encoded tokens (stage 2).")
-    return train_prior(cfg)
+    try:
+        return train_prior(cfg)
+    except (TokenDataError, VocabError) as err:
+        die(str(err))
 
 
 if __name__ == "__main__":

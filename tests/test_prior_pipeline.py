@@ -23,6 +23,7 @@ from pipelines.encode import main as encode_main
 from pipelines.sample import sample
 from pipelines.sample import main as sample_main
 from pipelines.train_prior import PriorRunConfig, train_prior
+from pipelines.train_prior import main as train_prior_main
 from prior.data import TokenDataError, TokenDataset, load_token_split, read_token_meta
 from prior.model import Prior, TokenizerMismatchError
 from prior.sampling import SamplingConfig
@@ -104,10 +105,15 @@ def test_encode_cli_errors(tmp_path, capsys):
     assert "dev" in capsys.readouterr().err
 
 
-def test_train_prior_missing_tokens_is_clear(tmp_path):
+def test_train_prior_user_errors_are_one_line(tmp_path, capsys):
     cfg = load_config(PriorRunConfig, TINY_PRIOR, [f"tokens={tmp_path / 'none'}", f"output_dir={tmp_path / 'p'}"])
     with pytest.raises(TokenDataError, match="pipelines.encode"):
         train_prior(cfg)
+    for args, expected in ((["model.arch=mamba"], "arch"), ([], "tokens is not set"),
+                           ([f"tokens={tmp_path / 'none'}"], "pipelines.encode")):
+        with pytest.raises(SystemExit):
+            train_prior_main(["--config", str(TINY_PRIOR), "--output-dir", str(tmp_path / "p"), *args])
+        assert expected in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- train
