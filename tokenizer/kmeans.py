@@ -18,9 +18,9 @@ from .search import DEFAULT_CHUNK_ELEMENTS, nearest
 MAX_SEEDING_ROUNDS = 256
 
 
-def _min_sq_dist(x: torch.Tensor, centers: torch.Tensor, chunk_elements: int) -> torch.Tensor:
-    """Squared distance from every row of ``x`` (M, D) to its nearest row of ``centers`` (C, D) -> (M,)."""
-    x_sq = x.square().sum(dim=1)  # (M,)
+def _min_sq_dist(x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor, chunk_elements: int) -> torch.Tensor:
+    """Squared distance from every row of ``x`` (M, D) (squared norms ``x_sq`` (M,)) to its nearest row of
+    ``centers`` (C, D) -> (M,)."""
     c_sq = centers.square().sum(dim=1)  # (C,)
     rows = max(1, chunk_elements // max(centers.shape[0], 1))
     out = torch.empty_like(x_sq)
@@ -42,7 +42,8 @@ def kmeans_plus_plus(
     m = x.shape[0]
     first = torch.randint(m, (1,), generator=generator, device=x.device)
     centers = [x[first]]  # list of (b, D)
-    d2 = _min_sq_dist(x, centers[0], chunk_elements)  # (M,)
+    x_sq = x.square().sum(dim=1)  # (M,)
+    d2 = _min_sq_dist(x, x_sq, centers[0], chunk_elements)  # (M,)
     chosen = 1
     rounds_left = min(k - 1, MAX_SEEDING_ROUNDS)
     while chosen < k:
@@ -56,7 +57,7 @@ def kmeans_plus_plus(
         picked = torch.multinomial(weights, b, replacement=b > m, generator=generator)  # (b,)
         new = x[picked]  # (b, D)
         centers.append(new)
-        d2 = torch.minimum(d2, _min_sq_dist(x, new, chunk_elements))
+        d2 = torch.minimum(d2, _min_sq_dist(x, x_sq, new, chunk_elements))
         chosen += b
     return torch.cat(centers)[:k]
 
