@@ -4,6 +4,8 @@
     python -m pipelines.run --config configs/experiments/quickstart.yaml stages.prior.train.steps=100
     vqgen run --config A.yaml --config B.yaml --compare-dir runs/a_vs_b   # several, plus a comparison
 
+In an experiment file each stage section is either a mapping or the path of a YAML file holding it (e.g.
+``tokenizer: configs/tokenizer/mnist_ema_deferred.yaml``; paths relative to the working directory).
 Every stage writes into one run folder (``RUN/tokenizer``, ``RUN/tokens``, ``RUN/prior``, ``RUN/samples``,
 ``RUN/report.json``, ``RUN/report.html``). A stage whose result is already complete is skipped; a stage that
 was interrupted resumes from its newest checkpoint. Each stage can also be run by itself under
@@ -30,6 +32,7 @@ from pipelines.train_tokenizer import TokenizerRunConfig, train_tokenizer
 from prior.sampling import SamplingConfig
 
 STAGES = ("tokenizer", "encode", "prior", "sample", "evaluate")
+SECTIONS = ("tokenizer", "encode", "prior", "sample", "evaluate")  # may be inline mappings or YAML file paths
 
 
 @dataclass
@@ -62,7 +65,11 @@ class ExperimentConfig:
 def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()):
     """Read an experiment YAML (+ ``key=value`` overrides) and wire the stage folders into the run folder."""
     cls = ExperimentConfig
-    data = merge(read_yaml(path) if path else {}, parse_overrides(list(overrides)))
+    data = read_yaml(path) if path else {}
+    for section in SECTIONS:
+        if isinstance(data.get(section), str):  # a section given as the path of a YAML file holding it
+            data[section] = read_yaml(data[section])
+    data = merge(data, parse_overrides(list(overrides)))
     run = Path(data.get("output_dir", cls.output_dir))
     wired = {
         "tokenizer": {"output_dir": str(run / "tokenizer")},

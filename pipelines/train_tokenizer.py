@@ -219,9 +219,12 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
             f"the training split has {len(train_ds)} images, fewer than one batch of {cfg.train.batch_size}; "
             "lower train.batch_size or use more data"
         )
-    model, optimizer, train_loader, val_loader, kmeans_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, kmeans_loader, scheduler
+    model, optimizer, train_loader, val_loader, kmeans_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, kmeans_loader
     )
+    # the schedule is stepped by hand once per optimizer step (a prepared scheduler would step once per
+    # process), and checkpointed with the rest of the state
+    accelerator.register_for_checkpointing(scheduler)
     raw: VQVAE = accelerator.unwrap_model(model)
     checkpoints = CheckpointManager(out / "checkpoints", keep=cfg.train.keep_checkpoints)
 
@@ -271,7 +274,8 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             images_trained += batch["image"].shape[0] * accelerator.num_processes
         step += 1

@@ -126,7 +126,7 @@ def run_accelerate(args: list[str], port: int, nproc: int) -> None:
 
 def test_two_processes_identical_replicas_and_match_one_process(tmp_path):
     base = ["-m", "pipelines.train_tokenizer", "--config", str(TINY), "train.steps=4", "train.deterministic=true",
-            "model.quantizer.kind=ema"]
+            "model.quantizer.kind=ema", "train.lr_schedule=cosine", "train.warmup_steps=1"]
     deferred = ["schedule.mode=deferred", "schedule.ae_steps=2", "schedule.kmeans_batches=2"]
     # deferred: k-means on vectors gathered from both processes, computed once and broadcast
     run_accelerate(base + deferred + ["--output-dir", str(tmp_path / "deferred"), "train.batch_size=4"], 29561, 2)

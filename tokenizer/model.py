@@ -265,7 +265,8 @@ class VQVAE(nn.Module):
         if meta.get("format_version") != FORMAT_VERSION or "model" not in meta:
             raise ConfigError(f"{config_path} was not written by this version of vqgen's save_pretrained")
         model = cls(from_dict(ModelConfig, meta["model"]))
-        model.load_state_dict(load_file(str(weights_path), device=str(map_location)))
+        # load on the CPU first: safetensors rejects device strings such as "cpu:0" that Accelerate may hand out
+        model.load_state_dict(load_file(str(weights_path), device="cpu"))
         return model.to(map_location).eval()
 
 
