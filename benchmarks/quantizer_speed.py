@@ -5,9 +5,10 @@ For every (N, D) of the ladder and ``--vectors`` input vectors it times
   matmul: the one distance matrix product ``x @ codes.T`` of that shape (the part no method can avoid),
   peer:   ``vector_quantize_pytorch.VectorQuantize`` with matching settings (EMA decay 0.99,
           commitment 0.25, no rotation trick, no k-means), same train step,
-as medians over ``--repeats`` interleaved runs after a warm-up, with ``--threads`` CPU threads, and the peak extra
-memory of our step. Both train steps backpropagate ``(quantized * g).sum() + loss`` with a fixed random
-upstream gradient ``g``, as a decoder would.
+as medians (and minima, ``*_min_ms``) over ``--repeats`` interleaved runs after a warm-up, with
+``--threads`` CPU threads, and the peak extra memory of both train steps. Both backpropagate
+``(quantized * g).sum() + loss`` with a fixed random upstream gradient ``g``, as a decoder would.
+On a machine shared with other work, timings with 2 threads swing by 10x or more; compare within a row.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's resident high-water mark
 (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident size before the step, with glibc's
@@ -70,8 +71,8 @@ def peak_mb(fn, device: torch.device) -> float:
     return max(_status_kb("VmHWM") - base, 0) / 1024
 
 
-def interleaved_medians(fns: list, repeats: int, device: torch.device) -> list[float]:
-    """Median wall time (ms) of each of ``fns`` after one warm-up call each.
+def interleaved_times(fns: list, repeats: int, device: torch.device) -> list[list[float]]:
+    """Wall times (ms) of ``repeats`` calls of each of ``fns``, after one warm-up call each.
 
     The functions run in turn within every repeat, so load from other processes on a shared machine
     affects all of them alike.
@@ -91,7 +92,7 @@ def interleaved_medians(fns: list, repeats: int, device: torch.device) -> list[f
             fn()
             sync()
             bucket.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(bucket) for bucket in times]
+    return times
 
 
 def make_steps(n: int, d: int, vectors: int, device: torch.device):
@@ -151,9 +152,18 @@ def run(repeats: int, vectors: int, threads: int, device: torch.device) -> list[
     rows = []
     for (n, d), (ours_mb, peer_mb) in zip(QuantizerConfig(kind="adaptive").ladder(), peaks):
         ours_step, matmul_step, peer_step = make_steps(n, d, vectors, device)
-        ours_ms, matmul_ms, peer_ms = interleaved_medians([ours_step, matmul_step, peer_step], repeats, device)
-        row = {"N": n, "D": d, "ours_ms": ours_ms, "matmul_ms": matmul_ms, "peer_ms": peer_ms}
-        row.update(peak_mb=ours_mb, peer_peak_mb=peer_mb, vs_matmul=ours_ms / matmul_ms, speedup_vs_peer=peer_ms / ours_ms)
+        times = interleaved_times([ours_step, matmul_step, peer_step], repeats, device)
+        row = {"N": n, "D": d}
+        for name, bucket in zip(("ours", "matmul", "peer"), times):
+            row[f"{name}_ms"] = statistics.median(bucket)
+        for name, bucket in zip(("ours", "matmul", "peer"), times):
+            row[f"{name}_min_ms"] = min(bucket)  # least disturbed run, for loaded machines
+        row.update(
+            peak_mb=ours_mb,
+            peer_peak_mb=peer_mb,
+            vs_matmul=row["ours_ms"] / row["matmul_ms"],
+            speedup_vs_peer=row["peer_ms"] / row["ours_ms"],
+        )
         rows.append(row)
         print(_format_row(row), flush=True)
     return rows
