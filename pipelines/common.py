@@ -198,6 +198,30 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
 
 
+def resume_latest(accelerator, checkpoints: CheckpointManager) -> int:
+    """Load the newest checkpoint if there is one; returns the step to continue from (0 for a new run)."""
+    latest = checkpoints.latest()
+    if latest is None:
+        return 0
+    accelerator.load_state(str(latest[0]))
+    accelerator.print(f"resuming from {latest[0]} (step {latest[1]})")
+    return latest[1]
+
+
+def batch_stream(accelerator, loader, start_step: int, grad_accum: int):
+    """Endless micro-batches that continue exactly where optimizer step ``start_step`` left off.
+
+    Each epoch's shuffle is seeded by (data seed, epoch) through ``set_epoch`` (Accelerate's seedable
+    sampler), and the batches of a partly used epoch are skipped, so a resumed run sees the same data
+    in the same order as an uninterrupted one.
+    """
+    epoch, skip = divmod(start_step * grad_accum, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
+        skip, epoch = 0, epoch + 1
+
+
 def write_run_config(cfg: Any, output_dir: str | Path, accelerator) -> None:
     """Save the resolved config as ``config.yaml`` in the run folder (main process)."""
     if accelerator.is_main_process:

@@ -28,10 +28,12 @@ from pipelines.common import (
     CheckpointManager,
     MetricsLogger,
     TrainConfig,
-    fail_on_nonfinite,
+    batch_stream,
     die,
+    fail_on_nonfinite,
     make_accelerator,
     parse_cli,
+    resume_latest,
     show_progress,
     write_run_config,
 )
@@ -155,12 +157,7 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
     raw: Prior = accelerator.unwrap_model(model)
     checkpoints = CheckpointManager(out / "checkpoints", keep=cfg.train.keep_checkpoints)
 
-    start = 0
-    latest = checkpoints.latest()
-    if latest is not None:
-        accelerator.load_state(str(latest[0]))
-        start = latest[1]
-        accelerator.print(f"resuming from {latest[0]} (step {start})")
+    start = resume_latest(accelerator, checkpoints)
     logger = MetricsLogger(out / "metrics.jsonl", accelerator, resume_step=start)
     accelerator.print(
         f"prior: {raw.num_parameters / 1e6:.2f}M parameters, vocabulary {vocab.vocab_size}, sequence {vocab.seq_len}, "
@@ -169,20 +166,7 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
 
     total = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     accum = cfg.train.grad_accum
-    micro_per_epoch = len(train_loader)
-    consumed = start * accum
-    epoch = consumed // micro_per_epoch
-
-    def batches():
-        nonlocal epoch
-        skip = consumed % micro_per_epoch
-        while True:
-            train_loader.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-            yield from loader
-            skip, epoch = 0, epoch + 1
-
-    stream = batches()
+    stream = batch_stream(accelerator, train_loader, start, accum)
     conditional = vocab.class_conditional
     tokens_per_seq = vocab.seq_len - 1  # predicted positions per sequence
     loss_sum = torch.zeros((), device=accelerator.device)

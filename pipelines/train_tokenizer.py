@@ -30,7 +30,9 @@ from pipelines.common import (
     TrainConfig,
     fail_on_nonfinite,
     make_accelerator,
+    batch_stream,
     parse_cli,
+    resume_latest,
     show_progress,
     write_run_config,
 )
@@ -228,36 +230,19 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
     raw: VQVAE = accelerator.unwrap_model(model)
     checkpoints = CheckpointManager(out / "checkpoints", keep=cfg.train.keep_checkpoints)
 
-    start = 0
-    latest = checkpoints.latest()
-    if latest is not None:
-        accelerator.load_state(str(latest[0]))
-        start = latest[1]
-        accelerator.print(f"resuming from {latest[0]} (step {start})")
-    elif cfg.schedule.mode == "early" and cfg.schedule.init == "kmeans":
+    start = resume_latest(accelerator, checkpoints)
+    if start == 0 and cfg.schedule.mode == "early" and cfg.schedule.init == "kmeans":
         n = init_codebook_from_encoder(raw, kmeans_loader, cfg.schedule.kmeans_batches, accelerator)
         accelerator.print(f"codebook initialised by k-means on {n} vectors of the untrained encoder (per process)")
     logger = MetricsLogger(out / "metrics.jsonl", accelerator, resume_step=start)
 
     total = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
-    micro_per_epoch = len(train_loader)
-    consumed = start * cfg.train.grad_accum  # micro-batches already used
-    epoch = consumed // micro_per_epoch
     bad_step = torch.tensor(-1, device=accelerator.device)  # first step with a non-finite loss (no host sync)
     loss_sum = torch.zeros((), device=accelerator.device)
     progress = tqdm(total=cfg.train.steps, initial=start, disable=not show_progress(accelerator), desc="tokenizer")
     model.train()
 
-    def batches():
-        nonlocal epoch
-        skip = consumed % micro_per_epoch
-        while True:
-            train_loader.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-            yield from loader
-            skip, epoch = 0, epoch + 1
-
-    stream = batches()
+    stream = batch_stream(accelerator, train_loader, start, cfg.train.grad_accum)
     step = start
     images_trained, t_train = 0, 0.0
     while step < total:
