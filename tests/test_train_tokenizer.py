@@ -111,9 +111,9 @@ def test_cli_rejects_bad_config(tmp_path, capsys):
     assert "data.image_size" in capsys.readouterr().err
 
 
-def run_accelerate(args: list[str], port: int, nproc: int) -> None:
+def run_accelerate(args: list[str], port: int, nproc: int, precision: str = "no") -> None:
     env = {**os.environ, "VQGEN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    launcher = ["accelerate", "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = ["accelerate", "launch", "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no"]
     if nproc > 1:
         launcher += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(port)]
     else:
@@ -143,3 +143,11 @@ def test_two_processes_identical_replicas_and_match_one_process(tmp_path):
     # the runs agree up to float summation order (stated tolerance: atol 1e-4, rtol 1e-3)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-4, rtol=1e-3), key
+
+
+def test_mixed_precision_from_the_launcher(tmp_path):
+    run_accelerate(["-m", "pipelines.train_tokenizer", "--config", str(TINY), "--output-dir", str(tmp_path),
+                    "model.quantizer.kind=adaptive", "model.quantizer.capacity=32", "model.quantizer.ladder_dims=[8,4,2,1]"],
+                   29564, 1, precision="bf16")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 5 and 0 < summary["recon_mse"] < 1

@@ -140,7 +140,7 @@ class AdaptiveQuantizer(Quantizer):
             if rows.numel() == 0:
                 continue
             q = vq(p_in(flat[rows]))
-            out[rows] = p_out(q.quantized)
+            out[rows] = p_out(q.quantized).to(out.dtype)  # autocast may run the projection in bf16/fp16
             indices[rows] = q.indices + self.codebook_offsets[i]
             loss = loss + q.loss * (rows.numel() / flat.shape[0])
         return out, indices, loss
