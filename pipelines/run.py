@@ -3,6 +3,7 @@
     vqgen run --config configs/experiments/quickstart.yaml
     python -m pipelines.run --config configs/experiments/quickstart.yaml stages.prior.train.steps=100
     vqgen run --config A.yaml --config B.yaml --compare-dir runs/a_vs_b   # several, plus a comparison
+    vqgen run --config configs/experiments/sweep_mnist_deferred.yaml      # a sweep file listing experiments
 
 In an experiment file each stage section is either a mapping or the path of a YAML file holding it (e.g.
 ``tokenizer: configs/tokenizer/mnist_ema_deferred.yaml``; paths relative to the working directory).
@@ -153,6 +154,29 @@ def headline(report: dict) -> str:
     return ", ".join(parts)
 
 
+def expand_sweeps(paths: Sequence[str]) -> tuple[list[str], str | None]:
+    """Replace each sweep file by the experiment files it lists.
+
+    A sweep file is a YAML mapping ``{experiments: [a.yaml, b.yaml, ...], compare_dir: DIR}``; every other
+    file is an experiment itself. Returns (experiment paths, the sweep's comparison folder or None).
+    """
+    out, compare_dir = [], None
+    for path in paths:
+        data = read_yaml(path)
+        if "experiments" not in data:
+            out.append(path)
+            continue
+        unknown = sorted(set(data) - {"experiments", "compare_dir"})
+        if unknown or not isinstance(data["experiments"], list) or not data["experiments"]:
+            raise ConfigError(
+                f"sweep file {path} must hold only 'experiments' (a non-empty list of experiment YAML files) "
+                f"and optionally 'compare_dir'" + (f"; unknown key '{unknown[0]}'" if unknown else "")
+            )
+        out += [str(p) for p in data["experiments"]]
+        compare_dir = data.get("compare_dir", compare_dir)
+    return out, compare_dir
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description="Run experiments end to end (resumable stage by stage).")
     parser.add_argument("--config", action="append", required=True,
@@ -165,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if any(s not in STAGES for s in force):
         die(f"--force takes stages among {', '.join(STAGES)}, got {args.force!r}")
     try:
-        configs = [load_experiment(path, args.overrides) for path in args.config]
+        paths, compare_dir = expand_sweeps(args.config)
+        configs = [load_experiment(path, args.overrides) for path in paths]
     except (ConfigError, FileNotFoundError) as err:
         die(str(err))
     reports = []
@@ -180,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         if report:
             print(f"  {headline(report)}")
     if len(configs) > 1:
-        out = Path(args.compare_dir or "runs/comparison")
+        out = Path(args.compare_dir or compare_dir or "runs/comparison")
         compare_runs([c.output_dir for c in configs], out)
         print(f"\ncomparison: {out}")
     return reports

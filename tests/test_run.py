@@ -9,6 +9,7 @@ from PIL import Image
 
 from pipelines.cli import main as vqgen
 from pipelines.run import load_experiment
+from pipelines.run import main as vqgen_main
 from tokenizer.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +52,20 @@ def test_runner_owns_stage_paths(tmp_path):
         load_experiment(TINY, [f"output_dir={tmp_path}", "prior.tokens=elsewhere"])
     with pytest.raises(ConfigError, match="stages"):
         load_experiment(TINY, [f"output_dir={tmp_path}", "stages=[tokenizer, fly]"])
+
+
+def test_sweep_runs_several_and_compares(tmp_path, monkeypatch):
+    monkeypatch.setenv("VQGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    for name, kind in (("a", "vq"), ("b", "ema")):
+        text = TINY.read_text().replace("output_dir: runs/tiny", f"output_dir: {tmp_path / name}")
+        text = text.replace("kind: ema", f"kind: {kind}")
+        (tmp_path / f"{name}.yaml").write_text(text + "stages: [tokenizer, evaluate]\n")
+    (tmp_path / "sweep.yaml").write_text(f"experiments: [a.yaml, b.yaml]\ncompare_dir: {tmp_path / 'cmp'}\n")
+    reports = vqgen_main(["--config", "sweep.yaml"])
+    assert len(reports) == 2 and reports[0]["tokenizer"]["quantizer"] == "vq"
+    table = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["table"]
+    assert set(table["tokenizer.recon_mse"]) == {"a", "b"}
+    with pytest.raises(SystemExit):
+        (tmp_path / "bad.yaml").write_text("experiments: []\n")
+        vqgen_main(["--config", "bad.yaml"])
