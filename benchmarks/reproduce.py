@@ -66,8 +66,22 @@ def run_variant(args, dataset: str, variant: str) -> Path:
     cfg = load_experiment(Path("configs/experiments") / f"{dataset}_{variant}.yaml", overrides_for(args, variant, run_dir))
     t0 = time.perf_counter()
     run_experiment(cfg)
-    print(f"[reproduce] {dataset}_{variant}: {time.perf_counter() - t0:.0f}s")
+    elapsed = time.perf_counter() - t0
+    # wall time spent on this run, summed over invocations (a rerun that only skips adds ~0)
+    clock = run_dir / "reproduce_seconds.json"
+    total = (json.loads(clock.read_text())["seconds"] if clock.is_file() else 0.0) + elapsed
+    save_json({"seconds": total}, clock)
+    print(f"[reproduce] {dataset}_{variant}: {elapsed:.0f}s (total {total:.0f}s)")
     return run_dir
+
+
+def run_minutes(args, dataset: str, variants) -> float:
+    """Wall-clock minutes the runs of one section took, from their own records."""
+    total = 0.0
+    for variant in variants:
+        clock = Path(args.runs) / f"{dataset}_{variant}" / "reproduce_seconds.json"
+        total += json.loads(clock.read_text())["seconds"] if clock.is_file() else 0.0
+    return total / 60
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -92,7 +106,7 @@ def adaptive_study(args, dataset: str, out: Path) -> dict:
     steps = [r["step"] for r in metrics]
     for i, (n, d) in enumerate(LADDER):
         ax.plot(steps, [r["selection"][i] for r in metrics], label=f"{n}x{d}")
-    ax.set(xlabel="step", ylabel="fraction of images", title=f"{dataset}: adaptive selector's codebook choice")
+    ax.set(xlabel="step", ylabel="fraction of selections", title=f"{dataset}: adaptive selector's codebook choice")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / f"{dataset}_selection.png", dpi=110)
@@ -131,7 +145,7 @@ def deferred_study(args, dataset: str, out: Path) -> dict:
         m = [r for r in read_metrics(Path(args.runs) / f"{dataset}_{variant}") if r.get("perplexity") is not None]
         axes[0].plot([r["step"] for r in m], [r["perplexity"] for r in m], label=variant)
         axes[1].plot([r["step"] for r in m], [r["code_distance"] for r in m], label=variant)
-    axes[0].set(xlabel="step", ylabel="batch perplexity", title=f"{dataset}: code perplexity")
+    axes[0].set(xlabel="step", ylabel="batch perplexity", yscale="log", title=f"{dataset}: code perplexity")
     axes[1].set(xlabel="step", ylabel="mean pairwise code distance", title=f"{dataset}: code spread")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -220,13 +234,13 @@ def main(argv=None) -> dict:
     argv_str = " ".join(argv) if argv is not None else " ".join(sys.argv[1:])
     for ds in [d for d in args.datasets.split(",") if d]:
         for study in [s for s in args.studies.split(",") if s]:
-            t0 = time.perf_counter()
             entry = (adaptive_study if study == "adaptive" else deferred_study)(args, ds, out)
+            variants = DEFERRED_VARIANTS if study == "deferred" else [f"fixed_{n}x{d}" for n, d in LADDER] + ["adaptive"]
             entry["settings"] = {
                 **vars(args),
                 "command": f"python benchmarks/reproduce.py {argv_str}".strip(),
                 "device": "cuda" if torch.cuda.is_available() else "cpu",
-                "minutes": (time.perf_counter() - t0) / 60,
+                "minutes": run_minutes(args, ds, variants),
                 "torch": torch.__version__,
             }
             # re-read: another invocation (e.g. the other data set, run in parallel) may have added sections
