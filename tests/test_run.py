@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from PIL import Image
 
@@ -69,3 +70,21 @@ def test_sweep_runs_several_and_compares(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         (tmp_path / "bad.yaml").write_text("experiments: []\n")
         vqgen_main(["--config", "bad.yaml"])
+
+
+@pytest.mark.parametrize("granularity", ["image", "position"])
+def test_adaptive_experiment_end_to_end(tmp_path, monkeypatch, granularity):
+    monkeypatch.setenv("VQGEN_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    adaptive = ["tokenizer.model.quantizer.kind=adaptive", "tokenizer.model.quantizer.capacity=32",
+                "tokenizer.model.quantizer.ladder_dims=[8,4,2,1]",
+                f"tokenizer.model.quantizer.granularity={granularity}", "tokenizer.model.quantizer.selector_heads=2"]
+    assert vqgen(["run", "--config", str(TINY), f"output_dir={run}", *adaptive]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["tokenizer"]["quantizer"] == "adaptive"
+    tokens = load_file(str(run / "samples" / "tokens.safetensors"))["tokens"]
+    offsets = torch.tensor([0, 4, 12, 28])  # ladder 32/8, 32/4, 32/2, 32/1 codes
+    book = torch.bucketize(tokens, offsets, right=True) - 1  # (N, h, w) codebook of every token
+    assert int(tokens.max()) < 60
+    if granularity == "image":
+        assert (book == book[:, :1, :1]).all()  # one codebook per sampled image
