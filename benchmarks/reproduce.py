@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -61,8 +62,17 @@ def overrides_for(args, variant: str, run_dir: Path) -> list[str]:
     return o
 
 
+def run_dir_of(args, dataset: str, variant: str) -> Path:
+    return Path(args.runs) / (f"{dataset}_{variant}" + (f"_{args.tag}" if args.tag else ""))
+
+
 def run_variant(args, dataset: str, variant: str) -> Path:
-    run_dir = Path(args.runs) / f"{dataset}_{variant}"
+    run_dir = run_dir_of(args, dataset, variant)
+    base = Path(args.runs) / f"{dataset}_{variant}"
+    if args.tag and args.reuse_tokenizer and not run_dir.exists() and (base / "tokenizer" / "summary.json").is_file():
+        # same tokenizer settings, different later stages: start from the trained tokenizer and its tokens
+        for part in ("tokenizer", "tokens"):
+            shutil.copytree(base / part, run_dir / part)
     cfg = load_experiment(Path("configs/experiments") / f"{dataset}_{variant}.yaml", overrides_for(args, variant, run_dir))
     t0 = time.perf_counter()
     run_experiment(cfg)
@@ -71,7 +81,7 @@ def run_variant(args, dataset: str, variant: str) -> Path:
     clock = run_dir / "reproduce_seconds.json"
     total = (json.loads(clock.read_text())["seconds"] if clock.is_file() else 0.0) + elapsed
     save_json({"seconds": total}, clock)
-    print(f"[reproduce] {dataset}_{variant}: {elapsed:.0f}s (total {total:.0f}s)")
+    print(f"[reproduce] {run_dir.name}: {elapsed:.0f}s (total {total:.0f}s)")
     return run_dir
 
 
@@ -79,7 +89,7 @@ def run_minutes(args, dataset: str, variants) -> float:
     """Wall-clock minutes the runs of one section took, from their own records."""
     total = 0.0
     for variant in variants:
-        clock = Path(args.runs) / f"{dataset}_{variant}" / "reproduce_seconds.json"
+        clock = run_dir_of(args, dataset, variant) / "reproduce_seconds.json"
         total += json.loads(clock.read_text())["seconds"] if clock.is_file() else 0.0
     return total / 60
 
@@ -126,7 +136,7 @@ def adaptive_study(args, dataset: str, out: Path) -> dict:
 
 def deferred_study(args, dataset: str, out: Path) -> dict:
     rows = []
-    for variant in DEFERRED_VARIANTS:
+    for variant in args.variants:
         run = run_variant(args, dataset, variant)
         report = json.loads((run / "report.json").read_text())
         tok, gen = report["tokenizer"], report["generation"]
@@ -141,16 +151,21 @@ def deferred_study(args, dataset: str, out: Path) -> dict:
         })
     fig = Figure(figsize=(10, 3.6))
     axes = fig.subplots(1, 2)
-    for variant in DEFERRED_VARIANTS:
-        m = [r for r in read_metrics(Path(args.runs) / f"{dataset}_{variant}") if r.get("perplexity") is not None]
+    for variant in args.variants:
+        m = [r for r in read_metrics(run_dir_of(args, dataset, variant)) if r.get("perplexity") is not None]
         axes[0].plot([r["step"] for r in m], [r["perplexity"] for r in m], label=variant)
         axes[1].plot([r["step"] for r in m], [r["code_distance"] for r in m], label=variant)
     axes[0].set(xlabel="step", ylabel="batch perplexity", yscale="log", title=f"{dataset}: code perplexity")
     axes[1].set(xlabel="step", ylabel="mean pairwise code distance", title=f"{dataset}: code spread")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"{dataset}_deferred_curves.png", dpi=110)
+    fig.savefig(out / f"{dataset}_{study_key(args, 'deferred')}_curves.png", dpi=110)
     return {"rows": rows}
+
+
+def study_key(args, study: str) -> str:
+    """Where a study's results go in results.json: the study name, plus the tag of a variant run."""
+    return f"{study}-{args.tag}" if args.tag else study
 
 
 def _tok(summary: dict) -> dict:
@@ -193,9 +208,12 @@ def markdown(results: dict) -> str:
             lines += ["", "Adaptive selection over the validation split: " + ", ".join(
                 f"{n}x{d}: {f:.2f}" for (n, d), f in zip(LADDER, sel))]
         lines += ["", f"![MSE vs N]({ds}_ladder_mse.png) ![selection]({ds}_selection.png)", ""]
-    for ds, study in results.get("deferred", {}).items():
+    deferred = [(key, ds, study) for key in sorted(results) if key.startswith("deferred")
+                for ds, study in results[key].items()]
+    for key, ds, study in deferred:
         s = study["settings"]
-        lines += [f"## Early vs deferred quantization, EMA VQ, D = 64 ({ds})", "", settings_line(s),
+        title = f"Early vs deferred quantization, EMA VQ, D = 64 ({ds}" + (f", {s['tag']}" if s.get("tag") else "") + ")"
+        lines += [f"## {title}", "", settings_line(s),
                   f" Deferred: the first half continuous, then k-means on the trained encoder. Priors: {s['prior_steps']} "
                   f"steps (4 layers, width 128), {s['num_images']} samples vs {s['num_images']} test images, features "
                   "from the offline classifier (not Inception: no network here).", "",
@@ -205,7 +223,7 @@ def markdown(results: dict) -> str:
             lines.append("| " + " | ".join(fmt(r[k]) for k in (
                 "N", "schedule", "recon_mse", "perplexity", "usage", "code_distance", "rfid", "gfid", "recall",
                 "coverage", "mode_coverage", "token_perplexity")) + " |")
-        lines += ["", f"![curves]({ds}_deferred_curves.png)", ""]
+        lines += ["", f"![curves]({ds}_{key}_curves.png)", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -223,8 +241,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--classifier-steps", type=int, default=600)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription)")
     parser.add_argument("--runs", default="runs/reproduce")
+    parser.add_argument("--variants", default=",".join(DEFERRED_VARIANTS),
+                        help="deferred study: which of " + ", ".join(DEFERRED_VARIANTS))
+    parser.add_argument("--tag", default="", help="suffix for run folders and the results key (a variant study)")
+    parser.add_argument("--reuse-tokenizer", action="store_true",
+                        help="with --tag: start from the untagged run's trained tokenizer and tokens")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in DEFERRED_VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown[0]!r}; choose among {', '.join(DEFERRED_VARIANTS)}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +262,7 @@ def main(argv=None) -> dict:
     for ds in [d for d in args.datasets.split(",") if d]:
         for study in [s for s in args.studies.split(",") if s]:
             entry = (adaptive_study if study == "adaptive" else deferred_study)(args, ds, out)
-            variants = DEFERRED_VARIANTS if study == "deferred" else [f"fixed_{n}x{d}" for n, d in LADDER] + ["adaptive"]
+            variants = args.variants if study == "deferred" else [f"fixed_{n}x{d}" for n, d in LADDER] + ["adaptive"]
             entry["settings"] = {
                 **vars(args),
                 "command": f"python benchmarks/reproduce.py {argv_str}".strip(),
@@ -245,7 +272,7 @@ def main(argv=None) -> dict:
             }
             # re-read: another invocation (e.g. the other data set, run in parallel) may have added sections
             results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-            results.setdefault(study, {})[ds] = entry
+            results.setdefault(study_key(args, study), {})[ds] = entry
             save_json(results, results_path)
             (out / "results.md").write_text(markdown(results))
     print(f"wrote {out / 'results.md'}")
