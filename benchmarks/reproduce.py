@@ -59,17 +59,21 @@ def overrides_for(args, variant: str, run_dir: Path) -> list[str]:
             f"sample.num_samples={args.num_images}", f"evaluate.num_images={args.num_images}",
             f"evaluate.classifier.max_steps={args.classifier_steps}",
         ]
+    if variant == "adaptive" or variant in DEFERRED_VARIANTS:
+        o += args.override  # the studied change of a tagged variant study (never applied to fixed baselines)
     return o
 
 
 def run_dir_of(args, dataset: str, variant: str) -> Path:
-    return Path(args.runs) / (f"{dataset}_{variant}" + (f"_{args.tag}" if args.tag else ""))
+    """Run folder of a variant; the fixed (N, D) baselines are shared by every tag (no override reaches them)."""
+    tagged = args.tag and not variant.startswith("fixed_")
+    return Path(args.runs) / (f"{dataset}_{variant}" + (f"_{args.tag}" if tagged else ""))
 
 
 def run_variant(args, dataset: str, variant: str) -> Path:
     run_dir = run_dir_of(args, dataset, variant)
     base = Path(args.runs) / f"{dataset}_{variant}"
-    if args.tag and args.reuse_tokenizer and not run_dir.exists() and (base / "tokenizer" / "summary.json").is_file():
+    if run_dir != base and args.reuse_tokenizer and not run_dir.exists() and (base / "tokenizer" / "summary.json").is_file():
         # same tokenizer settings, different later stages: start from the trained tokenizer and its tokens
         for part in ("tokenizer", "tokens"):
             shutil.copytree(base / part, run_dir / part)
@@ -114,12 +118,17 @@ def adaptive_study(args, dataset: str, out: Path) -> dict:
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     steps = [r["step"] for r in metrics]
+    window = 5  # per-batch fractions are noisy: show a running mean over 5 logged steps
     for i, (n, d) in enumerate(LADDER):
-        ax.plot(steps, [r["selection"][i] for r in metrics], label=f"{n}x{d}")
-    ax.set(xlabel="step", ylabel="fraction of selections", title=f"{dataset}: adaptive selector's codebook choice")
+        values = torch.tensor([r["selection"][i] for r in metrics], dtype=torch.float64)
+        smooth = torch.nn.functional.avg_pool1d(values[None, None], window, 1, padding=window // 2,
+                                                count_include_pad=False)[0, 0]
+        ax.plot(steps, smooth[: len(steps)].tolist(), label=f"{n}x{d}")
+    ax.set(xlabel="step", ylabel=f"fraction of selections (running mean of {window})",
+           title=f"{dataset}: adaptive selector's codebook choice")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out / f"{dataset}_selection.png", dpi=110)
+    fig.savefig(out / f"{dataset}_{study_key(args, 'adaptive')}_selection.png", dpi=110)
 
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -130,7 +139,7 @@ def adaptive_study(args, dataset: str, out: Path) -> dict:
            title=f"{dataset}: MSE at equal capacity")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / f"{dataset}_ladder_mse.png", dpi=110)
+    fig.savefig(out / f"{dataset}_{study_key(args, 'adaptive')}_ladder_mse.png", dpi=110)
     return {"rows": rows}
 
 
@@ -198,8 +207,13 @@ def markdown(results: dict) -> str:
         "what a GPU user runs.",
         "",
     ]
-    for ds, study in results.get("adaptive", {}).items():
-        lines += [f"## Adaptive vs fixed (N, D) at W = 65536 ({ds})", "", settings_line(study["settings"]), "",
+    adaptive = [(key, ds, study) for key in sorted(results) if key.startswith("adaptive")
+                for ds, study in results[key].items()]
+    for key, ds, study in adaptive:
+        s = study["settings"]
+        title = f"Adaptive vs fixed (N, D) at W = 65536 ({ds}" + (f", {s['tag']}" if s.get("tag") else "") + ")"
+        changes = f" Adaptive run changed by: `{' '.join(s['override'])}`." if s.get("override") else ""
+        lines += [f"## {title}", "", settings_line(s) + changes, "",
                   "| quantizer | val MSE | PSNR | perplexity | usage |", "|---|---|---|---|---|"]
         for r in study["rows"]:
             lines.append(f"| {r['quantizer']} | {fmt(r['recon_mse'])} | {fmt(r['psnr'])} | {fmt(r['perplexity'])} | {fmt(r['usage'])} |")
@@ -207,13 +221,14 @@ def markdown(results: dict) -> str:
         if sel:
             lines += ["", "Adaptive selection over the validation split: " + ", ".join(
                 f"{n}x{d}: {f:.2f}" for (n, d), f in zip(LADDER, sel))]
-        lines += ["", f"![MSE vs N]({ds}_ladder_mse.png) ![selection]({ds}_selection.png)", ""]
+        lines += ["", f"![MSE vs N]({ds}_{key}_ladder_mse.png) ![selection]({ds}_{key}_selection.png)", ""]
     deferred = [(key, ds, study) for key in sorted(results) if key.startswith("deferred")
                 for ds, study in results[key].items()]
     for key, ds, study in deferred:
         s = study["settings"]
         title = f"Early vs deferred quantization, EMA VQ, D = 64 ({ds}" + (f", {s['tag']}" if s.get("tag") else "") + ")"
-        lines += [f"## {title}", "", settings_line(s),
+        changes = f" Changed by: `{' '.join(s['override'])}`." if s.get("override") else ""
+        lines += [f"## {title}", "", settings_line(s) + changes,
                   f" Deferred: the first half continuous, then k-means on the trained encoder. Priors: {s['prior_steps']} "
                   f"steps (4 layers, width 128), {s['num_images']} samples vs {s['num_images']} test images, features "
                   "from the offline classifier (not Inception: no network here).", "",
@@ -244,11 +259,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", default=",".join(DEFERRED_VARIANTS),
                         help="deferred study: which of " + ", ".join(DEFERRED_VARIANTS))
     parser.add_argument("--tag", default="", help="suffix for run folders and the results key (a variant study)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="experiment override for the studied runs of a tagged study (adaptive / deferred runs)")
     parser.add_argument("--reuse-tokenizer", action="store_true",
                         help="with --tag: start from the untagged run's trained tokenizer and tokens")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
+    if args.override and not args.tag:
+        parser.error("--override changes what a study measures: give it a --tag so its runs and results stay apart")
     unknown = [v for v in args.variants if v not in DEFERRED_VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown[0]!r}; choose among {', '.join(DEFERRED_VARIANTS)}")
