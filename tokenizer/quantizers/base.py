@@ -127,6 +127,23 @@ class QuantizerConfig:
         return [(self.capacity // d, d) for d in self.ladder_dims]
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the codes ``q``; backward: the gradient goes to ``x`` unchanged (and none to ``q``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``x + sg(q - x)`` without the two elementwise passes: the value of ``q``, the gradient of ``x``."""
+    return _StraightThrough.apply(x, q.detach())
+
+
 @dataclass
 class QuantizerOutput:
     """What every quantizer returns (see docs/architecture.md)."""

@@ -9,7 +9,7 @@ from ..distributed import all_reduce_
 from ..kmeans import distributed_kmeans
 from ..search import nearest
 from ..stats import batch_stats
-from .base import QuantizerConfig, QuantizerOutput, SingleCodebookQuantizer
+from .base import QuantizerConfig, QuantizerOutput, SingleCodebookQuantizer, straight_through
 
 
 class EMAQuantizer(SingleCodebookQuantizer):
@@ -38,7 +38,7 @@ class EMAQuantizer(SingleCodebookQuantizer):
             if self.training:
                 self.ema_update(flat.detach(), idx)
         loss = self.config.beta * F.mse_loss(flat, q)
-        quantized = flat + (q - flat).detach()  # straight-through
+        quantized = straight_through(flat, q)  # (M, D)
         if self.training:
             self._maybe_reset_dead_codes(flat)
         return QuantizerOutput(

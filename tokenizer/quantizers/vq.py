@@ -9,7 +9,7 @@ from torch import nn
 from ..kmeans import distributed_kmeans
 from ..search import nearest
 from ..stats import batch_stats
-from .base import QuantizerConfig, QuantizerOutput, SingleCodebookQuantizer
+from .base import QuantizerConfig, QuantizerOutput, SingleCodebookQuantizer, straight_through
 
 
 class VQQuantizer(SingleCodebookQuantizer):
@@ -40,7 +40,7 @@ class VQQuantizer(SingleCodebookQuantizer):
             idx = nearest(flat.detach(), codes.detach())  # (M,)
         q = F.embedding(idx, codes)  # (M, D), gradient reaches the codebook
         loss = F.mse_loss(q, flat.detach()) + self.config.beta * F.mse_loss(flat, q.detach())
-        quantized = flat + (q - flat).detach()  # straight-through
+        quantized = straight_through(flat, q)  # (M, D)
         if self.training and self.dead_code_enabled:
             self._track_usage(idx)
             self._maybe_reset_dead_codes(flat)
