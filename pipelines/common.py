@@ -222,6 +222,16 @@ def batch_stream(accelerator, loader, start_step: int, grad_accum: int):
         skip, epoch = 0, epoch + 1
 
 
+def finish_run(accelerator, model, summary: dict, output_dir: str | Path) -> dict:
+    """Write ``model/`` (save_pretrained) and ``summary.json`` on the main process, then end the run."""
+    if accelerator.is_main_process:
+        model.save_pretrained(Path(output_dir) / "model")
+        save_json(summary, Path(output_dir) / "summary.json")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
 def write_run_config(cfg: Any, output_dir: str | Path, accelerator) -> None:
     """Save the resolved config as ``config.yaml`` in the run folder (main process)."""
     if accelerator.is_main_process:

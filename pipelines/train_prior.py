@@ -31,6 +31,7 @@ from pipelines.common import (
     batch_stream,
     die,
     fail_on_nonfinite,
+    finish_run,
     make_accelerator,
     parse_cli,
     resume_latest,
@@ -42,7 +43,6 @@ from prior.data import TokenDataError, TokenDataset, read_token_meta
 from prior.model import Prior
 from prior.vocab import TokenVocab, VocabError
 from tokenizer.data import make_dataloader
-from tokenizer.io import save_json
 
 
 @dataclass
@@ -226,12 +226,7 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
         num_processes=accelerator.num_processes,
         mixed_precision=accelerator.mixed_precision,
     )
-    if accelerator.is_main_process:
-        raw.save_pretrained(out / "model")
-        save_json(summary, out / "summary.json")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+    return finish_run(accelerator, raw, summary, out)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -29,6 +29,7 @@ from pipelines.common import (
     MetricsLogger,
     TrainConfig,
     fail_on_nonfinite,
+    finish_run,
     make_accelerator,
     batch_stream,
     parse_cli,
@@ -37,7 +38,6 @@ from pipelines.common import (
     write_run_config,
 )
 from tokenizer.data import DataConfig, build_dataset, make_dataloader
-from tokenizer.io import save_json
 from tokenizer.model import ModelConfig, VQVAE
 from tokenizer.stats import CodeUsage, code_distance
 
@@ -309,12 +309,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
         num_processes=accelerator.num_processes,
         replica_max_abs_diff=replica_max_abs_diff(raw, accelerator),
     )
-    if accelerator.is_main_process:
-        raw.save_pretrained(out / "model")
-        save_json(summary, out / "summary.json")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+    return finish_run(accelerator, raw, summary, out)
 
 
 @torch.no_grad()

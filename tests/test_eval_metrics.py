@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -38,19 +37,6 @@ from tokenizer.data import DataConfig, build_dataset
 
 TINY_DATA = DataConfig(image_size=16, num_train=256, num_validation=0, num_test=96)
 TINY_CLASSIFIER = ClassifierConfig(width=8, feature_dim=16, max_steps=30, batch_size=32)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A private VQGEN_CACHE, so tests never touch (or reuse) the user's cache."""
-    path = tmp_path_factory.mktemp("vqgen_cache")
-    old = os.environ.get("VQGEN_CACHE")
-    os.environ["VQGEN_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("VQGEN_CACHE")
-    else:
-        os.environ["VQGEN_CACHE"] = old
 
 
 @pytest.fixture(scope="module")

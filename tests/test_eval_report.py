@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -32,17 +30,8 @@ REQUIRED = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """A private VQGEN_CACHE for the classifier and reference features of these tests."""
-    path = tmp_path_factory.mktemp("vqgen_cache")
-    old = os.environ.get("VQGEN_CACHE")
-    os.environ["VQGEN_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("VQGEN_CACHE")
-    else:
-        os.environ["VQGEN_CACHE"] = old
+# a private VQGEN_CACHE (tests/conftest.py) for the classifier and reference features of these tests
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 def make_run(root: Path, kind: str = "ema", num_samples: int = 24) -> Path:
