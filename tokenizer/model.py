@@ -11,7 +11,6 @@ model from those two files alone.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -277,9 +276,3 @@ def tokenizer_fingerprint(model_dir: str | Path) -> str:
         raise FileNotFoundError(f"no tokenizer weights at {path}")
     return file_fingerprint(path)
 
-
-def model_config_replace(cfg: ModelConfig, **changes) -> ModelConfig:
-    """A copy of ``cfg`` with ``changes`` (validated)."""
-    new = dataclasses.replace(cfg, **changes)
-    new.validate()
-    return new
