@@ -298,3 +298,71 @@ def test_hard_gumbel_softmax_is_one_hot_with_soft_gradients():
     torch.testing.assert_close(y.detach(), F.one_hot(y.detach().argmax(dim=-1), 6).float(), atol=1e-6, rtol=0)
     (y * torch.randn(20, 6)).sum().backward()
     assert float(logits.grad.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------ the authors' selector (faithful option)
+FAITHFUL = dict(dim=16, capacity=32, ladder_dims=[8, 4, 2, 1], selector_heads=2, selector_logits="attention_probs",
+                granularity="view", selector_eval_noise=True, projection="conv")
+
+
+def _reference_attention_probs(q: AdaptiveQuantizer, units: torch.Tensor) -> torch.Tensor:
+    """Head-averaged softmax attention of each unit (B, U, C) over the codebook keys, from the equations:
+    per head h, a_j = softmax_j((W_q^h x + b_q^h) . (W_k^h e_j + b_k^h) / sqrt(d_h)); p_j = mean_h a_j."""
+    c, heads = q.dim, q.config.selector_heads
+    w, b = q.attention.in_proj_weight, q.attention.in_proj_bias
+    query = units @ w[:c].T + b[:c]  # (B, U, C)
+    keys = q.keys @ w[c : 2 * c].T + b[c : 2 * c]  # (K, C)
+    dh = c // heads
+    probs = []
+    for h in range(heads):
+        s = query[..., h * dh : (h + 1) * dh] @ keys[:, h * dh : (h + 1) * dh].T / math.sqrt(dh)  # (B, U, K)
+        probs.append(s.softmax(dim=-1))
+    return torch.stack(probs).mean(0)
+
+
+def test_faithful_selector_matches_the_authors_equations():
+    q = make("adaptive", **FAITHFUL).eval()
+    b, h, w, c = 3, 4, 4, 16
+    z = torch.randn(b, h, w, c)
+    # the authors' unit: rows of h.view(-1, C) over the NCHW latent, i.e. C consecutive values of (C, h, w)
+    rows = z.permute(0, 3, 1, 2).reshape(b, h * w * c // c, c)  # (B, U=L, C); with C = L each row is one channel
+    expected = _reference_attention_probs(q, rows)
+    got = q.selector_logits(z.reshape(b, h * w, c)).detach()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert float(got.min()) >= 0 and float(got.max()) <= 1  # probabilities passed on as logits
+
+    # output: each row takes its chosen codebook's back-projection (3x3 conv of the codes on the grid)
+    details = q.analyse(z)
+    choice = details["unit_choice"]  # (B, U)
+    branch = []
+    for i, (p_in, vq, conv) in enumerate(zip(q.proj_in, q.quantizers, q.proj_out)):
+        codes = vq.lookup(nearest_code(p_in(z.reshape(-1, c)), vq.embed)).reshape(b, h, w, -1)
+        branch.append(conv(codes.permute(0, 3, 1, 2)).reshape(b, -1, c))  # NCHW memory cut into rows (B, U, C)
+    mixed = torch.stack(branch, dim=-1).gather(-1, choice[:, :, None, None].expand(b, h * w, c, 1))[..., 0]
+    expected_out = mixed.reshape(b, c, h, w).permute(0, 2, 3, 1)
+    torch.testing.assert_close(details["quantized"], expected_out, atol=1e-5, rtol=1e-5)
+
+
+def test_faithful_selection_is_a_gumbel_draw_at_eval_with_the_probabilities_as_logits():
+    q = make("adaptive", **FAITHFUL).eval()
+    z = torch.randn(1, 4, 4, 16)
+    probs = q.selector_logits(z.reshape(1, 16, 16)).detach()[0]  # (U, K)
+    torch.manual_seed(0)
+    draws = torch.stack([q.analyse(z)["unit_choice"][0] for _ in range(400)])  # (400, U)
+    freq = F.one_hot(draws, 4).double().mean(0)  # (U, K)
+    # Gumbel-max: P(j) = softmax(logits)_j; with logits in [0, 1] no codebook gets more than e / (e + K - 1)
+    torch.testing.assert_close(freq, probs.double().softmax(-1), atol=0.1, rtol=0)
+    assert float(probs.softmax(-1).max()) <= math.e / (math.e + 3) + 1e-6
+
+
+def test_view_granularity_share_counts_channels_per_position():
+    q = make("adaptive", **{**FAITHFUL, "selector_eval_noise": False}).eval()
+    z = torch.randn(2, 2, 4, 16)  # L = 8 positions, C = 16: every row holds two channels
+    details = q.analyse(z)
+    share = details["share"]  # (B, h, w, K)
+    torch.testing.assert_close(share.sum(-1), torch.ones(2, 2, 4))
+    choice = details["unit_choice"]  # (B, 8)
+    # channel ch at position p sits at offset ch * 8 + p of (C, L): row (ch * 8 + p) // 16
+    rows = (torch.arange(16)[:, None] * 8 + torch.arange(8)[None]) // 16  # (C, L)
+    expected = F.one_hot(choice[:, rows], 4).float().mean(1)  # (B, L, K)
+    torch.testing.assert_close(share.reshape(2, 8, 4), expected)

@@ -17,7 +17,9 @@ from ..distributed import all_gather_cat, all_reduce_, broadcast_, rank
 from ..stats import code_counts
 
 KINDS = ("vq", "ema", "gumbel", "adaptive")
-GRANULARITIES = ("image", "position")
+GRANULARITIES = ("image", "position", "view")
+SELECTOR_LOGITS = ("scores", "attention_probs")
+PROJECTIONS = ("linear", "conv")
 
 
 class QuantizerConfigError(ConfigError):
@@ -51,8 +53,11 @@ class QuantizerConfig:
     tau_anneal_steps: int = 10000
     capacity: int = 65536  # adaptive: W = N_i * D_i for every codebook
     ladder_dims: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 8, 4, 2, 1])
-    granularity: str = "image"  # adaptive: one codebook per "image" or per "position"
+    granularity: str = "image"  # adaptive: one codebook per "image", per "position", or per "view" row (authors')
     selector_heads: int = 4  # adaptive: attention heads of the selector (must divide dim)
+    selector_logits: str = "scores"  # adaptive: "scores" (scaled dot products) | "attention_probs" (authors')
+    selector_eval_noise: bool = False  # adaptive: Gumbel noise at eval too (authors' code), else argmax
+    projection: str = "linear"  # adaptive: "linear" both ways | "conv" (1x1 down, 3x3 back, authors')
     selector_tau_start: float = 2e4  # adaptive selector temperature schedule (linear)
     selector_tau_end: float = 1.0
     selector_tau_steps: int = 20000
@@ -97,6 +102,10 @@ class QuantizerConfig:
             fail("tau_anneal_steps and selector_tau_steps must be >= 1")
         if self.granularity not in GRANULARITIES:
             fail(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.selector_logits not in SELECTOR_LOGITS:
+            fail(f"selector_logits must be one of {', '.join(SELECTOR_LOGITS)}, got {self.selector_logits!r}")
+        if self.projection not in PROJECTIONS:
+            fail(f"projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}")
         if self.kind == "adaptive":
             self._validate_ladder(fail)
         if self.dead_code_threshold < 0:
