@@ -39,7 +39,9 @@ from pipelines.common import (
 )
 from tokenizer.data import DataConfig, build_dataset, make_dataloader
 from tokenizer.model import ModelConfig, VQVAE
-from tokenizer.stats import CodeUsage, code_distance
+from eval.codebook import codebook_metrics
+from tokenizer.quantizers.adaptive import AdaptiveQuantizer
+from tokenizer.stats import code_counts, code_distance, live_code_distance
 
 
 @dataclass
@@ -130,45 +132,14 @@ def init_codebook_from_encoder(model: VQVAE, loader, batches: int, accelerator) 
 
 @torch.no_grad()
 def evaluate_tokenizer(model: VQVAE, loader, accelerator, max_batches: int = 0) -> dict:
-    """Reconstruction and codebook statistics over the whole loader (all processes), eval mode.
+    """Reconstruction and codebook metrics over the whole loader (all processes), eval mode.
 
-    MSE is on images scaled to [0, 1] (the [-1, 1] training MSE / 4); PSNR is the mean per-image PSNR.
+    See ``eval.codebook.codebook_metrics``: MSE on images scaled to [0, 1], mean per-image PSNR, usage and
+    perplexity (per codebook for a ladder), live code distance, selection of a ladder.
     """
     raw = accelerator.unwrap_model(model)
-    was_training = raw.training
-    raw.eval()
-    usage = CodeUsage(raw.quantizer.codebook_size)
-    selection = torch.zeros(len(raw.quantizer.codebook_sizes), dtype=torch.float64)
-    sq_errors, n_seen = [], 0
-    for i, batch in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
-        images = batch["image"]
-        out = raw(images)
-        per_image = ((out.recon.clamp(-1, 1) - images) ** 2).flatten(1).mean(1) / 4.0  # (B,) on [0, 1]
-        per_image, indices = accelerator.gather_for_metrics((per_image, out.quant.indices))
-        sq_errors.append(per_image.double().cpu())
-        usage.update(indices)
-        if len(raw.quantizer.codebook_sizes) > 1:
-            # which codebook each image's first position used (joint id -> codebook)
-            offsets = torch.tensor(raw.quantizer.codebook_offsets, device=indices.device)
-            book = torch.bucketize(indices.flatten(1), offsets, right=True) - 1  # (B, h*w)
-            selection += torch.bincount(book.flatten(), minlength=len(offsets)).double().cpu()
-        n_seen += images.shape[0]
-    mse = torch.cat(sq_errors)
-    psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean()
-    result = {
-        "recon_mse": float(mse.mean()),
-        "psnr": float(psnr),
-        "perplexity": float(usage.perplexity()),
-        "usage": float(usage.usage()),
-        "code_distance": _code_distance(raw),
-        "num_images": int(mse.numel()),
-    }
-    if selection.sum() > 0:
-        result["selection"] = (selection / selection.sum()).tolist()
-    raw.train(was_training)
-    return result
+    batches = (batch["image"] for i, batch in enumerate(loader) if not max_batches or i < max_batches)
+    return codebook_metrics(raw, batches, gather=accelerator.gather_for_metrics)
 
 
 LOGGED_DISTANCE_CODES = 2048  # codes per codebook used for the logged (not the final) code distance
@@ -260,11 +231,15 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
             n = init_codebook_from_encoder(raw, kmeans_loader, cfg.schedule.kmeans_batches, accelerator)
             accelerator.print(f"step {step}: continuous phase done; codebook k-means on {n} vectors per process")
         t0 = time.perf_counter()
+        logging_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == total
         for _ in range(cfg.train.grad_accum):
             batch = next(stream)
             with accelerator.accumulate(model):
                 output = model(batch["image"], quantize=phase == "quantize", alpha=alpha)
                 accelerator.backward(output.loss)
+                if accelerator.sync_gradients and logging_now and isinstance(raw.quantizer, AdaptiveQuantizer):
+                    # before clipping: what the selector's parameters would get from this batch
+                    selector_grad = _grad_norm(raw.quantizer.selector_parameters())
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
                 optimizer.step()
@@ -286,6 +261,8 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
                 fail_on_nonfinite(float("nan"), first_bad, checkpoints)
         if step % cfg.train.log_every == 0 or is_last:
             record = step_metrics(raw, output, accelerator, phase, alpha)
+            if phase == "quantize" and isinstance(raw.quantizer, AdaptiveQuantizer):
+                record["selector_grad_norm"] = float(selector_grad)
             record["loss"] = float(accelerator.reduce(loss_sum, reduction="mean")) / max(1, _since_log(step, cfg))
             record["lr"] = scheduler.get_last_lr()[0]
             loss_sum.zero_()
@@ -322,6 +299,20 @@ def replica_max_abs_diff(model: torch.nn.Module, accelerator) -> float:
     return float((everyone - everyone[:1]).abs().max())
 
 
+def _grad_norm(params) -> torch.Tensor:
+    """L2 norm of the gradients of ``params`` (0 where none), as a device tensor (no host sync)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def _batch_live_distance(model: VQVAE, indices: torch.Tensor) -> float:
+    """Live code distance of one batch's ids: per codebook, weighted by how many ids each codebook got."""
+    books = model.quantizer.codebooks()
+    counts = code_counts(indices, sum(b.shape[0] for b in books)).split([b.shape[0] for b in books])
+    total = sum(float(c.sum()) for c in counts)
+    return sum(float(live_code_distance(b, c)) * float(c.sum()) for b, c in zip(books, counts)) / max(total, 1.0)
+
+
 def _since_log(step: int, cfg: TokenizerRunConfig) -> int:
     """How many steps the running loss sum covers at this logging step."""
     last = (step - 1) // cfg.train.log_every * cfg.train.log_every
@@ -342,6 +333,7 @@ def step_metrics(model: VQVAE, output, accelerator, phase: str, alpha: float) ->
         stats = output.quant.stats
         record["perplexity"] = float(accelerator.reduce(stats["perplexity"].detach().float(), reduction="mean"))
         record["usage"] = float(accelerator.reduce(stats["usage"].detach().float(), reduction="mean"))
+        record["live_code_distance"] = _batch_live_distance(model, output.quant.indices)
         if "selection" in stats:
             record["selection"] = accelerator.reduce(stats["selection"].detach().float(), reduction="mean").tolist()
         if "tau" in stats:

@@ -9,7 +9,7 @@ import torch
 
 from tokenizer.distributed import all_gather_cat, all_reduce_, broadcast_, is_dist
 from tokenizer.quantizers import QuantizerConfig, build_quantizer
-from tokenizer.stats import CodeUsage, batch_stats, code_distance, selection_histogram
+from tokenizer.stats import CodeUsage, batch_stats, code_distance, live_code_distance, selection_histogram
 
 
 def test_code_usage_is_independent_of_batch_size():
@@ -87,3 +87,21 @@ def test_distributed_helpers_are_no_ops_without_a_process_group():
     t = torch.arange(6.0).reshape(3, 2)
     assert all_reduce_(t) is t and broadcast_(t) is t and all_gather_cat(t) is t
     assert torch.equal(t, torch.arange(6.0).reshape(3, 2))
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_live_code_distance_is_usage_weighted_and_ignores_unused_codes(dim):
+    torch.manual_seed(0)
+    codes = torch.randn(12, dim)
+    counts = torch.tensor([5.0, 0, 1, 0, 0, 3, 0, 2, 0, 0, 0, 1])
+    p = counts / counts.sum()
+    brute = (p[:, None] * p[None, :] * torch.cdist(codes.double(), codes.double())).sum()
+    torch.testing.assert_close(live_code_distance(codes, counts), brute.double())
+    moved = codes.clone()
+    moved[counts == 0] = 1e6  # a dead code anywhere, e.g. blown up or decayed to the origin
+    torch.testing.assert_close(live_code_distance(moved, counts), brute.double())
+    assert float(code_distance(moved)) > 1e5  # the papers' all-code mean is dominated by it
+    # chunking does not change the value
+    torch.testing.assert_close(live_code_distance(codes, counts, chunk_elements=7), brute.double())
+    # one code in use: no spread at all
+    assert float(live_code_distance(codes, torch.eye(12)[3])) == 0.0

@@ -122,3 +122,37 @@ def code_distance(codes: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEME
     for start in range(0, k, rows):
         total += torch.cdist(codes[start : start + rows], codes).sum()
     return total / (k * k)
+
+
+@torch.no_grad()
+def live_code_distance(codes: torch.Tensor, counts: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Usage-weighted mean pairwise distance among the codes actually used: ``sum_ij p_i p_j ||e_i - e_j||``.
+
+    ``codes`` (K, D), ``counts`` (K,) how often each code was used (any non-negative weights), ``p`` their
+    normalisation. Unused codes have ``p = 0`` and do not count, so dead codes (which keep their initial
+    value, or drift towards the origin under EMA) cannot inflate or deflate it, unlike ``code_distance``.
+    Returns a 0-dim float64 tensor (0 when at most one code is used). Exact: float64 blocks of at most
+    ``chunk_elements`` distances over the used codes; for D = 1 an O(K log K) formula over sorted values.
+    """
+    if codes.dim() != 2 or counts.shape != codes.shape[:1]:
+        raise ValueError(f"live_code_distance expects codes (K, D) and counts (K,), got {tuple(codes.shape)} and "
+                         f"{tuple(counts.shape)}")
+    used = counts > 0
+    p = counts[used].double()
+    e = codes[used].detach().double()
+    if p.numel() < 2:
+        return torch.zeros((), dtype=torch.float64, device=codes.device)
+    p = p / p.sum()
+    if e.shape[1] == 1:
+        # sorted x: sum_ij p_i p_j |x_i - x_j| = 2 sum_j p_j (x_j P_j - S_j), P_j / S_j = sums of p / p x below j
+        x, order = e.reshape(-1).sort()
+        w = p[order]
+        below_p = torch.cumsum(w, 0) - w
+        below_px = torch.cumsum(w * x, 0) - w * x
+        return 2.0 * (w * (x * below_p - below_px)).sum()
+    rows = max(1, chunk_elements // e.shape[0])
+    total = e.new_zeros(())
+    for start in range(0, e.shape[0], rows):
+        block = torch.cdist(e[start : start + rows], e)  # (rows, K_used)
+        total += (p[start : start + rows, None] * block * p[None, :]).sum()
+    return total
