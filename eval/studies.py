@@ -1,0 +1,89 @@
+"""Statistics for multi-seed studies: per-arm summaries, two-arm comparisons and claim verdicts.
+
+Pure functions on lists of per-seed values. The rules are fixed before any data is seen and are the same
+for every claim and data set:
+
+- A comparison of a claimed-better arm against a baseline uses Welch's t-test (unequal variances) on the
+  per-seed values and its 95% confidence interval for the difference of means. ``effect`` is oriented so
+  that positive means "the claimed arm is better".
+- ``reproduces``: p < 0.05 and the effect is positive. ``does not reproduce``: p < 0.05 and the effect is
+  negative, or the whole 95% interval lies within the margin of equivalence (+-``margin``: no effect of a
+  size that matters), so a precisely measured absence of an effect is not called inconclusive.
+  Otherwise ``inconclusive`` (including fewer than two values on a side).
+- Margins (the smallest effect of interest): 5% of the baseline's mean for unbounded metrics (MSE,
+  perplexity, FID, distances), 0.05 absolute for fractions in [0, 1] (usage, recall, coverage, shares).
+- Over several data sets: ``reproduces`` if every data set reproduces, ``does not reproduce`` if at least
+  one does not and none reproduces, else ``inconclusive`` (the data sets disagree or lack power).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from scipy import stats as _st
+
+__all__ = ["VERDICTS", "combine_verdicts", "compare_arms", "default_margin", "summarize"]
+
+VERDICTS = ("reproduces", "does not reproduce", "inconclusive")
+FRACTION_MARGIN = 0.05
+RELATIVE_MARGIN = 0.05
+ALPHA = 0.05
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """``{"mean", "std", "values"}`` of per-seed values; ``std`` is the sample std (ddof 1; 0 for one value)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("summarize needs at least one value")
+    n = len(vals)
+    mean = sum(vals) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "values": vals}
+
+
+def default_margin(baseline: Sequence[float], fraction: bool) -> float:
+    """The margin of equivalence: 0.05 for fractions, else 5% of |baseline mean|."""
+    if fraction:
+        return FRACTION_MARGIN
+    return RELATIVE_MARGIN * abs(sum(baseline) / len(baseline))
+
+
+def compare_arms(claimed: Sequence[float], baseline: Sequence[float], lower_is_better: bool,
+                 margin: float) -> dict:
+    """Welch comparison of ``claimed`` (the arm a claim says is better) against ``baseline``.
+
+    Returns ``effect`` (> 0: claimed arm better), ``ci`` (95% interval of ``effect``), ``p`` (two-sided),
+    ``margin`` and ``verdict``.
+    """
+    a, b = [float(v) for v in claimed], [float(v) for v in baseline]
+    sign = -1.0 if lower_is_better else 1.0
+    effect = sign * (sum(a) / len(a) - sum(b) / len(b))
+    out = {"effect": effect, "ci": None, "p": None, "margin": margin, "verdict": "inconclusive"}
+    if len(a) < 2 or len(b) < 2:
+        return out
+    va, vb = _st.tvar(a) / len(a), _st.tvar(b) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0.0:  # identical values within each arm: the sign decides, without a test
+        out.update(ci=[effect, effect], p=0.0 if effect else 1.0)
+    else:
+        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+        half = float(_st.t.ppf(1 - ALPHA / 2, df)) * se
+        out.update(ci=[effect - half, effect + half], p=float(2 * _st.t.sf(abs(effect) / se, df)))
+    lo, hi = out["ci"]
+    if out["p"] < ALPHA and effect > 0:
+        out["verdict"] = "reproduces"
+    elif (out["p"] < ALPHA and effect < 0) or (-margin < lo and hi < margin):
+        out["verdict"] = "does not reproduce"
+    return out
+
+
+def combine_verdicts(verdicts: Sequence[str]) -> str:
+    """One verdict over data sets (see the module docstring)."""
+    if not verdicts:
+        return "inconclusive"
+    if all(v == "reproduces" for v in verdicts):
+        return "reproduces"
+    if "reproduces" not in verdicts and "does not reproduce" in verdicts:
+        return "does not reproduce"
+    return "inconclusive"

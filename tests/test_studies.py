@@ -1,0 +1,82 @@
+"""Study tooling: codebook metrics over a split (single codebook, ladder, oracle) and the verdict rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from eval.codebook import codebook_metrics, tokenizer_details
+from eval.studies import combine_verdicts, compare_arms, default_margin, summarize
+from tokenizer.model import ModelConfig, VQVAE
+from tokenizer.quantizers import QuantizerConfig
+
+
+def tiny_model(**quantizer) -> VQVAE:
+    torch.manual_seed(0)
+    q = QuantizerConfig(**{"kind": "ema", "codebook_size": 16, "dim": 8, **quantizer})
+    return VQVAE(ModelConfig(image_size=16, in_channels=3, hidden=16, res_hidden=8, num_res_layers=1, downsample=4,
+                             quantizer=q)).eval()
+
+
+def batches(n: int = 3, b: int = 5):
+    g = torch.Generator().manual_seed(1)
+    return [torch.rand(b, 3, 16, 16, generator=g) * 2 - 1 for _ in range(n)]
+
+
+def test_single_codebook_metrics_match_a_direct_computation():
+    model = tiny_model()
+    data = batches()
+    with torch.no_grad():  # codes on the encoder outputs, so that several are in use
+        model.quantizer.init_codebook(model.encode_latents(torch.cat(data)).reshape(-1, 8))
+    m = codebook_metrics(model, data)
+    images = torch.cat(data)
+    with torch.no_grad():
+        out = model(images)
+    mse = ((out.recon.clamp(-1, 1) - images) / 2).square().flatten(1).mean(1).double()
+    assert math.isclose(m["recon_mse"], float(mse.mean()), rel_tol=1e-5)
+    counts = torch.bincount(out.quant.indices.reshape(-1), minlength=16)
+    assert math.isclose(m["usage"], float((counts > 0).double().mean()))
+    assert m["num_images"] == 15 and "selection" not in m
+    assert 0 < m["live_code_distance_ratio"] < 10
+
+
+@pytest.mark.parametrize("granularity", ["image", "view"])
+def test_ladder_metrics_per_codebook_and_oracle(granularity):
+    model = tiny_model(kind="adaptive", capacity=32, ladder_dims=[8, 4, 2], selector_heads=2, granularity=granularity)
+    data = batches()
+    m = codebook_metrics(model, data, oracle=True)
+    assert len(m["usage_per_codebook"]) == 3 and len(m["selection"]) == 3
+    assert math.isclose(sum(m["selection"]), 1.0, rel_tol=1e-6)
+    # the arm's usage is the selection-weighted mean of per-codebook usages, not usage of the joint vocabulary
+    assert math.isclose(m["usage"], sum(s * u for s, u in zip(m["selection"], m["usage_per_codebook"])), rel_tol=1e-9)
+    assert 0 <= m["selection_entropy"] <= math.log(3) + 1e-9
+    # the oracle picks, per image, the best of the forced branches
+    images = torch.cat(data)
+    forced = torch.stack([((tokenizer_details(model, images, force=i)["recon"].clamp(-1, 1) - images) / 2)
+                          .square().flatten(1).mean(1) for i in range(3)], dim=1)
+    torch.testing.assert_close(torch.tensor(m["branch_mse"], dtype=torch.float64), forced.mean(0).double(), rtol=1e-5, atol=1e-8)
+    assert math.isclose(m["oracle_mse"], float(forced.min(1).values.mean()), rel_tol=1e-5)
+    if granularity == "image":  # one codebook per image: the chosen MSE is one of the branches, >= the oracle
+        assert m["recon_mse"] >= m["oracle_mse"] - 1e-9
+
+
+def test_summarize_and_verdict_rules():
+    s = summarize([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and math.isclose(s["std"], 1.0) and s["values"] == [1.0, 2.0, 3.0]
+    better = compare_arms([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], lower_is_better=True, margin=0.1)
+    assert better["verdict"] == "reproduces" and better["effect"] > 0 and better["p"] < 0.05
+    worse = compare_arms([2.0, 2.1, 1.9], [1.0, 1.1, 0.9], lower_is_better=True, margin=0.1)
+    assert worse["verdict"] == "does not reproduce" and worse["effect"] < 0
+    # a precisely measured absence of an effect is not "inconclusive"
+    same = compare_arms([1.000, 1.001, 0.999], [1.0005, 0.9995, 1.0], lower_is_better=True,
+                        margin=default_margin([1.0], fraction=False))
+    assert same["verdict"] == "does not reproduce" and same["p"] > 0.05
+    noisy = compare_arms([1.0, 3.0, 0.5], [2.0, 0.5, 2.5], lower_is_better=True, margin=0.05)
+    assert noisy["verdict"] == "inconclusive"
+    assert compare_arms([1.0], [2.0, 2.1], True, 0.1)["verdict"] == "inconclusive"  # one seed: no test
+    assert default_margin([0.3, 0.5], fraction=True) == 0.05
+    assert combine_verdicts(["reproduces", "reproduces"]) == "reproduces"
+    assert combine_verdicts(["does not reproduce", "inconclusive"]) == "does not reproduce"
+    assert combine_verdicts(["reproduces", "does not reproduce"]) == "inconclusive"
