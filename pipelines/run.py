@@ -92,10 +92,20 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()):
 
 
 def _complete(path: Path, steps: int | None = None) -> bool:
-    """A stage's result file exists (and, for trainers, covers the configured number of steps)."""
+    """A stage's result file exists (and, for trainers, was written for the configured number of steps).
+
+    A trainer's summary records the configured ``steps``; it is complete when training reached them or was
+    stopped earlier by early stopping (``early_stopped``, ``stopped_step`` < ``steps``).
+    """
     if not path.is_file():
         return False
-    return steps is None or load_json(path).get("steps") == steps
+    if steps is None:
+        return True
+    summary = load_json(path)
+    if summary.get("steps") != steps:
+        return False
+    stopped = summary.get("stopped_step", steps)  # summaries from before early stopping have no stopped_step
+    return stopped == steps or (summary.get("early_stopped") is True and stopped < steps)
 
 
 def run_experiment(cfg, force: Sequence[str] = ()) -> dict:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from PIL import Image
 
 from pipelines.cli import main as vqgen
-from pipelines.run import load_experiment
+from pipelines.run import _complete, load_experiment
 from pipelines.run import main as vqgen_main
 from tokenizer.config import ConfigError
 
@@ -53,6 +53,33 @@ def test_runner_owns_stage_paths(tmp_path):
         load_experiment(TINY, [f"output_dir={tmp_path}", "prior.tokens=elsewhere"])
     with pytest.raises(ConfigError, match="stages"):
         load_experiment(TINY, [f"output_dir={tmp_path}", "stages=[tokenizer, fly]"])
+
+
+def test_early_stopped_prior_counts_as_complete(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    args = ["run", "--config", str(TINY), f"output_dir={run}", "stages=[tokenizer, encode, prior]",
+            "prior.train.eval_every=2", "prior.train.early_stopping_patience=1",
+            "prior.train.early_stopping_min_delta=100"]  # no gain is that large: stops at the 2nd evaluation
+    assert vqgen(args) == 0
+    summary = json.loads((run / "prior" / "summary.json").read_text())
+    assert summary["early_stopped"] and summary["stopped_step"] == 4 and summary["steps"] == 6
+    capsys.readouterr()
+    assert vqgen(args) == 0
+    assert "[run] prior: complete, skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("summary, complete", [
+    ({"steps": 6}, True),  # a summary from before early stopping
+    ({"steps": 6, "stopped_step": 6, "early_stopped": False}, True),
+    ({"steps": 6, "stopped_step": 4, "early_stopped": True}, True),
+    ({"steps": 6, "stopped_step": 4, "early_stopped": False}, False),
+    ({"steps": 5, "stopped_step": 5, "early_stopped": False}, False),  # trained for another budget
+    ({"steps": 5, "stopped_step": 4, "early_stopped": True}, False),
+])
+def test_complete_checks_the_configured_steps(tmp_path, summary, complete):
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert _complete(tmp_path / "summary.json", 6) is complete
+    assert not _complete(tmp_path / "missing.json", 6)
 
 
 def test_sweep_runs_several_and_compares(tmp_path, monkeypatch):
