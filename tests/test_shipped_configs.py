@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.evaluate import EvalConfig
-from pipelines.run import expand_sweeps, load_experiment
+from pipelines.run import expand_sweep, load_experiment
 from pipelines.train_prior import PriorRunConfig
 from pipelines.train_tokenizer import TokenizerRunConfig
 from tokenizer.config import load_config
@@ -39,12 +39,12 @@ def test_eval_configs(path):
 
 @pytest.mark.parametrize("path", shipped("experiments"), ids=lambda p: p.name)
 def test_experiment_configs(path, monkeypatch):
-    monkeypatch.chdir(REPO)  # section files are given relative to the repository root
-    for experiment in expand_sweeps([str(path)])[0]:
-        cfg = load_experiment(experiment)
-        assert cfg.tokenizer.output_dir.startswith(cfg.output_dir)
-
-
-def test_quickstart_builds_its_model():
-    cfg = load_experiment(REPO / "configs" / "experiments" / "quickstart.yaml")
-    assert VQVAE(cfg.tokenizer.model).config.grid == (8, 8)
+    """Every experiment file, and every experiment of every sweep file (entries, overrides, seeds), loads."""
+    monkeypatch.chdir(REPO)  # section and experiment files are given relative to the repository root
+    runs, _ = expand_sweep(path.relative_to(REPO))  # also rejects two entries writing one folder
+    for run in runs:
+        cfg = run.load()
+        assert cfg.tokenizer.output_dir.startswith(cfg.output_dir) and cfg.name == run.name
+        if path.name.startswith("sweep_") and path.name.endswith("_adaptive.yaml"):
+            q = cfg.tokenizer.model.quantizer  # the ladder: every fixed (N, D) and the adaptive one hold W = 65536
+            assert (q.capacity if q.kind == "adaptive" else q.codebook_size * q.dim) == 65536
