@@ -48,3 +48,18 @@ def test_experiment_configs(path, monkeypatch):
         if path.name.startswith("sweep_") and path.name.endswith("_adaptive.yaml"):
             q = cfg.tokenizer.model.quantizer  # the ladder: every fixed (N, D) and the adaptive one hold W = 65536
             assert (q.capacity if q.kind == "adaptive" else q.codebook_size * q.dim) == 65536
+
+
+def test_sweeps_cover_both_studies_on_both_data_sets(monkeypatch):
+    monkeypatch.chdir(REPO)
+    for dataset in ("mnist", "cifar10"):
+        ladder = {run.name for run in expand_sweep(f"configs/experiments/sweep_{dataset}_adaptive.yaml")[0]}
+        assert ladder == {f"{dataset}_fixed_{2 ** k}x{2 ** (16 - k)}" for k in range(9, 17)} | {f"{dataset}_adaptive"}
+        deferred = {run.name: run.load() for run in expand_sweep(f"configs/experiments/sweep_{dataset}_deferred.yaml")[0]}
+        assert {(c.tokenizer.schedule.mode, c.tokenizer.model.quantizer.codebook_size) for c in deferred.values()} == {
+            (mode, n) for mode in ("early", "deferred") for n in (512, 4096)}
+
+
+def test_quickstart_builds_its_model():
+    cfg = load_experiment(REPO / "configs" / "experiments" / "quickstart.yaml")
+    assert VQVAE(cfg.tokenizer.model).config.grid == (8, 8)
