@@ -208,6 +208,50 @@ def resume_latest(accelerator, checkpoints: CheckpointManager) -> int:
     return latest[1]
 
 
+class EarlyStopping:
+    """Best validation value so far, the weights that reached it, and evaluations without improvement.
+
+    ``update`` is called after each validation. The best weights are the lowest value ever seen; the patience
+    counter is reset only by an improvement of more than ``min_delta`` over the value that last reset it, and
+    ``stopped`` turns true after ``patience`` evaluations in a row without one. Register it with
+    ``accelerator.register_for_checkpointing`` so a resumed run continues with the same best weights and
+    counter. Callers feed every process the same (gathered) value, so every process stops at the same step.
+    """
+
+    def __init__(self, patience: int, min_delta: float = 0.0):
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best_value = math.inf
+        self.best_step = 0
+        self.best_metrics: dict = {}  # the evaluation that gave best_value
+        self.best_weights: dict = {}  # state_dict at best_step, on the CPU
+        self.reference = math.inf  # the value that last reset the counter
+        self.bad_evals = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.bad_evals >= self.patience
+
+    def update(self, value: float, step: int, model, metrics: dict | None = None) -> None:
+        """Record one evaluation of ``model`` at ``step`` (lower is better; NaN never improves)."""
+        if value < self.best_value:
+            self.best_value, self.best_step, self.best_metrics = value, step, dict(metrics or {})
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if value < self.reference - self.min_delta:
+            self.reference, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_step": self.best_step, "best_metrics": self.best_metrics,
+                "best_weights": self.best_weights, "reference": self.reference, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_value, self.best_step = state["best_value"], state["best_step"]
+        self.best_metrics, self.best_weights = state["best_metrics"], state["best_weights"]
+        self.reference, self.bad_evals = state["reference"], state["bad_evals"]
+
+
 def batch_stream(accelerator, loader, start_step: int, grad_accum: int):
     """Endless micro-batches that continue exactly where optimizer step ``start_step`` left off.
 

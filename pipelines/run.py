@@ -3,7 +3,7 @@
     vqgen run --config configs/experiments/quickstart.yaml
     python -m pipelines.run --config configs/experiments/quickstart.yaml stages.prior.train.steps=100
     vqgen run --config A.yaml --config B.yaml --compare-dir runs/a_vs_b   # several, plus a comparison
-    vqgen run --config configs/experiments/sweep_mnist_deferred.yaml      # a sweep file listing experiments
+    vqgen run --config configs/experiments/sweep_mnist_deferred.yaml      # a sweep file (see expand_sweep)
 
 In an experiment file each stage section is either a mapping or the path of a YAML file holding it (e.g.
 ``tokenizer: configs/tokenizer/mnist_ema_deferred.yaml``; paths relative to the working directory).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -46,10 +47,16 @@ class EncodeStageConfig:
 
 @dataclass
 class ExperimentConfig:
-    """One experiment: a run folder and the settings of each stage (paths between stages are set here)."""
+    """One experiment: a run folder and the settings of each stage (paths between stages are set here).
+
+    ``seed``, when set, is the seed of the tokenizer's and the prior's training and of sampling
+    (``tokenizer.train.seed``, ``prior.train.seed``, ``sample.seed``); the evaluation's feature extractor keeps
+    its own seed, so runs that differ only in ``seed`` are judged by the same classifier.
+    """
 
     name: str = "experiment"
     output_dir: str = "runs/experiment"
+    seed: int | None = None
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     tokenizer: TokenizerRunConfig = field(default_factory=TokenizerRunConfig)
     encode: EncodeStageConfig = field(default_factory=EncodeStageConfig)
@@ -63,14 +70,40 @@ class ExperimentConfig:
             raise ValueError(f"stages has {unknown[0]!r}; choose among {', '.join(STAGES)}")
 
 
+SEEDED = (("tokenizer", "train"), ("prior", "train"), ("sample",))  # sections whose ``seed`` follows ``seed``
+
+
+def _apply_seed(data: dict) -> dict:
+    """Copy the experiment-level ``seed`` (when set) into the stage sections listed in ``SEEDED``."""
+    seed = data.get("seed")
+    if seed is None:
+        return data
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"config key 'seed' expects an integer (or null), got {seed!r}")
+    for keys in SEEDED:
+        node = data
+        for key in keys:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict):  # a section that is not a mapping is left for from_dict to reject
+            node["seed"] = seed
+    return data
+
+
 def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()):
-    """Read an experiment YAML (+ ``key=value`` overrides) and wire the stage folders into the run folder."""
+    """Read an experiment YAML (+ ``key=value`` overrides) and wire the stage folders into the run folder.
+
+    Overrides apply in order, later ones win. ``seed`` (in the file or as an override) sets the stage seeds
+    (see ``ExperimentConfig``) at its place in that order: an explicit ``prior.train.seed=...`` after it wins.
+    """
     cls = ExperimentConfig
     data = read_yaml(path) if path else {}
     for section in SECTIONS:
         if isinstance(data.get(section), str):  # a section given as the path of a YAML file holding it
             data[section] = read_yaml(data[section])
-    data = merge(data, parse_overrides(list(overrides)))
+    data = _apply_seed(data)
+    for item in overrides:
+        update = parse_overrides([item])
+        data = _apply_seed(merge(data, update)) if "seed" in update else merge(data, update)
     run = Path(data.get("output_dir", cls.output_dir))
     wired = {
         "tokenizer": {"output_dir": str(run / "tokenizer")},
@@ -92,10 +125,20 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()):
 
 
 def _complete(path: Path, steps: int | None = None) -> bool:
-    """A stage's result file exists (and, for trainers, covers the configured number of steps)."""
+    """A stage's result file exists (and, for trainers, was written for the configured number of steps).
+
+    A trainer's summary records the configured ``steps``; it is complete when training reached them or was
+    stopped earlier by early stopping (``early_stopped``, ``stopped_step`` < ``steps``).
+    """
     if not path.is_file():
         return False
-    return steps is None or load_json(path).get("steps") == steps
+    if steps is None:
+        return True
+    summary = load_json(path)
+    if summary.get("steps") != steps:
+        return False
+    stopped = summary.get("stopped_step", steps)  # summaries from before early stopping have no stopped_step
+    return stopped == steps or (summary.get("early_stopped") is True and stopped < steps)
 
 
 def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
@@ -154,43 +197,166 @@ def headline(report: dict) -> str:
     return ", ".join(parts)
 
 
-def expand_sweeps(paths: Sequence[str]) -> tuple[list[str], str | None]:
-    """Replace each sweep file by the experiment files it lists.
+SWEEP_KEYS = ("compare_dir", "experiments", "overrides", "seeds")
+ENTRY_KEYS = ("config", "name", "overrides")
 
-    A sweep file is a YAML mapping ``{experiments: [a.yaml, b.yaml, ...], compare_dir: DIR}``; every other
-    file is an experiment itself. Returns (experiment paths, the sweep's comparison folder or None).
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One experiment of a sweep: its experiment file and every override on top of it, lowest precedence first.
+
+    ``load()`` gives its ``ExperimentConfig``; ``source`` says where in which file it came from.
     """
-    out, compare_dir = [], None
-    for path in paths:
-        data = read_yaml(path)
-        if "experiments" not in data:
-            out.append(path)
-            continue
-        unknown = sorted(set(data) - {"experiments", "compare_dir"})
-        if unknown or not isinstance(data["experiments"], list) or not data["experiments"]:
+
+    name: str
+    config: str
+    overrides: tuple[str, ...]
+    output_dir: str
+    source: str
+
+    def load(self) -> ExperimentConfig:
+        return load_experiment(self.config, self.overrides)
+
+
+def expand_sweep(path: str | Path, cli_overrides: Sequence[str] = ()) -> tuple[list[SweepRun], str | None]:
+    """The experiments a ``--config`` file stands for, and its comparison folder (None if it names none).
+
+    A file without any of the sweep keys (``experiments``, ``seeds``, ``overrides``, ``compare_dir``) is one
+    experiment. A sweep file is a mapping::
+
+        seeds: [0, 1, 2]                          # optional: every entry runs once per seed
+        overrides: [tokenizer.train.steps=2000]   # optional: applied to every entry
+        compare_dir: runs/ladder                  # optional: where the comparison report goes
+        experiments:
+          - configs/experiments/mnist_fixed.yaml            # an experiment file as it is
+          - config: configs/experiments/mnist_fixed.yaml    # or a mapping (config required)
+            name: mnist_fixed_4096x16                       # run name; folder <dirname of output_dir>/<name>
+            overrides: [tokenizer.model.quantizer.codebook_size=4096, tokenizer.model.quantizer.dim=16]
+
+    With ``seeds`` each entry becomes one experiment per seed ``s``: ``seed=s`` (see ``ExperimentConfig``),
+    name ``<name>_s<s>``, folder ``<output_dir>_s<s>``.
+
+    Precedence, later wins: the experiment file < the sweep's ``overrides`` < the entry's ``overrides`` (then its
+    ``name``) < the seed < ``cli_overrides`` (those given to ``vqgen run``). Unknown keys in the sweep file or an
+    entry, overrides of unknown config keys and two experiments writing the same folder raise ``ConfigError``.
+    Reads files only: nothing is run or written. Experiment paths are relative to the working directory.
+    """
+    data = read_yaml(path)
+    cli = [str(o) for o in cli_overrides]
+    if not set(data) & set(SWEEP_KEYS):
+        return [_sweep_run(str(path), cli, str(path))], None
+    where = f"sweep file {path}"
+    _reject_unknown(data, SWEEP_KEYS, where)
+    entries = data.get("experiments")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where}: 'experiments' must be a non-empty list of experiment files or of mappings "
+                          f"with keys {', '.join(ENTRY_KEYS)}")
+    seeds = data.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                              or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds)):
+        raise ConfigError(f"{where}: 'seeds' must be a non-empty list of distinct integers, got {seeds!r}")
+    compare_dir = data.get("compare_dir")
+    if compare_dir is not None and not isinstance(compare_dir, str):
+        raise ConfigError(f"{where}: 'compare_dir' must be a folder path, got {compare_dir!r}")
+    common = _override_list(data.get("overrides"), f"{where}: 'overrides'")
+    runs = []
+    for i, entry in enumerate(entries):
+        at = f"{where}, experiments[{i}]"
+        if isinstance(entry, str):
+            entry = {"config": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at} must be an experiment file or a mapping with keys {', '.join(ENTRY_KEYS)}, "
+                              f"got {entry!r}")
+        _reject_unknown(entry, ENTRY_KEYS, at)
+        config = entry.get("config")
+        if not isinstance(config, str) or not config:
+            raise ConfigError(f"{at}: 'config' (the experiment file) is required, got {config!r}")
+        overrides = common + _override_list(entry.get("overrides"), f"{at}: 'overrides'")
+        name, run_dir = entry.get("name"), _peek(config, overrides, "output_dir", at)
+        if name is not None:
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name:
+                raise ConfigError(f"{at}: 'name' must be a run name (a folder name, no '/'), got {name!r}")
+            run_dir = str(Path(run_dir).parent / name)
+        else:
+            name = _peek(config, overrides, "name", at)
+        for seed in seeds or [None]:
+            named = [] if seed is None else [f"seed={seed}"]
+            if entry.get("name") is not None or seed is not None:
+                suffix = "" if seed is None else f"_s{seed}"
+                named += [f"name={json.dumps(name + suffix)}", f"output_dir={json.dumps(run_dir + suffix)}"]
+            runs.append(_sweep_run(config, overrides + named + cli, at + ("" if seed is None else f", seed {seed}")))
+    reject_shared_folders(runs)
+    return runs, compare_dir
+
+
+def _sweep_run(config: str, overrides: list[str], source: str) -> SweepRun:
+    """Load the experiment once (validating every override) and record where it writes."""
+    try:
+        cfg = load_experiment(config, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}" if source != config else str(err)) from None
+    return SweepRun(cfg.name, config, tuple(overrides), cfg.output_dir, source)
+
+
+def _peek(config: str, overrides: list[str], key: str, where: str) -> str:
+    """A top-level key of an experiment after ``overrides``, without validating the rest (yet)."""
+    try:
+        data = merge(read_yaml(config), parse_overrides(overrides))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    value = data.get(key, getattr(ExperimentConfig(), key))
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: config key '{key}' of {config} expects a string, got {value!r}")
+    return value
+
+
+def _reject_unknown(data: dict, allowed: Sequence[str], where: str) -> None:
+    unknown = sorted(set(data) - set(allowed), key=str)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}'; allowed keys: {', '.join(allowed)}")
+
+
+def _override_list(value, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of key=value strings, got {value!r}")
+    return list(value)
+
+
+def reject_shared_folders(runs: Sequence[SweepRun]) -> None:
+    """Raise ``ConfigError`` when two runs would write the same output folder."""
+    seen: dict[str, SweepRun] = {}
+    for run in runs:
+        key = os.path.normcase(os.path.abspath(run.output_dir))
+        if key in seen:
             raise ConfigError(
-                f"sweep file {path} must hold only 'experiments' (a non-empty list of experiment YAML files) "
-                f"and optionally 'compare_dir'" + (f"; unknown key '{unknown[0]}'" if unknown else "")
+                f"{seen[key].source} and {run.source} would both write {run.output_dir}; give the entries "
+                "different names (name: ...) or output_dir overrides"
             )
-        out += [str(p) for p in data["experiments"]]
-        compare_dir = data.get("compare_dir", compare_dir)
-    return out, compare_dir
+        seen[key] = run
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description="Run experiments end to end (resumable stage by stage).")
     parser.add_argument("--config", action="append", required=True,
-                        help="experiment YAML; repeat to run several and compare them")
+                        help="experiment or sweep YAML; repeat to run several and compare them")
     parser.add_argument("--compare-dir", default=None, help="where the comparison report goes (several configs)")
     parser.add_argument("--force", default="", help=f"comma-separated stages to redo: {', '.join(STAGES)}")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every experiment")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides applied to every experiment (they win over a sweep's)")
     args = parser.parse_intermixed_args(argv)
     force = [s for s in args.force.split(",") if s]
     if any(s not in STAGES for s in force):
         die(f"--force takes stages among {', '.join(STAGES)}, got {args.force!r}")
     try:
-        paths, compare_dir = expand_sweeps(args.config)
-        configs = [load_experiment(path, args.overrides) for path in paths]
+        runs, compare_dir = [], None
+        for path in args.config:
+            found, sweep_compare_dir = expand_sweep(path, args.overrides)
+            runs += found
+            compare_dir = sweep_compare_dir or compare_dir
+        reject_shared_folders(runs)
+        configs = [run.load() for run in runs]
     except (ConfigError, FileNotFoundError) as err:
         die(str(err))
     reports = []

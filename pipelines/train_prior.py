@@ -6,9 +6,14 @@ Runs unchanged as ``python -m pipelines.train_prior``, ``accelerate launch -m pi
     python -m pipelines.train_prior --config configs/prior/synthetic_cond.yaml --output-dir RUN/prior tokens=RUN/tokens
 
 Writes ``RUN/prior/``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step_*``, ``model/`` (the prior,
-with the record of its tokenizer) and ``summary.json`` (``val_nll`` in nats per token,
-``bits_per_token``, ``steps``, ``tokens_per_second``, ...). A killed run resumes from its newest
-checkpoint with the same command.
+with the record of its tokenizer) and ``summary.json`` (``val_nll`` in nats per token of the saved model,
+``bits_per_token``, ``steps`` (the configured budget), ``stopped_step``, ``best_step``, ``best_val_nll``,
+``early_stopped``, ``tokens_per_second``, ...). A killed run resumes from its newest checkpoint with the
+same command.
+
+With ``train.early_stopping_patience > 0`` the validation NLL is measured every ``train.eval_every`` steps
+(and at the last step); training stops after that many evaluations in a row without an improvement of more
+than ``train.early_stopping_min_delta``, and ``model/`` holds the weights of the best evaluation.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from tqdm.auto import tqdm
 
 from pipelines.common import (
     CheckpointManager,
+    EarlyStopping,
     MetricsLogger,
     TrainConfig,
     batch_stream,
@@ -56,6 +62,20 @@ class PriorTrainConfig(TrainConfig):
     warmup_steps: int = 100
     lr_schedule: str = "cosine"
     eval_every: int = 500
+    # 0: off. Otherwise stop after this many evaluations (every eval_every steps) in a row whose validation
+    # NLL does not improve by more than early_stopping_min_delta nats; model/ then holds the best weights.
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.early_stopping_patience < 0 or self.early_stopping_min_delta < 0:
+            raise ValueError("early_stopping_patience and early_stopping_min_delta must be >= 0")
+        if self.early_stopping_patience > 0 and self.eval_every < 1:
+            raise ValueError(
+                f"early_stopping_patience={self.early_stopping_patience} needs eval_every > 0 (the validation NLL "
+                "is checked every eval_every steps); set eval_every or early_stopping_patience=0"
+            )
 
 
 @dataclass
@@ -117,6 +137,17 @@ def evaluate_prior(model: Prior, loader, accelerator, max_batches: int = 0) -> d
     return {"val_nll": nll, "bits_per_token": nll / math.log(2), "val_sequences": int(sum(x.numel() for x in nlls))}
 
 
+def eval_due(step: int, train: PriorTrainConfig, early_stopping: bool) -> bool:
+    """Whether optimizer step ``step`` ends with a validation pass inside the loop.
+
+    Every ``eval_every`` steps before the last; with early stopping also at the last step, so the final
+    weights compete with the earlier ones (without it the summary evaluates the final weights).
+    """
+    if step == train.steps:
+        return early_stopping
+    return bool(train.eval_every) and step % train.eval_every == 0
+
+
 def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
     """Train (or resume) one prior run into ``cfg.output_dir``; returns the summary dict.
 
@@ -154,6 +185,10 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
     val_loader = make_dataloader(val_ds, cfg.train.batch_size, shuffle=False)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     accelerator.register_for_checkpointing(scheduler)
+    stopper = None
+    if cfg.train.early_stopping_patience > 0:  # best weights and patience counter travel in the checkpoints
+        stopper = EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta)
+        accelerator.register_for_checkpointing(stopper)
     raw: Prior = accelerator.unwrap_model(model)
     checkpoints = CheckpointManager(out / "checkpoints", keep=cfg.train.keep_checkpoints)
 
@@ -174,7 +209,8 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
     progress = tqdm(total=cfg.train.steps, initial=start, disable=not show_progress(accelerator), desc="prior")
     model.train()
     step = start
-    while step < total:
+    stopped = lambda: stopper is not None and stopper.stopped  # noqa: E731
+    while step < total and not stopped():
         t0 = time.perf_counter()
         for micro in range(accum):
             batch = next(stream)
@@ -194,7 +230,15 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
         t_train += time.perf_counter() - t0
         progress.update(1)
 
-        is_last = step == total
+        # Validation comes before this step's checkpoint, so the checkpoint holds its early-stopping state and a
+        # resumed run neither repeats nor skips an evaluation.
+        evaluation = None
+        if eval_due(step, cfg.train, early_stopping=stopper is not None):
+            evaluation = evaluate_prior(raw, val_loader, accelerator, cfg.train.eval_batches)
+            if stopper is not None:
+                stopper.update(evaluation["val_nll"], step, raw, evaluation)
+                evaluation.update(best_val_nll=stopper.best_value, evals_without_improvement=stopper.bad_evals)
+        is_last = step == total or stopped()
         if step % cfg.train.log_every == 0 or is_last:
             since = step - (step - 1) // cfg.train.log_every * cfg.train.log_every
             loss = float(accelerator.reduce(loss_sum, reduction="mean")) / since
@@ -204,20 +248,30 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
                       "tokens_per_second": tokens_trained / t_train if t_train > 0 else None}
             logger.log(record, step)
             progress.set_postfix(loss=f"{loss:.4f}")
+        if evaluation is not None:
+            logger.log(evaluation, step)
         if step % cfg.train.checkpoint_every == 0 or is_last:
             checkpoints.save(accelerator, step)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not is_last:
-            logger.log(evaluate_prior(raw, val_loader, accelerator, cfg.train.eval_batches), step)
     progress.close()
 
-    if step < cfg.train.steps:  # stopped on purpose; the checkpoint written above lets the next run resume
+    if step < cfg.train.steps and not stopped():  # stopped on purpose; the checkpoint above lets the next run resume
         accelerator.end_training()
         return {"steps": step, "stopped_early": True}
-    summary = evaluate_prior(raw, val_loader, accelerator, cfg.train.eval_batches)
-    logger.log(summary, step)
+    if stopper is None:
+        summary = evaluate_prior(raw, val_loader, accelerator, cfg.train.eval_batches)
+        logger.log(summary, step)
+        best_step = step
+    else:  # the saved model is the best evaluation's, and so are the summary's validation numbers
+        raw.load_state_dict(stopper.best_weights)
+        summary, best_step = dict(stopper.best_metrics), stopper.best_step
+        logger.log({"best_step": best_step, "best_val_nll": stopper.best_value, "early_stopped": stopped()}, step)
     summary.update(
         val_split=val_split,
-        steps=step,
+        steps=cfg.train.steps,  # the configured budget (what pipelines.run checks), also after an early stop
+        stopped_step=step,
+        early_stopped=stopped(),
+        best_step=best_step,
+        best_val_nll=summary["val_nll"],
         tokens_per_second=tokens_trained / t_train if t_train > 0 else None,
         num_parameters=raw.num_parameters,
         vocab_size=vocab.vocab_size,

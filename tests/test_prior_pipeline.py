@@ -27,7 +27,7 @@ from pipelines.train_prior import main as train_prior_main
 from prior.data import TokenDataError, TokenDataset, load_token_split, read_token_meta
 from prior.model import Prior, TokenizerMismatchError
 from prior.sampling import SamplingConfig
-from tokenizer.config import load_config
+from tokenizer.config import ConfigError, load_config
 from tokenizer.data import DataConfig, build_dataset, denormalize
 from tokenizer.model import ModelConfig, VQVAE
 from tokenizer.quantizers.base import QuantizerConfig
@@ -147,6 +147,85 @@ def test_train_prior_resume_matches_uninterrupted(run, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+# ---------------------------------------------------------------------------------------------- early stopping
+@pytest.fixture(scope="module")
+def varied_tokens(tmp_path_factory) -> Path:
+    """Tokens that use every code: the untrained tokenizer's codebook is k-means on its own encoder outputs.
+
+    (The plain untrained tokenizer maps every image to one code, which no prior can overfit.)
+    """
+    root = tmp_path_factory.mktemp("varied")
+    tok = make_tokenizer_run(root / "tokenizer")
+    model = VQVAE.from_pretrained(tok / "model")
+    ds = build_dataset(DataConfig(**DATA), "train")
+    with torch.no_grad():
+        z = model.encode_latents(torch.stack([ds[i]["image"] for i in range(len(ds))]))  # (64, 4, 4, 8)
+    model.quantizer.init_codebook(z.reshape(-1, z.shape[-1]))
+    model.save_pretrained(tok / "model")
+    encode(tok, root / "tokens", splits=["train", "validation"], batch_size=64)
+    return root / "tokens"
+
+
+# A constant, high learning rate on 64 training sequences: the validation NLL falls, then rises (overfitting).
+OVERFIT = ["train.steps=60", "train.lr=0.01", "train.lr_schedule=constant", "train.warmup_steps=0",
+           "train.log_every=3", "train.eval_every=3", "train.checkpoint_every=100", "train.early_stopping_patience=2"]
+
+
+def validation_nll(model_dir: Path, tokens: Path) -> float:
+    """Mean NLL per token of a saved prior over the validation split, computed without the trainer."""
+    prior = Prior.from_pretrained(model_dir).eval()
+    ds = TokenDataset(tokens, "validation")
+    with torch.no_grad():
+        return float(prior(torch.stack([ds[i]["codes"] for i in range(len(ds))]), None).nll.double().mean())
+
+
+def test_early_stopping_keeps_the_best_model_and_resumes_exactly(varied_tokens, tmp_path):
+    args = [f"tokens={varied_tokens}", *OVERFIT]
+    whole = train_prior(load_config(PriorRunConfig, TINY_PRIOR, args + [f"output_dir={tmp_path / 'whole'}"]))
+    assert whole["early_stopped"] and whole["steps"] == 60 and whole["stopped_step"] < 60
+    # patience 2, min_delta 0: it stops two evaluations after the best one, which is not the last
+    assert whole["stopped_step"] == whole["best_step"] + 2 * 3
+    evals = [r for r in map(json.loads, (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines())
+             if "val_nll" in r]
+    assert [r["step"] for r in evals] == list(range(3, whole["stopped_step"] + 1, 3))
+    assert whole["val_nll"] == whole["best_val_nll"] == min(r["val_nll"] for r in evals)
+    assert evals[-1]["val_nll"] > whole["best_val_nll"] and evals[-1]["evals_without_improvement"] == 2
+    # model/ holds the best weights, not the last ones
+    assert validation_nll(tmp_path / "whole" / "model", varied_tokens) == pytest.approx(whole["best_val_nll"], rel=1e-5)
+
+    # killed one evaluation after the best (patience counter at 1), then rerun: the same stop and the same model
+    parts = load_config(PriorRunConfig, TINY_PRIOR, args + [f"output_dir={tmp_path / 'parts'}"])
+    kill = whole["best_step"] + 3
+    assert train_prior(parts, stop_after=kill) == {"steps": kill, "stopped_early": True}
+    resumed = train_prior(parts)
+    for key in ("best_step", "stopped_step", "early_stopped", "steps"):
+        assert resumed[key] == whole[key], key
+    assert resumed["val_nll"] == pytest.approx(whole["val_nll"], rel=1e-5)
+    wa = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "parts" / "model" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    # a run that is already stopped stays stopped (the newest checkpoint holds the spent patience)
+    again = train_prior(parts)
+    assert again["stopped_step"] == whole["stopped_step"] and again["val_nll"] == pytest.approx(whole["val_nll"])
+
+
+def test_early_stopping_min_delta(varied_tokens, tmp_path):
+    """A gain below min_delta spends patience, yet the lower NLL still gives the saved (best) weights."""
+    cfg = load_config(PriorRunConfig, TINY_PRIOR, [f"tokens={varied_tokens}", f"output_dir={tmp_path / 'p'}",
+                                                   *OVERFIT, "train.early_stopping_patience=1",
+                                                   "train.early_stopping_min_delta=100"])
+    summary = train_prior(cfg)
+    assert summary["early_stopped"] and summary["stopped_step"] == 6
+    assert summary["best_step"] == 6 and summary["val_nll"] == summary["best_val_nll"]  # lower than at 3, not by 100
+
+
+def test_early_stopping_config_is_checked():
+    with pytest.raises(ConfigError, match="eval_every"):
+        load_config(PriorRunConfig, TINY_PRIOR, ["tokens=x", "train.early_stopping_patience=3", "train.eval_every=0"])
+    with pytest.raises(ConfigError, match="early_stopping"):
+        load_config(PriorRunConfig, TINY_PRIOR, ["tokens=x", "train.early_stopping_patience=-1"])
+
+
 # ---------------------------------------------------------------------------------------------- sample
 def test_sample_layout_and_decoding(run):
     out = run / "samples"
@@ -214,11 +293,15 @@ def test_two_processes_encode_train_sample(run, tmp_path):
                        str(tmp_path / "tokens"), "--splits", "train,validation", "--batch-size", "24"], 2, 29611)
     for split in ("train", "validation"):  # same ids in the same order as the one-process encoding
         assert torch.equal(load_token_split(tmp_path / "tokens", split)[0], load_token_split(run / "tokens", split)[0])
+    # with early stopping that must trigger at the second evaluation: every process stops at step 4 (a process
+    # that went on alone would wait forever in the next collective)
     accelerate_launch(["-m", "pipelines.train_prior", "--config", str(TINY_PRIOR_COND), "--output-dir",
                        str(tmp_path / "prior"), f"tokens={tmp_path / 'tokens'}", "train.steps=6",
-                       "train.batch_size=8", "train.checkpoint_every=3"], 2, 29612)
+                       "train.batch_size=8", "train.checkpoint_every=3", "train.eval_every=2",
+                       "train.early_stopping_patience=1", "train.early_stopping_min_delta=100"], 2, 29612)
     summary = json.loads((tmp_path / "prior" / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 6 and summary["val_sequences"] == 16
+    assert summary["early_stopped"] and summary["stopped_step"] == 4
     accelerate_launch(["-m", "pipelines.sample", "--prior", str(tmp_path / "prior" / "model"), "--output-dir",
                        str(tmp_path / "s2"), "--num-samples", "7", "--batch-size", "3", "--cfg-scale", "1.5"], 2, 29613)
     # each sample depends only on its index: one process gives the same tokens as two

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.evaluate import EvalConfig
-from pipelines.run import expand_sweeps, load_experiment
+from pipelines.run import expand_sweep, load_experiment
 from pipelines.train_prior import PriorRunConfig
 from pipelines.train_tokenizer import TokenizerRunConfig
 from tokenizer.config import load_config
@@ -39,10 +39,25 @@ def test_eval_configs(path):
 
 @pytest.mark.parametrize("path", shipped("experiments"), ids=lambda p: p.name)
 def test_experiment_configs(path, monkeypatch):
-    monkeypatch.chdir(REPO)  # section files are given relative to the repository root
-    for experiment in expand_sweeps([str(path)])[0]:
-        cfg = load_experiment(experiment)
-        assert cfg.tokenizer.output_dir.startswith(cfg.output_dir)
+    """Every experiment file, and every experiment of every sweep file (entries, overrides, seeds), loads."""
+    monkeypatch.chdir(REPO)  # section and experiment files are given relative to the repository root
+    runs, _ = expand_sweep(path.relative_to(REPO))  # also rejects two entries writing one folder
+    for run in runs:
+        cfg = run.load()
+        assert cfg.tokenizer.output_dir.startswith(cfg.output_dir) and cfg.name == run.name
+        if path.name.startswith("sweep_") and path.name.endswith("_adaptive.yaml"):
+            q = cfg.tokenizer.model.quantizer  # the ladder: every fixed (N, D) and the adaptive one hold W = 65536
+            assert (q.capacity if q.kind == "adaptive" else q.codebook_size * q.dim) == 65536
+
+
+def test_sweeps_cover_both_studies_on_both_data_sets(monkeypatch):
+    monkeypatch.chdir(REPO)
+    for dataset in ("mnist", "cifar10"):
+        ladder = {run.name for run in expand_sweep(f"configs/experiments/sweep_{dataset}_adaptive.yaml")[0]}
+        assert ladder == {f"{dataset}_fixed_{2 ** k}x{2 ** (16 - k)}" for k in range(9, 17)} | {f"{dataset}_adaptive"}
+        deferred = {run.name: run.load() for run in expand_sweep(f"configs/experiments/sweep_{dataset}_deferred.yaml")[0]}
+        assert {(c.tokenizer.schedule.mode, c.tokenizer.model.quantizer.codebook_size) for c in deferred.values()} == {
+            (mode, n) for mode in ("early", "deferred") for n in (512, 4096)}
 
 
 def test_quickstart_builds_its_model():
