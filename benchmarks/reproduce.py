@@ -1,301 +1,492 @@
-"""Reproduce the papers' two findings and write a Markdown results table (+ JSON + plots).
+"""Run the papers' studies with several seeds, then write results.json / results.md with a verdict per claim.
 
-1. Adaptive dynamic quantization (Chen et al. 2024): at a fixed capacity W = N x D, every fixed (N, D) of the
-   ladder vs the adaptive quantizer (MSE, perplexity, usage; selection fractions over training).
-2. Deferred quantization (Zhao et al.): EMA VQ quantized from step 0 vs after a continuous phase with k-means
-   on the trained encoder, at N = 512 and a larger N (tokenizer metrics, then a class-conditional prior,
-   samples and generation metrics: gFID, recall, coverage, mode coverage, token perplexity).
+Two studies, each defined by one sweep file per data set (arms x seeds, the full-size settings a GPU user runs
+unchanged with ``vqgen run --config ...``):
 
-It runs the experiment files in ``configs/experiments/`` through the same runner as ``vqgen run``, with the
-step counts and widths given here (the full-step configs are what a GPU user runs unchanged). Runs are
-resumable: rerunning the same command skips finished stages. Example (what produced docs/results.md)::
+- ``adaptive`` (``configs/experiments/study_adaptive_<dataset>.yaml``): fixed EMA rungs ``fixed_<N>x<D>`` of
+  the W = 65536 ladder, ``adaptive_faithful`` (the authors' selector) and ``adaptive_working`` (a selector
+  that learns), every arm started the same way (a short continuous warm-up, then k-means).
+- ``deferred`` (``configs/experiments/study_deferred_<dataset>.yaml``): ``early_random``, ``early_kmeans``
+  (the authors' baseline), ``early_deadcode``, ``deferred``, ``deferred_soft``, same total steps; for
+  ``--generation-arms`` x ``--generation-seeds`` also a prior (early stopping on validation NLL), samples
+  and generation metrics in two feature spaces.
 
-    python benchmarks/reproduce.py --datasets mnist,cifar10 --tokenizer-steps 600 --prior-steps 400
+This script shrinks the runs to a CPU budget (``--tokenizer-steps`` and the preset below; every step-valued
+setting scales with the steps), runs them ``--jobs`` at a time (one thread each; resumable: finished stages
+are skipped, interrupted ones resume), measures every tokenizer on the whole test split
+(``RUN/study_metrics.json``), and rebuilds the results from every finished run::
+
+    python benchmarks/reproduce.py --study adaptive --dataset mnist --jobs 2
+    python benchmarks/reproduce.py --study deferred --dataset cifar10 --jobs 2
+    python benchmarks/reproduce.py --report-only          # tables, plots and verdicts from finished runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import math
+import multiprocessing as mp
+import os
+import platform
+import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-from matplotlib.figure import Figure
-from pipelines.run import load_experiment, run_experiment
-from tokenizer.io import save_json
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-LADDER = [(512, 128), (1024, 64), (2048, 32), (4096, 16), (8192, 8), (16384, 4), (32768, 2), (65536, 1)]
-DEFERRED_VARIANTS = ("ema_early", "ema_deferred", "ema_early_n4096", "ema_deferred_n4096")
+from eval.studies import combine_verdicts, compare_arms, default_margin, summarize  # noqa: E402
+from tokenizer.io import load_json, save_json  # noqa: E402
+
+STUDIES = ("adaptive", "deferred")
+DATASETS = ("mnist", "cifar10")
+GENERATION_STAGES = "stages=[tokenizer,encode,prior,sample,evaluate]"
 
 
-def overrides_for(args, variant: str, run_dir: Path) -> list[str]:
-    """The CPU reductions applied on top of a full-size experiment file (all stated in the results)."""
-    steps = args.tokenizer_steps
-    o = [
-        f"output_dir={run_dir}",
-        f"tokenizer.train.steps={steps}",
-        f"tokenizer.train.batch_size={args.batch_size}",
-        f"tokenizer.train.log_every={max(1, steps // 50)}",
-        f"tokenizer.train.checkpoint_every={max(1, steps // 3)}",
-        f"tokenizer.model.hidden={args.hidden}",
-        f"tokenizer.data.max_samples={args.max_samples}",
-        f"tokenizer.train.lr={args.lr}",
+# ----------------------------------------------------------------------------------------------- budget
+def budget_overrides(args) -> list[str]:
+    """The CPU budget, the same for every arm of a study (stated next to every table)."""
+    t = args.tokenizer_steps
+    return [
+        f"tokenizer.train.steps={t}", f"tokenizer.train.batch_size={args.batch_size}",
+        f"tokenizer.model.hidden={args.hidden}", f"tokenizer.data.max_samples={args.max_samples}",
+        f"tokenizer.train.lr={args.lr}", f"tokenizer.train.log_every={max(1, t // 100)}",
+        f"tokenizer.train.checkpoint_every={max(1, t // 4)}", "tokenizer.train.trackers=[]",
     ]
-    if variant == "adaptive":
-        o.append(f"tokenizer.model.quantizer.selector_tau_steps={steps}")
-    if "deferred" in variant:
-        o.append(f"tokenizer.schedule.ae_steps={steps // 2}")
-    if variant in DEFERRED_VARIANTS:
-        p = args.prior_steps
-        o += [
-            f"prior.train.steps={p}", f"prior.train.warmup_steps={max(1, p // 20)}",
-            f"prior.train.log_every={max(1, p // 40)}", f"prior.train.eval_every={p}",
-            f"prior.train.checkpoint_every={max(1, p // 2)}", f"prior.train.batch_size={args.batch_size}",
-            "prior.model.n_layer=4", "prior.model.n_head=4", "prior.model.n_embd=128", "prior.model.dropout=0.0",
-            f"sample.num_samples={args.num_images}", f"evaluate.num_images={args.num_images}",
-            f"evaluate.classifier.max_steps={args.classifier_steps}",
-        ]
-    if variant == "adaptive" or variant in DEFERRED_VARIANTS:
-        o += args.override  # the studied change of a tagged variant study (never applied to fixed baselines)
-    return o
 
 
-def run_dir_of(args, dataset: str, variant: str) -> Path:
-    """Run folder of a variant; the fixed (N, D) baselines are shared by every tag (no override reaches them)."""
-    tagged = args.tag and not variant.startswith("fixed_")
-    return Path(args.runs) / (f"{dataset}_{variant}" + (f"_{args.tag}" if tagged else ""))
+def generation_overrides(args) -> list[str]:
+    """Prior / sampling / evaluation budget of the generation runs."""
+    p = args.prior_steps
+    return [
+        GENERATION_STAGES,
+        "prior.model.n_layer=4", "prior.model.n_head=4", "prior.model.n_embd=128", "prior.model.dropout=0.1",
+        f"prior.train.steps={p}", f"prior.train.batch_size={args.prior_batch_size}", f"prior.train.lr={args.prior_lr}",
+        f"prior.train.warmup_steps={max(1, p // 40)}", f"prior.train.log_every={max(1, args.prior_eval_every // 5)}",
+        f"prior.train.eval_every={args.prior_eval_every}", f"prior.train.checkpoint_every={args.prior_eval_every}",
+        f"prior.train.early_stopping_patience={args.prior_patience}", "prior.train.trackers=[]",
+        f"sample.num_samples={args.num_images}", f"evaluate.num_images={args.num_images}",
+    ]
 
 
-def run_variant(args, dataset: str, variant: str) -> Path:
-    run_dir = run_dir_of(args, dataset, variant)
-    base = Path(args.runs) / f"{dataset}_{variant}"
-    if run_dir != base and args.reuse_tokenizer and not run_dir.exists() and (base / "tokenizer" / "summary.json").is_file():
-        # same tokenizer settings, different later stages: start from the trained tokenizer and its tokens
-        for part in ("tokenizer", "tokens"):
-            shutil.copytree(base / part, run_dir / part)
-    cfg = load_experiment(Path("configs/experiments") / f"{dataset}_{variant}.yaml", overrides_for(args, variant, run_dir))
+STEP_FIELDS = ("tokenizer.schedule.ae_steps", "tokenizer.schedule.transition_steps",
+               "tokenizer.model.quantizer.selector_tau_steps", "tokenizer.model.quantizer.tau_anneal_steps")
+
+
+def scaled_overrides(cfg, steps: int) -> list[str]:
+    """Step-valued settings scaled from the experiment's own ``train.steps`` to ``steps`` (e.g. the authors'
+    tau schedule over 20k steps becomes the same schedule over the shorter run)."""
+    ratio = steps / cfg.tokenizer.train.steps
+    out = []
+    for key in STEP_FIELDS:
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj:
+            out.append(f"{key}={max(1, round(obj * ratio))}")
+    return out
+
+
+def study_runs(args, study: str, dataset: str) -> list[dict]:
+    """Every run of one study on one data set: name, arm, seed, the experiment file and its overrides."""
+    from pipelines.run import expand_sweep, load_experiment
+
+    sweep = REPO / "configs" / "experiments" / f"study_{study}_{dataset}.yaml"
+    expanded, _ = expand_sweep(sweep)
+    runs = []
+    for r in expanded:
+        m = re.fullmatch(r"(.+)_s(\d+)", r.name)
+        arm, seed = (m.group(1), int(m.group(2))) if m else (r.name, 0)
+        if args.seeds and seed not in args.seeds:
+            continue
+        full = load_experiment(r.config, r.overrides)
+        folder = Path(args.runs) / f"{study}_{dataset}" / r.name
+        overrides = list(r.overrides) + budget_overrides(args) + scaled_overrides(full, args.tokenizer_steps)
+        overrides.append(f"output_dir={folder}")
+        generation = study == "deferred" and arm in args.generation_arms and seed in args.generation_seeds
+        if generation:
+            overrides += generation_overrides(args)
+        runs.append({"name": r.name, "arm": arm, "seed": seed, "config": r.config, "overrides": overrides,
+                     "dir": str(folder), "oracle": arm.startswith("adaptive"), "generation": generation})
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------- one run
+def study_metrics(run_dir: Path, oracle: bool, batch_size: int = 250) -> dict:
+    """Codebook metrics of the run's tokenizer on the whole test split (cached with its fingerprint)."""
+    from eval.codebook import codebook_metrics
+    from tokenizer.config import from_dict, read_yaml
+    from tokenizer.data import DataConfig, build_dataset, make_dataloader
+    from tokenizer.model import VQVAE, tokenizer_fingerprint
+
+    tok = run_dir / "tokenizer"
+    path = run_dir / "study_metrics.json"
+    fingerprint = tokenizer_fingerprint(tok / "model")
+    if path.is_file() and load_json(path).get("fingerprint") == fingerprint:
+        return load_json(path)["metrics"]
+    model = VQVAE.from_pretrained(tok / "model")
+    data_cfg = from_dict(DataConfig, read_yaml(tok / "config.yaml")["data"], prefix="data.")
+    loader = make_dataloader(build_dataset(data_cfg, "test"), batch_size=batch_size, shuffle=False)
     t0 = time.perf_counter()
-    run_experiment(cfg)
-    elapsed = time.perf_counter() - t0
-    # wall time spent on this run, summed over invocations (a rerun that only skips adds ~0)
-    clock = run_dir / "reproduce_seconds.json"
-    total = (json.loads(clock.read_text())["seconds"] if clock.is_file() else 0.0) + elapsed
-    save_json({"seconds": total}, clock)
-    print(f"[reproduce] {run_dir.name}: {elapsed:.0f}s (total {total:.0f}s)")
-    return run_dir
+    metrics = codebook_metrics(model, (b["image"] for b in loader), oracle=oracle)
+    save_json({"fingerprint": fingerprint, "split": "test", "seconds": time.perf_counter() - t0,
+               "metrics": metrics}, path)
+    return metrics
 
 
-def run_minutes(args, dataset: str, variants) -> float:
-    """Wall-clock minutes the runs of one section took, from their own records."""
-    total = 0.0
-    for variant in variants:
-        clock = run_dir_of(args, dataset, variant) / "reproduce_seconds.json"
-        total += json.loads(clock.read_text())["seconds"] if clock.is_file() else 0.0
-    return total / 60
+def run_one(spec: dict) -> tuple[str, str | None]:
+    """Worker: train (or resume) one run's stages, then its test-split metrics. Returns (name, error)."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("VQGEN_NO_PROGRESS", "1")
+    try:
+        from pipelines.run import load_experiment, run_experiment
+
+        cfg = load_experiment(spec["config"], spec["overrides"])
+        t0 = time.perf_counter()
+        run_experiment(cfg)
+        clock = Path(spec["dir"]) / "study_seconds.json"
+        before = load_json(clock)["seconds"] if clock.is_file() else 0.0
+        save_json({"seconds": before + time.perf_counter() - t0}, clock)
+        study_metrics(Path(spec["dir"]), spec["oracle"])
+        return spec["name"], None
+    except Exception:  # one failed run must not stop the others; it is reported at the end
+        return spec["name"], traceback.format_exc()
 
 
-def read_metrics(run: Path) -> list[dict]:
-    path = run / "tokenizer" / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def prepare_feature_spaces(spec: dict) -> None:
+    """Train and cache the evaluation feature extractors once, before parallel runs could race for them."""
+    from pipelines.evaluate import prepare_feature_spaces as prepare
+    from pipelines.run import load_experiment
+
+    cfg = load_experiment(spec["config"], spec["overrides"])
+    prepare(cfg.tokenizer.data, cfg.evaluate)
 
 
-def adaptive_study(args, dataset: str, out: Path) -> dict:
-    """Every fixed (N, D) of the ladder and the adaptive quantizer; returns rows + writes two plots."""
-    rows = []
-    for n, d in LADDER:
-        run = run_variant(args, dataset, f"fixed_{n}x{d}")
-        s = json.loads((run / "tokenizer" / "summary.json").read_text())
-        rows.append({"quantizer": f"fixed {n}x{d}", "N": n, "D": d, **_tok(s)})
-    run = run_variant(args, dataset, "adaptive")
-    s = json.loads((run / "tokenizer" / "summary.json").read_text())
-    rows.append({"quantizer": "adaptive", "N": None, "D": None, **_tok(s), "selection": s.get("selection")})
-    metrics = [r for r in read_metrics(run) if r.get("selection")]
-
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    steps = [r["step"] for r in metrics]
-    window = 5  # per-batch fractions are noisy: show a running mean over 5 logged steps
-    for i, (n, d) in enumerate(LADDER):
-        values = torch.tensor([r["selection"][i] for r in metrics], dtype=torch.float64)
-        smooth = torch.nn.functional.avg_pool1d(values[None, None], window, 1, padding=window // 2,
-                                                count_include_pad=False)[0, 0]
-        ax.plot(steps, smooth[: len(steps)].tolist(), label=f"{n}x{d}")
-    ax.set(xlabel="step", ylabel=f"fraction of selections (running mean of {window})",
-           title=f"{dataset}: adaptive selector's codebook choice")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / f"{dataset}_{study_key(args, 'adaptive')}_selection.png", dpi=110)
-
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    fixed = rows[:-1]
-    ax.plot([r["N"] for r in fixed], [r["recon_mse"] for r in fixed], "o-", label="fixed (N, D), W = 65536")
-    ax.axhline(rows[-1]["recon_mse"], color="C3", ls="--", label="adaptive")
-    ax.set(xscale="log", xlabel="codebook size N (D = 65536 / N)", ylabel="validation MSE",
-           title=f"{dataset}: MSE at equal capacity")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / f"{dataset}_{study_key(args, 'adaptive')}_ladder_mse.png", dpi=110)
-    return {"rows": rows}
+def execute(runs: list[dict], jobs: int) -> None:
+    """Run everything ``jobs`` at a time, longest first; report failures at the end."""
+    todo = sorted(runs, key=lambda r: (not r["generation"], not r["oracle"]))
+    gen = [r for r in todo if r["generation"]]
+    if gen:
+        prepare_feature_spaces(gen[0])
+    failures = []
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(jobs, maxtasksperchild=1) as pool:
+        for name, error in pool.imap_unordered(run_one, todo):
+            print(f"[reproduce] {name}: {'failed' if error else 'done'}", flush=True)
+            if error:
+                failures.append((name, error))
+    for name, error in failures:
+        print(f"[reproduce] {name} failed:\n{error}", file=sys.stderr)
+    if failures:
+        raise SystemExit(f"{len(failures)} run(s) failed; rerun the same command to retry them")
 
 
-def deferred_study(args, dataset: str, out: Path) -> dict:
-    rows = []
-    for variant in args.variants:
-        run = run_variant(args, dataset, variant)
-        report = json.loads((run / "report.json").read_text())
-        tok, gen = report["tokenizer"], report["generation"]
-        rows.append({
-            "run": variant, "N": 4096 if "n4096" in variant else 512,
-            "schedule": "deferred" if "deferred" in variant else "early",
-            "recon_mse": tok["recon_mse"], "perplexity": tok["perplexity"], "usage": tok["usage"],
-            "code_distance": tok["code_distance"], "rfid": tok.get("rfid"), "gfid": gen.get("fid"),
-            "recall": gen.get("recall"), "coverage": gen.get("coverage"), "mode_coverage": gen.get("mode_coverage"),
-            "token_perplexity": gen.get("token_perplexity"),
-            "feature_extractor": report.get("feature_extractor", {}).get("name"),
-        })
-    fig = Figure(figsize=(10, 3.6))
-    axes = fig.subplots(1, 2)
-    for variant in args.variants:
-        m = [r for r in read_metrics(run_dir_of(args, dataset, variant)) if r.get("perplexity") is not None]
-        axes[0].plot([r["step"] for r in m], [r["perplexity"] for r in m], label=variant)
-        axes[1].plot([r["step"] for r in m], [r["code_distance"] for r in m], label=variant)
-    axes[0].set(xlabel="step", ylabel="batch perplexity", yscale="log", title=f"{dataset}: code perplexity")
-    axes[1].set(xlabel="step", ylabel="mean pairwise code distance", title=f"{dataset}: code spread")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"{dataset}_{study_key(args, 'deferred')}_curves.png", dpi=110)
-    return {"rows": rows}
+# ----------------------------------------------------------------------------------------------- collect
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def study_key(args, study: str) -> str:
-    """Where a study's results go in results.json: the study name, plus the tag of a variant run."""
-    return f"{study}-{args.tag}" if args.tag else study
+def ladder_of(run_dir: Path) -> list[tuple[int, int]]:
+    """(N, D) of each codebook of the run's tokenizer."""
+    from tokenizer.config import read_yaml
+
+    q = read_yaml(run_dir / "tokenizer" / "config.yaml")["model"]["quantizer"]
+    if q["kind"] == "adaptive":
+        return [(q["capacity"] // d, d) for d in q["ladder_dims"]]
+    return [(q["codebook_size"], q["dim"])]
 
 
-def _tok(summary: dict) -> dict:
-    return {k: summary.get(k) for k in ("recon_mse", "psnr", "perplexity", "usage", "code_distance")}
+def dynamics(run_dir: Path) -> dict:
+    """Selector behaviour over training from ``metrics.jsonl`` (quantized phase only).
+
+    ``early_large_n_share``: share of units given to the larger-N half of the ladder over the first 20% of
+    the logged quantized steps; ``selection_entropy_early`` / ``_late``: entropy (nats) of the mean selection
+    over the first / last 20%; ``selector_grad_rms_median``: median logged gradient RMS per selector parameter (vs Adam's eps 1e-8).
+    """
+    rows = [r for r in read_jsonl(run_dir / "tokenizer" / "metrics.jsonl") if r.get("selection")]
+    if len(rows) < 5:
+        return {}
+    ladder = ladder_of(run_dir)
+    order = sorted(range(len(ladder)), key=lambda i: ladder[i][0])
+    large = order[len(order) // 2:]
+    fifth = max(1, len(rows) // 5)
+
+    def mean_selection(part):
+        sel = torch.tensor([r["selection"] for r in part], dtype=torch.float64).mean(0)
+        return sel / sel.sum()
+
+    def entropy(p):
+        return float(-torch.special.xlogy(p, p).sum())
+
+    early, late = mean_selection(rows[:fifth]), mean_selection(rows[-fifth:])
+    grads = sorted(r["selector_grad_rms"] for r in rows if r.get("selector_grad_rms") is not None)
+    out = {"early_large_n_share": float(early[large].sum()), "selection_entropy_early": entropy(early),
+           "selection_entropy_late": entropy(late)}
+    if grads:
+        out["selector_grad_rms_median"] = grads[len(grads) // 2]
+    return out
 
 
-def fmt(value, digits=4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
+def run_record(spec: dict) -> dict | None:
+    """Every number of one finished run, flat (None when its tokenizer has not finished)."""
+    run = Path(spec["dir"])
+    path = run / "study_metrics.json"
+    if not path.is_file():
+        return None
+    m = load_json(path)["metrics"]
+    rec = {k: m[k] for k in ("recon_mse", "psnr", "perplexity", "usage", "live_code_distance",
+                             "live_code_distance_ratio", "code_distance")}
+    summary = load_json(run / "tokenizer" / "summary.json")
+    rec["images_per_second"] = summary.get("images_per_second")
+    ladder = ladder_of(run)
+    if len(ladder) > 1:
+        rec["selection_entropy"] = m["selection_entropy"]
+        for (n, d), sel, use, bm in zip(ladder, m["selection"], m["usage_per_codebook"], m.get("branch_mse", [])):
+            rec[f"selection_{n}x{d}"] = sel
+            rec[f"usage_{n}x{d}"] = use
+            rec[f"branch_mse_{n}x{d}"] = bm
+        if "oracle_mse" in m:
+            rec["oracle_mse"] = m["oracle_mse"]
+        rec.update(dynamics(run))
+    report = run / "report.json"
+    if spec["generation"] and report.is_file():
+        r = load_json(report)
+        gen = r.get("generation", {})
+        rec.update(gfid=gen.get("fid"), recall=gen.get("recall"), coverage=gen.get("coverage"),
+                   precision=gen.get("precision"), mode_coverage=gen.get("mode_coverage"),
+                   token_perplexity=gen.get("token_perplexity"))
+        for name, space in (r.get("feature_spaces") or {}).items():
+            if space.get("feature_extractor", {}).get("label_free") and space.get("generation"):
+                g = space["generation"]
+                rec.update(gfid_label_free=g.get("fid"), recall_label_free=g.get("recall"),
+                           coverage_label_free=g.get("coverage"), label_free_space=name)
+        prior = load_json(run / "prior" / "summary.json") if (run / "prior" / "summary.json").is_file() else {}
+        rec.update(prior_val_nll=prior.get("val_nll"), prior_best_step=prior.get("best_step"))
+    return {k: v for k, v in rec.items() if v is not None}
 
 
-def settings_line(s: dict) -> str:
-    """How a section's numbers were produced (CPU-sized settings, stated next to the table)."""
-    line = (f"Produced by `{s['command']}` on {s['device']} ({s['threads']} thread(s), {s['minutes']:.0f} min for "
-            f"this section). Tokenizer: {s['tokenizer_steps']} steps, batch {s['batch_size']}, hidden width "
-            f"{s['hidden']} (papers: 128), at most {s['max_samples']} training images.")
-    return line
+def collect(args, study: str, dataset: str) -> dict | None:
+    """One study on one data set: arms with per-metric mean / std / values (only finished runs count)."""
+    runs = study_runs(args, study, dataset)
+    by_arm: dict[str, list[tuple[int, dict]]] = {}
+    for spec in runs:
+        rec = run_record(spec)
+        if rec is not None:
+            by_arm.setdefault(spec["arm"], []).append((spec["seed"], rec))
+    if not by_arm:
+        return None
+    arms = []
+    for arm in dict.fromkeys(spec["arm"] for spec in runs):
+        records = sorted(by_arm.get(arm, []), key=lambda x: x[0])
+        if not records:
+            continue
+        names = dict.fromkeys(k for _, rec in records for k in rec if isinstance(rec[k], (int, float)))
+        metrics = {}
+        for name in names:
+            values = [(s, rec[name]) for s, rec in records if isinstance(rec.get(name), (int, float))]
+            metrics[name] = {**summarize([v for _, v in values]), "seeds": [s for s, _ in values]}
+        arms.append({"arm": arm, "metrics": metrics})
+    minutes = sum(load_json(Path(s["dir"]) / "study_seconds.json")["seconds"]
+                  for s in runs if (Path(s["dir"]) / "study_seconds.json").is_file()) / 60
+    return {
+        "study": study, "dataset": dataset,
+        "command": f"python benchmarks/reproduce.py --study {study} --dataset {dataset} --jobs {args.jobs} "
+                   f"--tokenizer-steps {args.tokenizer_steps}",
+        "hardware": hardware(),
+        "budget": {"tokenizer_steps": args.tokenizer_steps, "batch_size": args.batch_size, "hidden": args.hidden,
+                   "lr": args.lr, "max_train_images": args.max_samples, "prior_max_steps": args.prior_steps,
+                   "prior_eval_every": args.prior_eval_every, "prior_patience": args.prior_patience,
+                   "num_generated_images": args.num_images, "split": "test",
+                   "run_minutes_single_thread": round(minutes, 1)},
+        "arms": arms,
+    }
 
 
-def markdown(results: dict) -> str:
-    lines = [
-        "# Results: the papers' findings on CPU-sized runs",
-        "",
-        "Every number below comes from `benchmarks/reproduce.py`; the raw output is `results.json` next to this "
-        "file. The runs are far shorter than the papers' (stated per table): read them as a check of the "
-        "direction of each effect, not of its size. The configs in `configs/experiments/` with full steps are "
-        "what a GPU user runs.",
-        "",
-    ]
-    adaptive = [(key, ds, study) for key in sorted(results) if key.startswith("adaptive")
-                for ds, study in results[key].items()]
-    for key, ds, study in adaptive:
-        s = study["settings"]
-        title = f"Adaptive vs fixed (N, D) at W = 65536 ({ds}" + (f", {s['tag']}" if s.get("tag") else "") + ")"
-        changes = f" Adaptive run changed by: `{' '.join(s['override'])}`." if s.get("override") else ""
-        lines += [f"## {title}", "", settings_line(s) + changes, "",
-                  "| quantizer | val MSE | PSNR | perplexity | usage |", "|---|---|---|---|---|"]
-        for r in study["rows"]:
-            lines.append(f"| {r['quantizer']} | {fmt(r['recon_mse'])} | {fmt(r['psnr'])} | {fmt(r['perplexity'])} | {fmt(r['usage'])} |")
-        sel = study["rows"][-1].get("selection")
-        if sel:
-            lines += ["", "Adaptive selection over the validation split: " + ", ".join(
-                f"{n}x{d}: {f:.2f}" for (n, d), f in zip(LADDER, sel))]
-        lines += ["", f"![MSE vs N]({ds}_{key}_ladder_mse.png) ![selection]({ds}_{key}_selection.png)", ""]
-    deferred = [(key, ds, study) for key in sorted(results) if key.startswith("deferred")
-                for ds, study in results[key].items()]
-    for key, ds, study in deferred:
-        s = study["settings"]
-        title = f"Early vs deferred quantization, EMA VQ, D = 64 ({ds}" + (f", {s['tag']}" if s.get("tag") else "") + ")"
-        changes = f" Changed by: `{' '.join(s['override'])}`." if s.get("override") else ""
-        lines += [f"## {title}", "", settings_line(s) + changes,
-                  f" Deferred: the first half continuous, then k-means on the trained encoder. Priors: {s['prior_steps']} "
-                  f"steps (4 layers, width 128), {s['num_images']} samples vs {s['num_images']} test images, features "
-                  "from the offline classifier (not Inception: no network here).", "",
-                  "| N | schedule | val MSE | perplexity | usage | code distance | rFID | gFID | recall | coverage | mode coverage | token perplexity |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in study["rows"]:
-            lines.append("| " + " | ".join(fmt(r[k]) for k in (
-                "N", "schedule", "recon_mse", "perplexity", "usage", "code_distance", "rfid", "gfid", "recall",
-                "coverage", "mode_coverage", "token_perplexity")) + " |")
-        lines += ["", f"![curves]({ds}_{key}_curves.png)", ""]
-    return "\n".join(lines) + "\n"
+def hardware() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()}-core {cpu}, no GPU"
+    return f"{device}; torch {torch.__version__}; runs single-threaded, {os.cpu_count()} at a time at most"
+
+
+# ----------------------------------------------------------------------------------------------- claims
+FRACTIONS = {"usage", "recall", "coverage", "recall_label_free", "coverage_label_free", "early_large_n_share"}
+
+
+def _arm(study: dict, name: str) -> dict | None:
+    return next((a for a in study["arms"] if a["arm"] == name), None)
+
+
+def _values(study: dict, arm: str, metric: str) -> list[float] | None:
+    a = _arm(study, arm)
+    return a["metrics"][metric]["values"] if a and metric in a["metrics"] else None
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _mstd(values: list[float]) -> str:
+    s = summarize(values)
+    return f"{_fmt(s['mean'])} +- {_fmt(s['std'])} (n={len(values)})"
+
+
+def _test(study, claimed_arm, base_arm, metric, lower_is_better, claimed=None, baseline=None) -> dict | None:
+    a = claimed if claimed is not None else _values(study, claimed_arm, metric)
+    b = baseline if baseline is not None else _values(study, base_arm, metric)
+    if not a or not b:
+        return None
+    result = compare_arms(a, b, lower_is_better, default_margin(b, metric in FRACTIONS))
+    ci = result["ci"]
+    result["text"] = (f"{study['dataset']}: {metric} {claimed_arm} {_mstd(a)} vs {base_arm} {_mstd(b)}; "
+                      f"effect {_fmt(result['effect'])}"
+                      + (f", 95% CI [{_fmt(ci[0])}, {_fmt(ci[1])}], p={result['p']:.3g}" if ci else "")
+                      + f", margin {_fmt(result['margin'])} -> {result['verdict']}")
+    return result
+
+
+def best_fixed(study: dict) -> str | None:
+    """The fixed rung with the lowest mean test MSE (chosen after the fact: favours the baseline)."""
+    fixed = [a for a in study["arms"] if a["arm"].startswith("fixed_")]
+    return min(fixed, key=lambda a: a["metrics"]["recon_mse"]["mean"])["arm"] if fixed else None
+
+
+def _rung_n(arm: str) -> int:
+    return int(arm.split("_")[1].split("x")[0])
+
+
+def claims(studies: list[dict]) -> list[dict]:
+    """The papers' claims, each with a verdict per data set and overall (rules in eval.studies)."""
+    adaptive = [s for s in studies if s["study"] == "adaptive"]
+    deferred = [s for s in studies if s["study"] == "deferred"]
+    out = []
+
+    def add(claim: str, tests_per_dataset: list[list[dict | None]], note: str = "") -> None:
+        per_dataset, evidence = [], []
+        for tests in tests_per_dataset:
+            tests = [t for t in tests if t is not None]
+            if not tests:
+                continue
+            verdicts = [t["verdict"] for t in tests]
+            per_dataset.append(combine_verdicts(verdicts))
+            evidence += [t["text"] for t in tests]
+        if per_dataset:
+            out.append({"claim": claim, "verdict": combine_verdicts(per_dataset),
+                        "evidence": " | ".join(evidence) + (f" | {note}" if note else "")})
+
+    def rungs_test(s):
+        fixed = sorted((a["arm"] for a in s["arms"] if a["arm"].startswith("fixed_")), key=_rung_n)
+        best = best_fixed(s)
+        if not fixed or best == fixed[0]:
+            # the smallest N is best: larger N does not improve MSE (tested against the next rung)
+            return _test(s, fixed[1], fixed[0], "recon_mse", True) if len(fixed) > 1 else None
+        return _test(s, best, fixed[0], "recon_mse", True)
+
+    add("(a) At fixed capacity W = N x D, reconstruction MSE improves as N grows and D shrinks, up to a point "
+        "(best rung vs the smallest N)", [[rungs_test(s)] for s in adaptive],
+        "usage per rung in the table shows how much of each codebook is alive")
+    for arm, label in (("adaptive_faithful", "as the authors wrote it"), ("adaptive_working", "with a selector that learns")):
+        add(f"(b) The adaptive quantizer ({label}) beats the best fixed (N, D) at equal W (test MSE)",
+            [[_test(s, arm, best_fixed(s), "recon_mse", True)] for s in adaptive],
+            "the best fixed rung is chosen after the fact on the same split, which favours the baseline")
+    for arm, label in (("adaptive_faithful", "authors' selector"), ("adaptive_working", "learning selector")):
+        tests = []
+        for s in adaptive:
+            share = _values(s, arm, "early_large_n_share")
+            early, late = _values(s, arm, "selection_entropy_early"), _values(s, arm, "selection_entropy_late")
+            tests.append([
+                _test(s, arm, "uniform", "early_large_n_share", False, claimed=share,
+                      baseline=[0.5] * len(share) if share else None),
+                _test(s, f"{arm}[late]", f"{arm}[early]", "selection_entropy", True, claimed=late, baseline=early),
+            ])
+        add(f"(c) Two-stage dynamic ({label}): early in training the selector favours the larger-N codebooks, "
+            "later it specialises (lower selection entropy)", tests)
+
+    add("Early quantization shrinks the token representation: fewer codes in use (test perplexity) than deferred; "
+        "baseline: the authors' early arm (k-means on the untrained encoder)",
+        [[_test(s, "deferred", "early_kmeans", "perplexity", False),
+          _test(s, "deferred", "early_random", "perplexity", False)] for s in deferred])
+    add("Early quantization shrinks the token representation: the codes in use spread less relative to the "
+        "encoder outputs (live code distance ratio) than deferred",
+        [[_test(s, "deferred", "early_kmeans", "live_code_distance_ratio", False),
+          _test(s, "deferred", "early_random", "live_code_distance_ratio", False)] for s in deferred])
+    add("Deferred quantization reconstructs better than early quantization (test MSE)",
+        [[_test(s, "deferred", "early_kmeans", "recon_mse", True),
+          _test(s, "deferred", "early_random", "recon_mse", True)] for s in deferred])
+    add("Deferred tokens generate better (lower gFID), in the classifier and the label-free feature space",
+        [[_test(s, "deferred", "early_kmeans", "gfid", True),
+          _test(s, "deferred", "early_kmeans", "gfid_label_free", True)] for s in deferred])
+    add("Deferred tokens generate more diverse images (higher recall), in both feature spaces",
+        [[_test(s, "deferred", "early_kmeans", "recall", False),
+          _test(s, "deferred", "early_kmeans", "recall_label_free", False)] for s in deferred])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- write
+def write_results(args, out: Path) -> dict:
+    """Rebuild results.json, results.md and plots from every finished run."""
+    from benchmarks.study_report import markdown, plots
+
+    studies = []
+    for study in STUDIES:
+        for dataset in DATASETS:
+            s = collect(args, study, dataset)
+            if s is not None:
+                studies.append(s)
+    results = {"studies": studies, "claims": claims(studies)}
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plots(args, studies, out)
+    save_json(results, out / "results.json")
+    (out / "results.md").write_text(markdown(results, figures))
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return results
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="mnist,cifar10")
-    parser.add_argument("--studies", default="adaptive,deferred")
-    parser.add_argument("--tokenizer-steps", type=int, default=600)
-    parser.add_argument("--prior-steps", type=int, default=400)
+    parser.add_argument("--study", choices=STUDIES, action="append", help="repeat for several (default: none run)")
+    parser.add_argument("--dataset", choices=DATASETS, action="append", help="repeat for several")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild results from finished runs")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument("--seeds", default="", help="restrict to these seeds, e.g. 0,1 (default: the sweep's)")
+    parser.add_argument("--tokenizer-steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=64, help="encoder/decoder width (papers: 128); >= every D")
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--max-samples", type=int, default=20000)
-    parser.add_argument("--num-images", type=int, default=1000)
-    parser.add_argument("--classifier-steps", type=int, default=600)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription)")
-    parser.add_argument("--runs", default="runs/reproduce")
-    parser.add_argument("--variants", default=",".join(DEFERRED_VARIANTS),
-                        help="deferred study: which of " + ", ".join(DEFERRED_VARIANTS))
-    parser.add_argument("--tag", default="", help="suffix for run folders and the results key (a variant study)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="experiment override for the studied runs of a tagged study (adaptive / deferred runs)")
-    parser.add_argument("--reuse-tokenizer", action="store_true",
-                        help="with --tag: start from the untagged run's trained tokenizer and tokens")
+    parser.add_argument("--max-samples", type=int, default=20000, help="training images at most")
+    parser.add_argument("--generation-arms", default="early_random,early_kmeans,deferred")
+    parser.add_argument("--generation-seeds", default="0,1")
+    parser.add_argument("--prior-steps", type=int, default=4000, help="at most; early stopping decides")
+    parser.add_argument("--prior-batch-size", type=int, default=64)
+    parser.add_argument("--prior-lr", type=float, default=1e-3)
+    parser.add_argument("--prior-eval-every", type=int, default=250)
+    parser.add_argument("--prior-patience", type=int, default=3)
+    parser.add_argument("--num-images", type=int, default=2000, help="samples and test images for generation")
+    parser.add_argument("--runs", default="runs/studies")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
-    args.variants = [v for v in args.variants.split(",") if v]
-    if args.override and not args.tag:
-        parser.error("--override changes what a study measures: give it a --tag so its runs and results stay apart")
-    unknown = [v for v in args.variants if v not in DEFERRED_VARIANTS]
-    if unknown:
-        parser.error(f"--variants: unknown {unknown[0]!r}; choose among {', '.join(DEFERRED_VARIANTS)}")
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # results.json accumulates: each (study, dataset) keeps the settings it was produced with
-    results_path = out / "results.json"
-    results: dict = {}
-    argv_str = " ".join(argv) if argv is not None else " ".join(sys.argv[1:])
-    for ds in [d for d in args.datasets.split(",") if d]:
-        for study in [s for s in args.studies.split(",") if s]:
-            entry = (adaptive_study if study == "adaptive" else deferred_study)(args, ds, out)
-            variants = args.variants if study == "deferred" else [f"fixed_{n}x{d}" for n, d in LADDER] + ["adaptive"]
-            entry["settings"] = {
-                **vars(args),
-                "command": f"python benchmarks/reproduce.py {argv_str}".strip(),
-                "device": "cuda" if torch.cuda.is_available() else "cpu",
-                "minutes": run_minutes(args, ds, variants),
-                "torch": torch.__version__,
-            }
-            # re-read: another invocation (e.g. the other data set, run in parallel) may have added sections
-            results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-            results.setdefault(study_key(args, study), {})[ds] = entry
-            save_json(results, results_path)
-            (out / "results.md").write_text(markdown(results))
-    print(f"wrote {out / 'results.md'}")
-    return results
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.generation_arms = [a for a in args.generation_arms.split(",") if a]
+    args.generation_seeds = [int(s) for s in args.generation_seeds.split(",") if s]
+    os.chdir(REPO)  # experiment files name their data and sections relative to the repository
+    if not args.report_only:
+        for study in args.study or []:
+            for dataset in args.dataset or list(DATASETS):
+                runs = study_runs(args, study, dataset)
+                print(f"[reproduce] {study} on {dataset}: {len(runs)} runs, {args.jobs} at a time", flush=True)
+                execute(runs, args.jobs)
+    return write_results(args, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -262,7 +262,10 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
         if step % cfg.train.log_every == 0 or is_last:
             record = step_metrics(raw, output, accelerator, phase, alpha)
             if phase == "quantize" and isinstance(raw.quantizer, AdaptiveQuantizer):
+                # the norm, and the root mean square per parameter: what Adam's eps (1e-8) compares with
+                numel = sum(p.numel() for p in raw.quantizer.selector_parameters())
                 record["selector_grad_norm"] = float(selector_grad)
+                record["selector_grad_rms"] = float(selector_grad) / numel**0.5
             record["loss"] = float(accelerator.reduce(loss_sum, reduction="mean")) / max(1, _since_log(step, cfg))
             record["lr"] = scheduler.get_last_lr()[0]
             loss_sum.zero_()
