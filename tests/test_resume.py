@@ -46,10 +46,11 @@ def test_kill_9_and_rerun_is_bit_identical_with_dead_code_resets(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "VQGEN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 
     def train(out: Path) -> subprocess.Popen:
-        return subprocess.Popen(command + ["--output-dir", str(out)], env=env, cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # output to a file, not a pipe: a full pipe would block the child
+        with open(tmp_path / f"{out.name}.log", "a") as log:
+            return subprocess.Popen(command + ["--output-dir", str(out)], env=env, cwd=REPO, stdout=log, stderr=log)
 
-    assert train(tmp_path / "full").wait(timeout=300) == 0
+    assert train(tmp_path / "full").wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-3000:]
     killed = train(tmp_path / "part")
     marker = tmp_path / "part" / "checkpoints" / "step_00000008"
     deadline = time.monotonic() + 300
@@ -59,7 +60,7 @@ def test_kill_9_and_rerun_is_bit_identical_with_dead_code_resets(tmp_path):
     assert killed.wait(timeout=60) == -signal.SIGKILL
     assert not (tmp_path / "part" / "model").exists(), "the run finished before it could be killed"
     rerun = train(tmp_path / "part")
-    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    assert rerun.wait(timeout=300) == 0, (tmp_path / "part.log").read_text()[-3000:]
     full = weights(tmp_path / "full")
     window_count, resets = full["quantizer.dead_code_state"].tolist()
     assert resets >= 2  # codes really were re-seeded, before and after the kill
