@@ -6,18 +6,24 @@ Nothing here knows about models; the stage scripts build, ``prepare``, loop, log
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from tokenizer.config import ConfigError, load_config, save_config
-from tokenizer.io import atomic_path, save_json
+from pipelines.stages import STAGE_RECORD, write_record
+from tokenizer.config import load_config, save_config
+from tokenizer.errors import CorruptFileError, UserError
+from tokenizer.io import atomic_path, check_safetensors, load_json, save_json
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 
@@ -61,21 +67,77 @@ class TrainConfig:
 def parse_cli(config_cls: type, argv: Sequence[str] | None, description: str) -> tuple[Any, argparse.Namespace]:
     """``--config FILE --output-dir DIR key=value ...`` -> (resolved config, args).
 
-    A bad config exits with one line naming the problem instead of a traceback.
+    A bad config raises ``ConfigError`` (``entry_point`` turns it into one line and exit code 2).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file (fields not given keep their defaults)")
     parser.add_argument("--output-dir", help="run folder (overrides the config's output_dir)")
+    add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
+    return load_config(config_cls, args.config, overrides), args
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug``: show the full traceback of a known failure instead of its one-line message."""
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks instead of one-line errors (also: VQGEN_DEBUG=1)")
+
+
+def one_line(message: str) -> str:
+    """A message on one line (library messages sometimes span several)."""
+    return " ".join(str(message).split())
+
+
+def entry_point(body: Callable | None = None, *, known: tuple[type[BaseException], ...] = ()):
+    """Decorate a command's ``main(argv)``: known failures become one line on stderr and exit code 2.
+
+    Known failures are ``UserError`` (bad config, missing or corrupt file, unusable data, a stale stage,
+    a non-finite loss, ...) and the classes in ``known``. With ``--debug`` among the arguments (or
+    ``VQGEN_DEBUG=1``) they keep their traceback; any other exception is a bug and always does.
+    Every entry point uses this one wrapper.
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def main(argv: Sequence[str] | None = None):
+            args = list(sys.argv[1:] if argv is None else argv)
+            debug = "--debug" in args or os.environ.get("VQGEN_DEBUG", "") not in ("", "0")
+            try:
+                return fn(args)
+            except (UserError, *known) as err:
+                if debug:
+                    raise
+                print(f"error: {one_line(err)}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+        return main
+
+    return wrap(body) if body is not None else wrap
+
+
+def check_output_dir(path: str | Path, what: str = "--output-dir") -> Path:
+    """Make sure ``path`` is (or can become) a writable folder before any work; creates it.
+
+    Raises ``UserError`` naming the path when it is a file, lies under a file, or cannot be written.
+    """
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                where = "is a file" if parent == path else f"lies under {parent}, which is a file"
+                raise UserError(f"{what} {path} {where}; give a folder")
+            break
     try:
-        cfg = load_config(config_cls, args.config, overrides)
-    except ConfigError as err:
-        parser.exit(2, f"error: {err}\n")
-    return cfg, args
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".vqgen-write-test-"):
+            pass
+    except OSError as err:
+        raise UserError(f"{what} {path} is not writable ({err.strerror or err}); choose another folder") from None
+    return path
 
 
 def make_accelerator(train: TrainConfig, output_dir: str | Path, project_name: str, **accelerator_kwargs):
@@ -132,11 +194,7 @@ class MetricsLogger:
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists():
-                kept = [
-                    line
-                    for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step
-                ]
+                kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
                 with atomic_path(self.path) as tmp:
                     tmp.write_text("".join(line + "\n" for line in kept))
 
@@ -147,6 +205,15 @@ class MetricsLogger:
                 f.write(json.dumps(record) + "\n")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         self.accelerator.log(scalars, step=step)
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill (or empty) counts as after any resume point."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return math.inf
+    return record.get("step", 0) if isinstance(record, dict) else math.inf
 
 
 def _plain(value: Any) -> Any:
@@ -189,7 +256,9 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            save_json({"step": step, **(extra or {})}, tmp / "vqgen_state.json")
+            # the size of every file, so a resume can tell a truncated checkpoint from a good one
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            save_json({"step": step, "files": files, **(extra or {})}, tmp / CHECKPOINT_RECORD)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -198,14 +267,70 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
 
 
+CHECKPOINT_RECORD = "vqgen_state.json"
+# What a damaged checkpoint file raises while Accelerate loads it (safetensors, torch's zip reader, pickle).
+_LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise ``CorruptFileError`` naming the first bad file of a checkpoint folder.
+
+    Checks what can be checked without loading it: the record written last (``vqgen_state.json``) and the
+    sizes it lists, every safetensors header against its file size, and the CRCs of the zip archives that
+    ``torch.save`` writes (optimizer, scheduler, RNG states, registered objects).
+    """
+    path = Path(path)
+    record = load_json(path / CHECKPOINT_RECORD)
+    for name, size in (record.get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CorruptFileError(file, "missing from its checkpoint")
+        if file.stat().st_size != size:
+            raise CorruptFileError(file, f"{file.stat().st_size} bytes, {size} when it was written")
+    for file in sorted(path.iterdir()):
+        if file.suffix == ".safetensors":
+            check_safetensors(file)
+        elif file.suffix in (".bin", ".pkl", ".pt") and zipfile.is_zipfile(file):
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    bad = archive.testzip()
+            except (zipfile.BadZipFile, OSError, EOFError) as err:
+                raise CorruptFileError(file, str(err)) from None
+            if bad is not None:
+                raise CorruptFileError(file, f"entry {bad} fails its CRC check")
+        elif file.suffix in (".bin", ".pkl", ".pt") and file.stat().st_size == 0:
+            raise CorruptFileError(file, "empty")
+
+
 def resume_latest(accelerator, checkpoints: CheckpointManager) -> int:
-    """Load the newest checkpoint if there is one; returns the step to continue from (0 for a new run)."""
-    latest = checkpoints.latest()
-    if latest is None:
-        return 0
-    accelerator.load_state(str(latest[0]))
-    accelerator.print(f"resuming from {latest[0]} (step {latest[1]})")
-    return latest[1]
+    """Load the newest usable checkpoint if there is one; returns the step to continue from (0 for a new run).
+
+    Each checkpoint is verified (``verify_checkpoint``) and then loaded; one that fails either is skipped with
+    a warning naming it, and the one before it is tried. When checkpoints exist but none is usable this
+    raises ``CorruptFileError`` rather than silently starting over.
+    """
+    found = checkpoints.all()
+    failures = []
+    for step, path in reversed(found):
+        try:
+            verify_checkpoint(path)
+            accelerator.load_state(str(path))
+        except (UserError, *_LOAD_ERRORS) as err:
+            reason = one_line(err)
+            failures.append(f"{path.name}: {reason}")
+            warn(accelerator, f"checkpoint {path} is unusable ({reason}); trying the one before it")
+            continue
+        if failures:
+            warn(accelerator, f"resuming from the older checkpoint {path} (step {step})")
+        else:
+            accelerator.print(f"resuming from {path} (step {step})")
+        return step
+    if found:
+        raise CorruptFileError(
+            checkpoints.directory, f"no usable checkpoint ({'; '.join(failures)})",
+            hint=f"delete {checkpoints.directory} to train from scratch",
+        )
+    return 0
 
 
 class EarlyStopping:
@@ -276,11 +401,13 @@ def finish_run(accelerator, model, summary: dict, output_dir: str | Path) -> dic
     return summary
 
 
-def write_run_config(cfg: Any, output_dir: str | Path, accelerator) -> None:
-    """Save the resolved config as ``config.yaml`` in the run folder (main process)."""
+def write_run_config(cfg: Any, output_dir: str | Path, accelerator, record: dict | None = None) -> None:
+    """Save the resolved config as ``config.yaml`` and the stage record (``pipelines.stages``), main process."""
     if accelerator.is_main_process:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(output_dir) / "config.yaml")
+        if record is not None:
+            write_record(Path(output_dir) / STAGE_RECORD, record)
 
 
 def show_progress(accelerator) -> bool:
@@ -288,7 +415,7 @@ def show_progress(accelerator) -> bool:
     return accelerator.is_local_main_process and not os.environ.get("VQGEN_NO_PROGRESS")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Raised when training produces a NaN/inf loss; the message names the step and the last checkpoint."""
 
 
@@ -302,6 +429,12 @@ def fail_on_nonfinite(loss_value: float, step: int, checkpoints: CheckpointManag
         f"loss became {loss_value} at step {step}; {where}. Lower train.lr or enable clipping "
         "(train.max_grad_norm), then rerun the same command to resume."
     )
+
+
+def warn(accelerator, message: str) -> None:
+    """One ``warning: ...`` line on stderr, from the main process."""
+    if accelerator is None or accelerator.is_main_process:
+        print(f"warning: {one_line(message)}", file=sys.stderr)
 
 
 def die(message: str) -> None:

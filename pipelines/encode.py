@@ -21,11 +21,12 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.common import die, show_progress, use_cpu_processes
+from pipelines.common import add_debug_flag, check_output_dir, entry_point, show_progress, use_cpu_processes
 from prior.data import TOKENS_FORMAT, TOKENS_META, TokenDataError, save_token_split, split_file
 from prior.model import tokenizer_record
 from tokenizer.config import ConfigError, from_dict, read_yaml, to_dict
 from tokenizer.data import SPLITS, DataConfig, build_dataset, make_dataloader
+from tokenizer.errors import MissingFileError
 from tokenizer.io import load_json, save_json
 from tokenizer.model import VQVAE
 
@@ -95,6 +96,10 @@ def encode(
         raise ConfigError(f"unknown split {unknown[0]!r}; --splits takes a comma-separated subset of {', '.join(SPLITS)}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    check_output_dir(output_dir)
+    if not tokenizer_run.is_dir():
+        raise MissingFileError(f"--tokenizer-run {tokenizer_run} is not a folder; give the tokenizer run folder "
+                               "(the --output-dir of pipelines.train_tokenizer)")
     model_dir = tokenizer_run / "model"
     data_cfg = data if data is not None else tokenizer_data_config(tokenizer_run)
     record = tokenizer_record(model_dir)
@@ -138,6 +143,7 @@ def encode(
     return meta
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command-line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Encode images into token ids with a trained tokenizer.")
@@ -146,17 +152,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--splits", default="train,validation,test", help="comma-separated splits to encode")
     parser.add_argument("--batch-size", type=int, default=256, help="images per process and batch")
     parser.add_argument("--overwrite", action="store_true", help="re-encode splits that are already there")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        return encode(
-            args.tokenizer_run,
-            args.output_dir,
-            [s.strip() for s in args.splits.split(",") if s.strip()],
-            overwrite=args.overwrite,
-            batch_size=args.batch_size,
-        )
-    except (ConfigError, TokenDataError, FileNotFoundError) as err:
-        die(str(err))
+    return encode(
+        args.tokenizer_run,
+        args.output_dir,
+        [s.strip() for s in args.splits.split(",") if s.strip()],
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+    )
 
 
 if __name__ == "__main__":

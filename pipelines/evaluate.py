@@ -22,7 +22,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from eval.diversity import (
     code_histogram,
@@ -56,12 +55,15 @@ from eval.plots import (
 )
 from eval.reconstruction import SplitPass, tokenizer_pass
 from eval.report import write_comparison, write_report
-from tokenizer.config import ConfigError, from_dict, load_config, read_yaml
+from pipelines.common import add_debug_flag, check_output_dir, entry_point
+from tokenizer.config import from_dict, load_config, read_yaml
+from tokenizer.errors import UserError
+from tokenizer.io import load_safetensors
 from tokenizer.data import SPLITS, DataConfig, build_dataset, make_dataloader
 from tokenizer.model import VQVAE, tokenizer_fingerprint
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """The run folder or the evaluation settings are unusable; the message says what to change."""
 
 
@@ -88,8 +90,12 @@ class EvalConfig:
             raise ValueError(f"extractor={self.extractor!r}; choose one of {', '.join(EXTRACTORS)}")
         if self.split not in SPLITS:
             raise ValueError(f"split={self.split!r}; choose one of {', '.join(SPLITS)}")
-        if self.num_images < 2 or self.batch_size < 1 or self.k < 1 or self.kid_subsets < 1:
-            raise ValueError("num_images must be >= 2 and batch_size, k, kid_subsets >= 1")
+        if self.batch_size < 1 or self.k < 1 or self.kid_subsets < 1:
+            raise ValueError("batch_size, k and kid_subsets must be >= 1")
+        if self.num_images <= self.k:
+            raise ValueError(f"num_images={self.num_images} leaves too few images: precision, recall, density and "
+                             f"coverage compare each image with its k={self.k} nearest neighbours, so num_images "
+                             f"must be larger than k; raise num_images or lower k")
 
 
 def _device(name: str) -> torch.device:
@@ -113,7 +119,7 @@ def load_samples(samples_dir: Path, max_images: int, model: VQVAE, batch_size: i
     token_file = samples_dir / "tokens.safetensors"
     if not token_file.is_file():
         return None
-    data = load_file(str(token_file))
+    data = load_safetensors(token_file)
     tokens = data["tokens"][:max_images].long()
     labels = data.get("labels", torch.full((tokens.shape[0],), -1))[:max_images].long()
     pngs = sorted((samples_dir / "images").glob("*.png"))[:max_images]
@@ -332,6 +338,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, cfg: EvalC
     return json.loads((out / "comparison.json").read_text())
 
 
+@entry_point(known=(FeatureExtractorError,))
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI: ``--run DIR`` (repeat to compare), ``--output DIR``, extractor options, ``key=value`` overrides."""
     parser = argparse.ArgumentParser(description="Evaluate runs: reconstruction, FID, diversity and shrinkage.")
@@ -346,24 +353,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--reevaluate", action="store_true", help="comparison: evaluate even runs with a report.json")
     parser.add_argument("overrides", nargs="*", help="EvalConfig key=value overrides, e.g. classifier.max_steps=500")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     flags = {"extractor": args.extractor, "weights_path": args.weights_path, "num_images": args.num_images,
              "split": args.split, "device": args.device, "batch_size": args.batch_size}
     overrides = list(args.overrides) + [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    try:
-        cfg = load_config(EvalConfig, args.config, overrides)
-        if len(args.run) == 1:
-            report = evaluate_run(args.run[0], cfg, args.output)
-            where = Path(args.output or args.run[0])
-            print(f"wrote {where / 'report.json'} and {where / 'report.html'}")
-            return report
-        if not args.output:
-            raise EvalError("comparing several runs needs --output DIR for the comparison table")
-        result = compare_runs(args.run, args.output, cfg, reuse=not args.reevaluate)
-        print(f"wrote {Path(args.output) / 'comparison.html'}")
-        return result
-    except (ConfigError, EvalError, FeatureExtractorError, FileNotFoundError) as err:
-        parser.exit(2, f"error: {err}\n")
+    cfg = load_config(EvalConfig, args.config, overrides)
+    if len(args.run) > 1 and not args.output:
+        raise EvalError("comparing several runs needs --output DIR for the comparison table")
+    for run in args.run:  # before any work
+        if not Path(run).is_dir():
+            raise EvalError(f"--run {run} is not a folder; give a run folder (the output_dir of vqgen run)")
+    check_output_dir(args.output or args.run[0], "--output" if args.output else "--run")
+    if len(args.run) == 1:
+        report = evaluate_run(args.run[0], cfg, args.output)
+        where = Path(args.output or args.run[0])
+        print(f"wrote {where / 'report.json'} and {where / 'report.html'}")
+        return report
+    result = compare_runs(args.run, args.output, cfg, reuse=not args.reevaluate)
+    print(f"wrote {Path(args.output) / 'comparison.html'}")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
 """Run an experiment end to end: train tokenizer -> encode -> train prior -> sample -> evaluate.
 
     vqgen run --config configs/experiments/quickstart.yaml
-    python -m pipelines.run --config configs/experiments/quickstart.yaml stages.prior.train.steps=100
+    python -m pipelines.run --config configs/experiments/quickstart.yaml prior.train.steps=100 sample.num_samples=200
     vqgen run --config A.yaml --config B.yaml --compare-dir runs/a_vs_b   # several, plus a comparison
     vqgen run --config configs/experiments/sweep_mnist_deferred.yaml      # a sweep file (see expand_sweep)
+    vqgen run --config configs/experiments/quickstart.yaml --force prior  # redo the prior and what follows
 
 In an experiment file each stage section is either a mapping or the path of a YAML file holding it (e.g.
 ``tokenizer: configs/tokenizer/mnist_ema_deferred.yaml``; paths relative to the working directory).
+Overrides are ``section.key=value`` with the section names of the file (``tokenizer.train.steps=500``,
+``prior.model.n_layer=4``, ``sample.num_samples=100``) or top-level keys (``seed=1``, ``output_dir=runs/x``).
 Every stage writes into one run folder (``RUN/tokenizer``, ``RUN/tokens``, ``RUN/prior``, ``RUN/samples``,
-``RUN/report.json``, ``RUN/report.html``). A stage whose result is already complete is skipped; a stage that
-was interrupted resumes from its newest checkpoint. Each stage can also be run by itself under
-``accelerate launch`` (see README); this runner calls the same functions in one process.
+``RUN/report.json``, ``RUN/report.html``), with a record of the config and inputs that produced it
+(``pipelines.stages``). A stage whose result is complete and was made with the same settings is skipped; an
+interrupted one resumes from its newest checkpoint. A stage made with other settings is refused (one message
+naming the changed keys) unless ``--force STAGE`` is given, which deletes that stage's output and every later
+stage's and runs them from scratch. Each stage can also be run by itself under ``accelerate launch`` (see
+README); this runner calls the same functions in one process.
 """
 
 from __future__ import annotations
@@ -25,11 +31,22 @@ from typing import Sequence
 from tokenizer.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, save_config
 from tokenizer.io import load_json
 
-from pipelines.common import die
+from pipelines.common import add_debug_flag, check_output_dir, entry_point
 from pipelines.encode import encode
 from pipelines.evaluate import EvalConfig, compare_runs, evaluate_run
 from pipelines.sample import sample
-from pipelines.train_prior import PriorRunConfig, train_prior
+from pipelines.stages import (
+    STAGE_RECORD,
+    StaleStageError,
+    file_inputs,
+    legacy_record,
+    make_record,
+    read_record,
+    record_changes,
+    remove_path,
+    write_record,
+)
+from pipelines.train_prior import PriorRunConfig, prior_stage_record, train_prior
 from pipelines.train_tokenizer import TokenizerRunConfig, train_tokenizer
 from prior.sampling import SamplingConfig
 
@@ -141,44 +158,148 @@ def _complete(path: Path, steps: int | None = None) -> bool:
     return stopped == steps or (summary.get("early_stopped") is True and stopped < steps)
 
 
-def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
-    """Run the configured stages into ``cfg.output_dir``; returns the evaluation report (or {})."""
+# What each stage writes inside the run folder (removed by --force), and where its record lives.
+STAGE_OUTPUTS = {
+    "tokenizer": ("tokenizer",),
+    "encode": ("tokens",),
+    "prior": ("prior",),
+    "sample": ("samples",),
+    "evaluate": ("report.json", "report.md", "report.html", "report_files", "report_stage.json"),
+}
+STAGE_CONFIG_CLASSES = {"tokenizer": TokenizerRunConfig, "encode": EncodeStageConfig, "prior": PriorRunConfig,
+                        "sample": SamplingConfig, "evaluate": EvalConfig}
+TOKENIZER_WEIGHTS = Path("tokenizer") / "model" / "model.safetensors"
 
-    run = Path(cfg.output_dir)
-    run.mkdir(parents=True, exist_ok=True)
+
+def stage_record_path(run: Path, stage: str) -> Path:
+    """Where the record of ``stage`` lives: inside its folder, or ``report_stage.json`` for ``evaluate``."""
+    return run / "report_stage.json" if stage == "evaluate" else run / STAGE_OUTPUTS[stage][0] / STAGE_RECORD
+
+
+def _stage_config(cfg, stage: str):
+    return getattr(cfg, stage)
+
+
+def _existing_record(run: Path, stage: str) -> dict | None:
+    """The record a stage folder holds, or one rebuilt from its files when it was written before records."""
+    record = read_record(stage_record_path(run, stage))
+    if record is None and stage != "evaluate":
+        record = legacy_record(stage, run / STAGE_OUTPUTS[stage][0])
+    return record
+
+
+def expected_record(cfg, run: Path, stage: str) -> dict:
+    """The record ``stage`` would get now: its config section and the fingerprints of its inputs on disk."""
+    if stage == "prior":
+        return prior_stage_record(cfg.prior)
+    inputs = {
+        "tokenizer": {},
+        "encode": {"tokenizer": run / TOKENIZER_WEIGHTS},
+        "sample": {"prior": run / "prior" / "model" / "model.safetensors", "tokenizer": run / TOKENIZER_WEIGHTS},
+        "evaluate": {"tokenizer": run / TOKENIZER_WEIGHTS, "samples": run / "samples" / "tokens.safetensors"},
+    }[stage]
+    return make_record(stage, _stage_config(cfg, stage), file_inputs(inputs))
+
+
+def _ways_out(run: Path, stage: str) -> str:
+    return (f"rerun with --force {stage} to redo {stage} from scratch (every later stage is redone too), or give "
+            f"another output_dir to keep {run} as it is")
+
+
+def check_stage_configs(cfg, run: Path, first_forced: int = len(STAGES)) -> None:
+    """Refuse, in one message, when stages before ``first_forced`` hold results of other settings.
+
+    Compares every stage's record with the config (not only the stages to run: a later run must not find
+    results of two configs in one folder). Inputs are compared later, stage by stage (``check_stage_inputs``).
+    """
+    problems, first = [], None
+    for stage in STAGES[:first_forced]:
+        old = _existing_record(run, stage)
+        if old is None:
+            continue
+        new = make_record(stage, _stage_config(cfg, stage))
+        found = record_changes({**old, "inputs": None}, new, STAGE_CONFIG_CLASSES[stage])
+        if found:
+            problems.append(f"{stage}: {', '.join(found)}")
+            first = first or stage
+    if problems:
+        raise StaleStageError(f"{run} holds results made with other settings ({'; '.join(problems)}); "
+                              + _ways_out(run, first))
+
+
+def check_stage_inputs(cfg, run: Path, stage: str) -> dict:
+    """Refuse to reuse ``stage`` when the files it was made from changed; returns its current record."""
+    new = expected_record(cfg, run, stage)
+    old = _existing_record(run, stage)
+    if old is not None:
+        found = record_changes(old, new, STAGE_CONFIG_CLASSES[stage])
+        if found:
+            raise StaleStageError(f"{run}: stage {stage} was made from other inputs or settings ({'; '.join(found)}); "
+                                  + _ways_out(run, stage))
+    return new
+
+
+def force_stages(run: Path, force: Sequence[str]) -> int:
+    """Delete the outputs of the earliest forced stage and of every stage after it; returns its index."""
+    first = min((STAGES.index(s) for s in force), default=len(STAGES))
+    for stage in STAGES[first:]:
+        removed = [name for name in STAGE_OUTPUTS[stage] if (run / name).exists()]
+        for name in removed:
+            remove_path(run / name)
+        if removed:
+            print(f"[run] --force {STAGES[first]}: removed {stage} ({', '.join(removed)})")
+    return first
+
+
+def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
+    """Run the configured stages into ``cfg.output_dir``; returns the evaluation report (or {}).
+
+    Before anything runs, every stage already in the folder is compared with ``cfg`` (``StaleStageError``
+    names the changed keys). ``force`` lists stages to redo from scratch: their outputs and those of every
+    later stage are deleted first.
+    """
+    unknown = [s for s in force if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"--force takes stages among {', '.join(STAGES)}, got {unknown[0]!r}")
+    run = check_output_dir(cfg.output_dir, "output_dir")
+    first_forced = min((STAGES.index(s) for s in force), default=len(STAGES))
+    check_stage_configs(cfg, run, first_forced)
+    force_stages(run, force)
     save_config(cfg, run / "experiment.yaml")
-    done = lambda stage, ok: ok and stage not in force  # noqa: E731
     report: dict = {}
     for stage in cfg.stages:
+        record = check_stage_inputs(cfg, run, stage)
         if stage == "tokenizer":
-            if done(stage, _complete(run / "tokenizer" / "summary.json", cfg.tokenizer.train.steps)):
+            if _complete(run / "tokenizer" / "summary.json", cfg.tokenizer.train.steps):
                 print("[run] tokenizer: complete, skipped")
-                continue
-            print("[run] tokenizer: training")
-            train_tokenizer(cfg.tokenizer)
+            else:
+                print("[run] tokenizer: training")
+                train_tokenizer(cfg.tokenizer)
         elif stage == "encode":
             print("[run] encode")
-            encode(run / "tokenizer", run / "tokens", cfg.encode.splits, overwrite=stage in force,
-                   batch_size=cfg.encode.batch_size)
+            encode(run / "tokenizer", run / "tokens", cfg.encode.splits, batch_size=cfg.encode.batch_size)
         elif stage == "prior":
-            if done(stage, _complete(run / "prior" / "summary.json", cfg.prior.train.steps)):
+            if _complete(run / "prior" / "summary.json", cfg.prior.train.steps):
                 print("[run] prior: complete, skipped")
-                continue
-            print("[run] prior: training")
-            train_prior(cfg.prior)
+            else:
+                print("[run] prior: training")
+                train_prior(cfg.prior)
         elif stage == "sample":
-            if done(stage, (run / "samples" / "meta.json").is_file()):
+            if (run / "samples" / "meta.json").is_file():
                 print("[run] sample: complete, skipped")
-                continue
-            print("[run] sample")
-            sample(run / "prior" / "model", run / "samples", cfg.sample, tokenizer_dir=run / "tokenizer" / "model")
+            else:
+                print("[run] sample")
+                sample(run / "prior" / "model", run / "samples", cfg.sample, tokenizer_dir=run / "tokenizer" / "model")
         elif stage == "evaluate":
-            if done(stage, (run / "report.json").is_file()):
+            if (run / "report.json").is_file():
                 print("[run] evaluate: complete, skipped")
                 report = json.loads((run / "report.json").read_text())
-                continue
-            print("[run] evaluate")
-            report = evaluate_run(run, cfg.evaluate)
+            else:
+                print("[run] evaluate")
+                report = evaluate_run(run, cfg.evaluate)
+        # the record of what is there now (a trainer wrote its own already; a legacy stage is adopted)
+        write_record(stage_record_path(run, stage), record if stage in ("tokenizer", "prior")
+                     else expected_record(cfg, run, stage))
     return report
 
 
@@ -337,28 +458,32 @@ def reject_shared_folders(runs: Sequence[SweepRun]) -> None:
         seen[key] = run
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description="Run experiments end to end (resumable stage by stage).")
     parser.add_argument("--config", action="append", required=True,
                         help="experiment or sweep YAML; repeat to run several and compare them")
     parser.add_argument("--compare-dir", default=None, help="where the comparison report goes (several configs)")
-    parser.add_argument("--force", default="", help=f"comma-separated stages to redo: {', '.join(STAGES)}")
+    parser.add_argument("--force", default="", metavar="STAGE[,STAGE]",
+                        help=f"redo these stages (among {', '.join(STAGES)}) and every later one from scratch; "
+                             "their outputs are deleted first")
+    add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides applied to every experiment (they win over a sweep's)")
     args = parser.parse_intermixed_args(argv)
-    force = [s for s in args.force.split(",") if s]
+    force = [s.strip() for s in args.force.split(",") if s.strip()]
     if any(s not in STAGES for s in force):
-        die(f"--force takes stages among {', '.join(STAGES)}, got {args.force!r}")
-    try:
-        runs, compare_dir = [], None
-        for path in args.config:
-            found, sweep_compare_dir = expand_sweep(path, args.overrides)
-            runs += found
-            compare_dir = sweep_compare_dir or compare_dir
-        reject_shared_folders(runs)
-        configs = [run.load() for run in runs]
-    except (ConfigError, FileNotFoundError) as err:
-        die(str(err))
+        raise ConfigError(f"--force takes stages among {', '.join(STAGES)}, got {args.force!r}")
+    runs, compare_dir = [], None
+    for path in args.config:
+        found, sweep_compare_dir = expand_sweep(path, args.overrides)
+        runs += found
+        compare_dir = sweep_compare_dir or compare_dir
+    reject_shared_folders(runs)
+    configs = [run.load() for run in runs]
+    for cfg in configs:  # every experiment's folders before the first one starts
+        run_dir = check_output_dir(cfg.output_dir, "output_dir")
+        check_stage_configs(cfg, run_dir, min((STAGES.index(s) for s in force), default=len(STAGES)))
     reports = []
     for cfg in configs:
         report = run_experiment(cfg, force)

@@ -31,11 +31,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pipelines.common import die, show_progress, use_cpu_processes
-from prior.model import Prior, TokenizerMismatchError, check_tokenizer
+from pipelines.common import add_debug_flag, check_output_dir, die, entry_point, show_progress, use_cpu_processes
+from prior.model import Prior, check_tokenizer
 from prior.sampling import SamplingConfig, SamplingError, sample_tokens
-from tokenizer.config import ConfigError, from_dict
+from tokenizer.config import from_dict
 from tokenizer.data import denormalize, save_image_grid
+from tokenizer.errors import MissingFileError
 from tokenizer.io import atomic_path, file_fingerprint, save_json
 from tokenizer.model import VQVAE
 
@@ -47,7 +48,7 @@ def resolve_tokenizer(prior: Prior, prior_dir: Path, tokenizer_dir: str | Path |
     if tokenizer_dir is None:
         tokenizer_dir = prior.tokenizer_dir
         if tokenizer_dir is None or not tokenizer_dir.is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"the prior at {prior_dir} was trained with the tokenizer at {tokenizer_dir}, which is not there any "
                 "more; pass --tokenizer DIR with that tokenizer's model/ directory"
             )
@@ -84,8 +85,12 @@ def sample(
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise SamplingError(str(err)) from None
     prior_dir, output_dir = Path(prior_dir), Path(output_dir)
+    check_output_dir(output_dir)  # before loading anything
     accelerator = Accelerator(cpu=use_cpu_processes())
     prior = Prior.from_pretrained(prior_dir)
     tokenizer_dir = resolve_tokenizer(prior, prior_dir, tokenizer_dir)
@@ -140,6 +145,7 @@ def sample(
     return meta
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command-line entry point (see the module docstring)."""
     defaults = SamplingConfig()
@@ -156,20 +162,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--labels", default="", help="comma-separated class labels, cycled (default: all classes)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-cache", action="store_true", help="re-run the whole prefix each step (slow; for checks)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     try:
         labels = [int(x) for x in args.labels.split(",") if x.strip()]
     except ValueError:
         die(f"--labels must be comma-separated integers, got {args.labels!r}")
-    try:
-        cfg = from_dict(SamplingConfig, {
-            "num_samples": args.num_samples, "batch_size": args.batch_size, "temperature": args.temperature,
-            "top_k": args.top_k, "top_p": args.top_p, "cfg_scale": args.cfg_scale, "labels": labels,
-            "use_cache": not args.no_cache, "seed": args.seed,
-        })
-        return sample(args.prior, args.output_dir, cfg, args.tokenizer)
-    except (ConfigError, SamplingError, TokenizerMismatchError, FileNotFoundError) as err:
-        die(str(err))
+    cfg = from_dict(SamplingConfig, {
+        "num_samples": args.num_samples, "batch_size": args.batch_size, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p, "cfg_scale": args.cfg_scale, "labels": labels,
+        "use_cache": not args.no_cache, "seed": args.seed,
+    })
+    return sample(args.prior, args.output_dir, cfg, args.tokenizer)
 
 
 if __name__ == "__main__":

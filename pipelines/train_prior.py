@@ -35,7 +35,8 @@ from pipelines.common import (
     MetricsLogger,
     TrainConfig,
     batch_stream,
-    die,
+    check_output_dir,
+    entry_point,
     fail_on_nonfinite,
     finish_run,
     make_accelerator,
@@ -44,10 +45,11 @@ from pipelines.common import (
     show_progress,
     write_run_config,
 )
+from pipelines.stages import STAGE_RECORD, check_record, file_inputs, make_record
 from prior.config import PriorModelConfig
 from prior.data import TokenDataError, TokenDataset, read_token_meta
 from prior.model import Prior
-from prior.vocab import TokenVocab, VocabError
+from prior.vocab import TokenVocab
 from tokenizer.data import make_dataloader
 
 
@@ -148,6 +150,15 @@ def eval_due(step: int, train: PriorTrainConfig, early_stopping: bool) -> bool:
     return bool(train.eval_every) and step % train.eval_every == 0
 
 
+def prior_stage_record(cfg: PriorRunConfig, meta: dict | None = None) -> dict:
+    """The stage record of a prior run: its config, its tokenizer's fingerprint and the sha256 of the token
+    files it trains and validates on."""
+    meta = meta if meta is not None else read_token_meta(cfg.tokens)
+    splits = [s for s in ("train", "validation") if s in meta["splits"]]
+    inputs = file_inputs({meta["splits"][s]["file"]: Path(cfg.tokens) / meta["splits"][s]["file"] for s in splits})
+    return make_record("prior", cfg, {"tokenizer": meta["tokenizer"]["fingerprint"], **inputs})
+
+
 def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
     """Train (or resume) one prior run into ``cfg.output_dir``; returns the summary dict.
 
@@ -156,10 +167,16 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
     """
     from accelerate.utils import DataLoaderConfiguration
 
-    out = Path(cfg.output_dir)
+    out = check_output_dir(cfg.output_dir)
     meta = read_token_meta(cfg.tokens)
     if "train" not in meta["splits"]:
         raise TokenDataError(f"{cfg.tokens} has no encoded train split; run pipelines.encode with --splits train,...")
+    checkpoints = CheckpointManager(out / "checkpoints", keep=cfg.train.keep_checkpoints)
+    stage_record = prior_stage_record(cfg, meta)
+    if checkpoints.all():  # never continue a checkpoint trained on other tokens or with another config
+        check_record(out / STAGE_RECORD, stage_record, PriorRunConfig, f"{out} holds a prior checkpoint",
+                     f"resuming it would mix two trainings. Use another --output-dir, or delete {out} to start over "
+                     "(vqgen run: --force prior)", legacy_folder=out)
     vocab = TokenVocab.from_vocab_info(meta["vocab_info"], meta["num_classes"], cfg.model.class_conditional)
     extra = {"mixed_precision": cfg.mixed_precision} if cfg.mixed_precision else {}
     # Accumulation is done by hand below (exactly grad_accum micro-batches per update, also across epoch
@@ -171,7 +188,7 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
         **extra,
     )
-    write_run_config(cfg, out, accelerator)
+    write_run_config(cfg, out, accelerator, stage_record)
     train_ds = TokenDataset(cfg.tokens, "train")
     val_split = "validation" if "validation" in meta["splits"] else "train"
     if val_split == "train":
@@ -190,7 +207,6 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
         stopper = EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta)
         accelerator.register_for_checkpointing(stopper)
     raw: Prior = accelerator.unwrap_model(model)
-    checkpoints = CheckpointManager(out / "checkpoints", keep=cfg.train.keep_checkpoints)
 
     start = resume_latest(accelerator, checkpoints)
     logger = MetricsLogger(out / "metrics.jsonl", accelerator, resume_step=start)
@@ -205,6 +221,7 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
     conditional = vocab.class_conditional
     tokens_per_seq = vocab.seq_len - 1  # predicted positions per sequence
     loss_sum = torch.zeros((), device=accelerator.device)
+    bad_step = torch.tensor(-1, device=accelerator.device)  # first step with a non-finite loss (no host sync)
     tokens_trained, t_train = 0, 0.0
     progress = tqdm(total=cfg.train.steps, initial=start, disable=not show_progress(accelerator), desc="prior")
     model.train()
@@ -220,6 +237,7 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
                 output = model(batch["codes"], batch["label"] if conditional else None)
                 accelerator.backward(output.loss / accum)
             loss_sum += output.loss.detach() / accum
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(output.loss.detach()), step + 1, bad_step)
             tokens_trained += batch["codes"].shape[0] * tokens_per_seq * accelerator.num_processes
         if cfg.train.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
@@ -239,6 +257,10 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
                 stopper.update(evaluation["val_nll"], step, raw, evaluation)
                 evaluation.update(best_val_nll=stopper.best_value, evals_without_improvement=stopper.bad_evals)
         is_last = step == total or stopped()
+        if step % cfg.train.log_every == 0 or is_last or step % cfg.train.checkpoint_every == 0:
+            first_bad = int(accelerator.reduce(bad_step.clone(), reduction="max"))  # never checkpoint a NaN state
+            if first_bad >= 0:
+                fail_on_nonfinite(float("nan"), first_bad, checkpoints)
         if step % cfg.train.log_every == 0 or is_last:
             since = step - (step - 1) // cfg.train.log_every * cfg.train.log_every
             loss = float(accelerator.reduce(loss_sum, reduction="mean")) / since
@@ -283,13 +305,11 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
     return finish_run(accelerator, raw, summary, out)
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command-line entry point: ``--config FILE --output-dir DIR key=value ...``."""
     cfg, _ = parse_cli(PriorRunConfig, argv, "Train the GPT prior on encoded tokens (stage 2).")
-    try:
-        return train_prior(cfg)
-    except (TokenDataError, VocabError) as err:
-        die(str(err))
+    return train_prior(cfg)
 
 
 if __name__ == "__main__":

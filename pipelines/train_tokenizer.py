@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -28,6 +27,8 @@ from pipelines.common import (
     CheckpointManager,
     MetricsLogger,
     TrainConfig,
+    check_output_dir,
+    entry_point,
     fail_on_nonfinite,
     finish_run,
     make_accelerator,
@@ -37,6 +38,7 @@ from pipelines.common import (
     show_progress,
     write_run_config,
 )
+from pipelines.stages import STAGE_RECORD, check_record, make_record
 from tokenizer.data import DataConfig, build_dataset, make_dataloader
 from tokenizer.model import ModelConfig, VQVAE
 from eval.codebook import codebook_metrics
@@ -179,7 +181,13 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
     """
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
-    out = Path(cfg.output_dir)
+    out = check_output_dir(cfg.output_dir)
+    checkpoints = CheckpointManager(out / "checkpoints", keep=cfg.train.keep_checkpoints)
+    stage_record = make_record("tokenizer", cfg)
+    if checkpoints.all():  # never continue a checkpoint of another config
+        check_record(out / STAGE_RECORD, stage_record, TokenizerRunConfig, f"{out} holds a tokenizer checkpoint",
+                     f"resuming it would mix two configs. Use another --output-dir, or delete {out} to start over "
+                     "(vqgen run: --force tokenizer)", legacy_folder=out)
     accelerator = make_accelerator(
         cfg.train,
         out,
@@ -188,7 +196,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
         # the quantizer is idle in the continuous phase, so DDP must tolerate unused parameters
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    write_run_config(cfg, out, accelerator)
+    write_run_config(cfg, out, accelerator, stage_record)
     train_ds = build_dataset(cfg.data, "train")
     val_ds = build_dataset(cfg.data, "validation")
     model = VQVAE(cfg.model)
@@ -208,7 +216,6 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
     # process), and checkpointed with the rest of the state
     accelerator.register_for_checkpointing(scheduler)
     raw: VQVAE = accelerator.unwrap_model(model)
-    checkpoints = CheckpointManager(out / "checkpoints", keep=cfg.train.keep_checkpoints)
 
     start = resume_latest(accelerator, checkpoints)
     if start == 0 and cfg.schedule.mode == "early" and cfg.schedule.init == "kmeans":
@@ -247,6 +254,8 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             images_trained += batch["image"].shape[0] * accelerator.num_processes
+        if phase == "quantize":
+            raw.quantizer.step_schedule()  # temperature schedules count optimizer steps (device op, no sync)
         step += 1
         loss = output.loss.detach()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.tensor(step, device=loss.device), bad_step)
@@ -346,6 +355,7 @@ def step_metrics(model: VQVAE, output, accelerator, phase: str, alpha: float) ->
     return record
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg, _ = parse_cli(TokenizerRunConfig, argv, "Train a VQ-VAE tokenizer (stage 1).")
     summary = train_tokenizer(cfg)

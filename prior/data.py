@@ -16,16 +16,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from tokenizer.io import atomic_path, load_json
+from tokenizer.errors import UserError
+from tokenizer.io import atomic_path, load_json, load_safetensors
 
 TOKENS_META = "meta.json"
 TOKENS_FORMAT = 1
 
 
-class TokenDataError(ValueError):
+class TokenDataError(UserError, ValueError):
     """A tokens directory is missing, incomplete or inconsistent; the message says what to run."""
 
 
@@ -70,7 +71,7 @@ def load_token_split(directory: str | Path, split: str) -> tuple[torch.Tensor, t
             f"split {split!r} was not encoded in {directory} (have: {', '.join(meta['splits']) or 'none'}); "
             f"run pipelines.encode with --splits {split}"
         )
-    tensors = load_file(str(Path(directory) / meta["splits"][split]["file"]))
+    tensors = load_safetensors(Path(directory) / meta["splits"][split]["file"])
     return tensors["tokens"].long(), tensors["labels"].long()
 
 
@@ -81,7 +82,7 @@ class TokenDataset(Dataset):
         meta = read_token_meta(directory)
         if split not in meta["splits"]:
             load_token_split(directory, split)  # raises the explanatory error
-        tensors = load_file(str(Path(directory) / meta["splits"][split]["file"]))
+        tensors = load_safetensors(Path(directory) / meta["splits"][split]["file"])
         self.tokens = tensors["tokens"]  # (N, h, w) int16/int32
         self.labels = tensors["labels"]  # (N,) int64
         self.meta = meta

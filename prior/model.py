@@ -8,6 +8,7 @@ loaded next to a different tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tokenizer.config import from_dict
-from tokenizer.io import atomic_path, file_fingerprint, load_json, save_json
+from tokenizer.errors import CorruptFileError, MissingFileError, UserError
+from tokenizer.io import atomic_path, check_safetensors, file_fingerprint, load_json, save_json
 
 from .config import PriorModelConfig
 from .vocab import TokenVocab
@@ -27,7 +29,7 @@ PRIOR_RECORD = "vqgen_prior.json"
 TOKENIZER_FILES = ("config.json", "model.safetensors")
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(UserError, ValueError):
     """A prior is used with a tokenizer other than the one whose tokens it was trained on."""
 
 
@@ -51,7 +53,7 @@ def tokenizer_record(tokenizer_dir: str | Path) -> dict:
     tokenizer_dir = Path(tokenizer_dir)
     missing = [name for name in TOKENIZER_FILES if not (tokenizer_dir / name).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{tokenizer_dir} is not a saved tokenizer (missing {', '.join(missing)}); "
             "pass the tokenizer run's model/ directory"
         )
@@ -80,6 +82,20 @@ def check_tokenizer(expected: dict, tokenizer_dir: str | Path, what: str) -> Non
         f"Pass --tokenizer {expected['path']} (the tokenizer it was trained with), "
         "or re-encode the tokens and retrain the prior for this tokenizer."
     )
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' per-file progress bars off (they would fill logs and stderr for a one-file model)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def build_transformer(cfg: PriorModelConfig, vocab: TokenVocab) -> nn.Module:
@@ -171,7 +187,7 @@ class Prior(nn.Module):
         """Write ``directory/`` (HF ``config.json`` + ``model.safetensors`` + ``vqgen_prior.json``) atomically."""
         if self.tokenizer is None:
             raise ValueError("this prior has no tokenizer record; build it with tokenizer=tokenizer_record(dir)")
-        with atomic_path(directory) as tmp:
+        with atomic_path(directory) as tmp, _no_progress_bars():
             self.transformer.save_pretrained(tmp)
             save_json(self.record(), Path(tmp) / PRIOR_RECORD)
 
@@ -183,17 +199,28 @@ class Prior(nn.Module):
         """
         directory = Path(directory)
         if not (directory / PRIOR_RECORD).is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{directory} is not a saved prior (no {PRIOR_RECORD}); pass the prior run's model/ directory"
             )
         rec = load_json(directory / PRIOR_RECORD)
         if tokenizer_dir is not None:
             check_tokenizer(rec["tokenizer"], tokenizer_dir, f"the prior at {directory}")
+        weights = sorted(directory.glob("*.safetensors"))
+        if not weights:
+            raise MissingFileError(f"{directory} holds no model.safetensors; pass the prior run's model/ directory")
+        for path in weights:  # a truncated file is named here rather than deep inside transformers
+            check_safetensors(path)
+        load_json(directory / "config.json")  # the same for the transformer's config
+        try:
+            with _no_progress_bars():
+                transformer = AutoModelForCausalLM.from_pretrained(directory)
+        except (OSError, ValueError) as err:
+            raise CorruptFileError(directory, f"transformers could not load it: {err}") from None
         return cls(
             from_dict(PriorModelConfig, rec["model"]),
             TokenVocab.from_dict(rec["vocab"]),
             tokenizer=rec["tokenizer"],
-            transformer=AutoModelForCausalLM.from_pretrained(directory),
+            transformer=transformer,
         )
 
     @property

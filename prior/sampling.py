@@ -15,10 +15,12 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from tokenizer.errors import UserError
+
 from .model import Prior
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError, ValueError):
     """Sampling options that cannot work with this prior; the message says what to change."""
 
 

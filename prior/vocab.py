@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenizer.errors import UserError
 
-class VocabError(ValueError):
+
+class VocabError(UserError, ValueError):
     """Tokens or labels do not fit the prior's vocabulary; the message says what is wrong."""
 
 

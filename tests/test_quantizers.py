@@ -173,6 +173,8 @@ def test_adaptive_training_updates_every_codebook_and_trains_the_selector():
     assert all(not torch.equal(b, vq.cluster_size) for b, vq in zip(before, q.quantizers))
     assert q.query.weight.grad is not None and float(q.query.weight.grad.abs().sum()) > 0
     assert q.keys.grad is not None and float(q.keys.grad.abs().sum()) > 0
+    assert int(q.num_steps) == 0  # the schedule counts optimizer steps: only step_schedule() moves it
+    q.step_schedule()
     assert int(q.num_steps) == 1
 
 
@@ -197,6 +199,8 @@ def test_gumbel_tau_schedule_is_exponential_and_restored_from_state():
     q.train()
     for _ in range(5):
         out = q(torch.randn(2, DIM))
+        q(torch.randn(2, DIM))  # a second forward in the same step (e.g. accumulation) does not count
+        q.step_schedule()
     assert int(q.num_steps) == 5
     assert math.isclose(float(q.tau()), 0.25, rel_tol=1e-5)  # halfway: sqrt(1 * 1/16)
     assert math.isclose(float(out.stats["tau"]), (1 / 16) ** 0.4, rel_tol=1e-5)  # tau used at step 4

@@ -225,3 +225,18 @@ def test_adaptive_experiment_end_to_end(tmp_path, monkeypatch, granularity):
     assert int(tokens.max()) < 60
     if granularity == "image":
         assert (book == book[:, :1, :1]).all()  # one codebook per sampled image
+
+
+def test_the_module_docstring_examples_load():
+    """Every override shown in pipelines/run.py's docstring is one that works."""
+    import shlex
+
+    import pipelines.run
+
+    examples = [shlex.split(line.split("#")[0]) for line in pipelines.run.__doc__.splitlines()
+                if "--config configs/experiments/quickstart.yaml" in line]
+    assert any("=" in arg for words in examples for arg in words)
+    for words in examples:
+        overrides = [w for w in words if "=" in w and not w.startswith("-")]
+        cfg = load_experiment(REPO / "configs" / "experiments" / "quickstart.yaml", overrides)
+        assert cfg.name == "quickstart"

@@ -14,10 +14,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from .errors import UserError
 from .io import atomic_path
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration the user wrote is invalid; the message says what to change."""
 
 
@@ -147,7 +148,8 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from None
+            message = " ".join(str(err).split())
+            raise ConfigError(f"override '{item}': value is not valid YAML ({message})") from None
         _set_dotted(out, key, value)
     return out
 
@@ -166,12 +168,17 @@ def merge(base: dict, update: dict) -> dict:
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping with clear errors for a missing file or a non-mapping document."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; --config takes a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; check the --config path")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        message = " ".join(str(err).split())  # PyYAML's message spans several lines
+        raise ConfigError(f"config file {path} is not valid YAML: {message}") from None
+    if data is None:
+        raise ConfigError(f"config file {path} is empty; give at least one key (or leave --config out for the defaults)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
     return data

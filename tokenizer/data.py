@@ -20,10 +20,12 @@ Each dataset carries ``num_classes``, ``factor_names``, ``factor_sizes``, ``clas
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -244,7 +246,10 @@ def preprocess_pil(img: Image.Image, image_size: int, channels: int, resize: str
     ``resize``: the whole image to S x S (bicubic; PIL filters over the source footprint, so downscaling
     is antialiased). ``center_crop``: the central square (side = shorter side), then the same resize.
     """
-    img = img.convert("L" if channels == 1 else "RGB")  # also drops alpha and expands palettes
+    target = "L" if channels == 1 else "RGB"
+    if img.mode != target:
+        _log_conversion(img.mode, target, channels)
+    img = img.convert(target)  # also drops alpha and expands palettes
     if resize == "center_crop":
         w, h = img.size
         side = min(w, h)
@@ -255,6 +260,32 @@ def preprocess_pil(img: Image.Image, image_size: int, channels: int, resize: str
     arr = np.asarray(img, dtype=np.uint8)  # (S, S) or (S, S, 3)
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1).contiguous()
+
+
+_LOGGED_CONVERSIONS: set[tuple[str, str]] = set()
+_GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def _log_conversion(mode: str, target: str, channels: int) -> None:
+    """Say once per process and (source mode, target mode) that images are converted, and what is lost."""
+    if (mode, target) in _LOGGED_CONVERSIONS:
+        return
+    _LOGGED_CONVERSIONS.add((mode, target))
+    what = []
+    if mode.startswith("P"):
+        what.append("the palette is expanded")
+    if "A" in mode or "a" in mode:
+        what.append("the alpha channel is dropped")
+    if target == "L" and mode not in _GREY_MODES:
+        what.append("colour becomes grey")
+    if target == "RGB" and mode in _GREY_MODES:
+        what.append("the grey channel is copied to R, G and B")
+    if mode.startswith(("I", "F")):
+        what.append("values are clipped to 8 bits")
+    logging.getLogger("vqgen.data").warning(
+        f"warning: data images of mode {mode} are converted to {target} (data.channels={channels})"
+        + (f": {', '.join(what)}" if what else "") + " (said once)"
+    )
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -302,24 +333,92 @@ def _local_files(cfg: DataConfig) -> dict[str, list[str]]:
     return out
 
 
+def _is_hub_name(builder: str) -> bool:
+    """Whether ``builder`` names a hub data set (not a packaged builder such as 'parquet', not a local path)."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    return builder not in _PACKAGED_DATASETS_MODULES and not Path(builder).expanduser().exists()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt to the hub (``datasets`` itself retries for about 30 s before failing)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True  # offline mode is set: datasets fails (or reads its cache) at once, nothing to avoid
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(enabled: bool):
+    """While ``enabled``: datasets and huggingface_hub in offline mode (cached data sets only, no retries)."""
+    if not enabled:
+        yield
+        return
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Silence datasets' own error log lines while loading (the DataError we raise says the same, once)."""
+    import logging
+
+    lib = logging.getLogger("datasets")
+    level = lib.level
+    lib.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        lib.setLevel(level)
+
+
 def _load(cfg: DataConfig):
     """``datasets.load_dataset`` with our errors; returns a ``DatasetDict``."""
     import datasets  # imported here: synthetic-only users never pay for it
 
     builder = _resolve_builder(cfg)
+    offline = _is_hub_name(builder) and not _hub_reachable()
     try:
-        dsd = datasets.load_dataset(
-            builder,
-            data_files=dict(cfg.data_files) if cfg.data_files else None,
-            data_dir=cfg.data_dir,
-            cache_dir=cfg.cache_dir,
-        )
+        with _hub_offline(offline), _quiet_datasets():
+            dsd = datasets.load_dataset(
+                builder,
+                data_files=dict(cfg.data_files) if cfg.data_files else None,
+                data_dir=cfg.data_dir,
+                cache_dir=cfg.cache_dir,
+            )
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
+        if offline:
+            raise DataError(
+                f"data.path={builder!r} is a hub data set, the hub cannot be reached from this machine and it is not "
+                "in the local datasets cache; download it where there is a network (or copy its files here and "
+                "use data.data_files / data.data_dir)"
+            ) from None
         raise DataError(
             f"datasets could not load {builder!r} (data_files={cfg.data_files}, data_dir={cfg.data_dir}): "
-            f"{err}. Check data.path (hub name, 'parquet', 'imagefolder') and that files exist; "
-            "without a network only local files work"
+            f"{' '.join(str(err).split()).rstrip('.')}. Check data.path (hub name, 'parquet', 'imagefolder') and that files "
+            "exist; without a network only local files work"
         ) from None
+    except Exception as err:  # datasets wraps some reader failures in its own classes
+        if type(err).__module__.split(".")[0] != "datasets":
+            raise
+        raise DataError(f"datasets could not read {builder!r} (data_files={cfg.data_files}, "
+                        f"data_dir={cfg.data_dir}): {' '.join(str(err).split())}") from None
     if not isinstance(dsd, datasets.DatasetDict):
         raise DataError(f"{builder!r} did not load as named splits; give data.data_files as split -> file")
     return dsd

@@ -1,4 +1,5 @@
-"""Small file helpers: atomic writes (nothing half-written is ever left behind) and fingerprints."""
+"""Small file helpers: atomic writes (nothing half-written is ever left behind), fingerprints, and reads that
+name the file when it is missing or corrupt."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import CorruptFileError, MissingFileError
 
 
 @contextlib.contextmanager
@@ -46,11 +50,53 @@ def save_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 def load_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file, with a clear error when it is missing."""
+    """Read a JSON file; ``MissingFileError`` / ``CorruptFileError`` (naming the path) when it is missing or bad."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"expected a JSON file at {path}, but there is none")
-    return json.loads(path.read_text())
+        raise MissingFileError(f"expected a JSON file at {path}, but there is none")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(path, f"not valid JSON: {err}") from None
+
+
+def check_safetensors(path: str | os.PathLike) -> dict:
+    """Check a safetensors file's structure without reading its tensors; returns its header.
+
+    The header must parse and the file must be exactly as long as the header says (a truncated or
+    padded file fails). Raises ``MissingFileError`` or ``CorruptFileError`` naming the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"expected a safetensors file at {path}, but there is none")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{size} bytes, shorter than a header")
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                raise ValueError(f"header of {length} bytes in a file of {size} bytes")
+            header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+        raise CorruptFileError(path, f"unreadable safetensors header: {err}") from None
+    if size != 8 + length + end:
+        raise CorruptFileError(path, f"{size} bytes on disk, the header describes {8 + length + end}")
+    return header
+
+
+def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
+    """``safetensors.torch.load_file`` after ``check_safetensors``: a bad file is one error naming its path."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_safetensors(path)
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptFileError(path, str(err)) from None
 
 
 def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

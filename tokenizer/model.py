@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError, from_dict, to_dict
-from .io import atomic_path, file_fingerprint
+from .errors import CorruptFileError, MissingFileError
+from .io import atomic_path, file_fingerprint, load_json, load_safetensors
 from .quantizers import Quantizer, QuantizerConfig, QuantizerOutput, build_quantizer
 
 CONFIG_NAME = "config.json"
@@ -256,16 +257,21 @@ class VQVAE(nn.Module):
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{directory} is not a saved tokenizer: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
                 "(the model/ folder that pipelines.train_tokenizer writes)"
             )
-        meta = json.loads(config_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION or "model" not in meta:
+        meta = load_json(config_path)
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "model" not in meta:
             raise ConfigError(f"{config_path} was not written by this version of vqgen's save_pretrained")
         model = cls(from_dict(ModelConfig, meta["model"]))
         # load on the CPU first: safetensors rejects device strings such as "cpu:0" that Accelerate may hand out
-        model.load_state_dict(load_file(str(weights_path), device="cpu"))
+        state = load_safetensors(weights_path, device="cpu")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())[:300]
+            raise CorruptFileError(weights_path, f"its tensors do not fit {config_path}: {detail}") from None
         return model.to(map_location).eval()
 
 
@@ -273,6 +279,6 @@ def tokenizer_fingerprint(model_dir: str | Path) -> str:
     """sha256 of a saved tokenizer's weights: identifies exactly which tokenizer produced some tokens."""
     path = Path(model_dir) / WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer weights at {path}")
+        raise MissingFileError(f"no tokenizer weights at {path}")
     return file_fingerprint(path)
 

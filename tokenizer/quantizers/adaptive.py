@@ -70,7 +70,7 @@ class AdaptiveQuantizer(Quantizer):
 
     Training: every codebook quantizes every input (the selector's gradient needs all outputs, and every
     EMA codebook is updated); the output is ``sum_i w_i * proj_out_i(q_i)`` per unit with the hard
-    Gumbel one-hot ``w`` at temperature ``tau`` (linear schedule over training forwards); loss = mean of
+    Gumbel one-hot ``w`` at temperature ``tau`` (linear schedule over optimizer steps); loss = mean of
     the per-codebook commitment losses. Eval: argmax selection (or Gumbel noise at tau 1 with
     ``selector_eval_noise``); for ``image``/``position`` only the selected codebook quantizes each input.
 
@@ -246,8 +246,6 @@ class AdaptiveQuantizer(Quantizer):
         spatial = tuple(z.shape[:-1])
         weights = self.select(x, force)  # (B, U, K_cb)
         tau = self.tau()
-        if self.training:
-            self.num_steps += 1
         choice = self._token_choice(weights, length).reshape(-1)  # (M,)
         if self.training or self.config.granularity == "view" or isinstance(self.proj_out[0], nn.Conv2d):
             outputs, ids, losses = self._all_codebooks(flat, spatial)

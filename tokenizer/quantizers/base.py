@@ -30,7 +30,9 @@ class QuantizerConfigError(ConfigError):
 class QuantizerConfig:
     """Settings of every quantizer kind in one flat dataclass (fields a kind does not use are ignored).
 
-    Temperature schedules advance with the number of training forward passes ``t``:
+    Temperature schedules advance with the number of optimizer steps ``t`` (a ``num_steps`` buffer that the
+    trainer advances once per update with ``Quantizer.step_schedule()``, so gradient accumulation and extra
+    forward passes do not move it):
     ``gumbel`` anneals exponentially, ``tau = tau_start * (tau_end / tau_start) ** min(t / tau_anneal_steps, 1)``
     (1 -> 1/16 as in VQGAN's Gumbel model); ``adaptive``'s selector anneals linearly, as the authors' code does,
     ``tau = selector_tau_start + (selector_tau_end - selector_tau_start) * min(t / selector_tau_steps, 1)``
@@ -74,8 +76,8 @@ class QuantizerConfig:
 
         if self.kind not in KINDS:
             fail(f"unknown kind {self.kind!r}; choose one of {', '.join(KINDS)}")
-        if self.codebook_size < 1:
-            fail(f"codebook_size must be >= 1, got {self.codebook_size}")
+        if self.codebook_size < 2 and self.kind != "adaptive":
+            fail(f"codebook_size must be >= 2 (a single code carries no information), got {self.codebook_size}")
         if self.dim < 1:
             fail(f"dim must be >= 1, got {self.dim}")
         if self.beta < 0:
@@ -196,6 +198,17 @@ class Quantizer(nn.Module):
         """The codebooks as (N_i, D_i) tensors (detached)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def step_schedule(self) -> None:
+        """Advance the temperature schedule by one optimizer step (no-op for quantizers without one).
+
+        Trainers call it once per optimizer update, so the schedule counts updates, not forward passes
+        (gradient accumulation or a second forward do not move it). An in-place add on the device: no sync.
+        """
+        num_steps = getattr(self, "num_steps", None)
+        if isinstance(num_steps, torch.Tensor):
+            num_steps.add_(1)
+
     def _flatten(self, z: torch.Tensor) -> torch.Tensor:
         """(B, ..., dim) -> (M, dim) float32 with a clear error for a wrong last axis."""
         if z.dim() < 2 or z.shape[-1] != self.dim:
@@ -219,15 +232,38 @@ class SingleCodebookQuantizer(Quantizer):
 
     With ``dead_code_threshold > 0`` every ``dead_code_window`` training forward passes the codes whose
     EMA usage count (decay ``decay``, counts summed over processes) is below the threshold are re-seeded
-    from the current batch's inputs gathered from all processes. Rank 0 draws the replacements and
-    broadcasts the codebook state, so every replica holds the same codebook. This check syncs with the
-    host, once per window.
+    from the current batch's inputs gathered from all processes. Rank 0 draws the replacements (with a
+    generator seeded by ``kmeans_seed`` and the number of resets so far) and broadcasts the codebook state,
+    so every replica holds the same codebook. This check syncs with the host, once per window.
+
+    The window counter and the reset count are Python integers (deciding when to check needs no host
+    sync); they travel in the state dict as the buffer ``dead_code_state`` = [forwards since the last
+    check, resets so far], written when the state dict is taken and read back when one is loaded, so a
+    resumed run checks and re-seeds exactly as an uninterrupted one.
     """
 
     def __init__(self, cfg: QuantizerConfig):
         super().__init__(cfg)
         self._forwards_since_check = 0  # Python counter: no host sync to decide when to check
         self._resets = 0
+        if self.dead_code_enabled:
+            self.register_buffer("dead_code_state", torch.zeros(2, dtype=torch.int64))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.dead_code_enabled:  # the Python counters into their buffer (once per save, not per step)
+            self.dead_code_state.copy_(torch.tensor([self._forwards_since_check, self._resets]))
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "dead_code_state"
+        if self.dead_code_enabled and key not in state_dict:
+            # saved before the counters were recorded: the window starts afresh
+            state_dict[key] = torch.zeros(2, dtype=torch.int64)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.dead_code_enabled:
+            self._forwards_since_check, self._resets = (int(v) for v in self.dead_code_state.tolist())
 
     @property
     def codebook_sizes(self) -> list[int]:
@@ -278,8 +314,8 @@ class SingleCodebookQuantizer(Quantizer):
         broadcast_(num_dead, src=0)
         if int(num_dead) == 0:
             return 0
+        self._resets += 1  # on every rank, so the recorded state is the same everywhere
         if rank() == 0:
-            self._resets += 1
             generator = torch.Generator(device=candidates.device).manual_seed(self.config.kmeans_seed + self._resets)
             n = dead.numel()
             # without replacement while there are enough inputs, otherwise some inputs seed several codes

@@ -37,8 +37,8 @@ class GumbelQuantizer(SingleCodebookQuantizer):
     """``logits = proj(z)`` (the 1x1 conv to K, a Linear on channel-last input); ``z_q = sum_k y_k e_k``.
 
     Loss ``kl_weight * sum_k q_k log(q_k K)`` (KL of q = softmax(logits) to uniform), averaged over
-    positions. Training samples ``y`` with the temperature of ``num_steps`` (exponential schedule, see
-    ``QuantizerConfig``); indices are the argmax of the sample. At eval: argmax of the logits, no noise,
+    positions. Training samples ``y`` with the temperature of ``num_steps`` (optimizer steps, advanced by
+    ``step_schedule()``; exponential schedule, see ``QuantizerConfig``); indices are the argmax of the sample. At eval: argmax of the logits, no noise,
     the output is exactly the code. k-means initialisation and dead-code resets set the codes and make the
     logits the negative squared distance up to a per-input constant (``w_k = 2 e_k, b_k = -||e_k||^2``).
     """
@@ -64,7 +64,6 @@ class GumbelQuantizer(SingleCodebookQuantizer):
             y = gumbel_softmax(logits, tau, self.config.straight_through)  # (M, K)
             idx = y.detach().argmax(dim=-1)  # (M,)
             q = y @ self.embed  # (M, D)
-            self.num_steps += 1
         else:
             idx = logits.argmax(dim=-1)
             q = F.embedding(idx, self.embed)
