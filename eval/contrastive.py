@@ -54,6 +54,7 @@ __all__ = [
     "CONTRASTIVE_EXTRACTOR_NAME",
     "ContrastiveConfig",
     "ContrastiveFeatureExtractor",
+    "ContrastiveFit",
     "ContrastiveNet",
     "augment",
     "fit_contrastive",
@@ -201,13 +202,19 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1  # uint8 -> [-1, 1], as the torch-fidelity extractor does
 
 
-def fit_contrastive(train, cfg: ContrastiveConfig | None = None, device: str | torch.device = "cpu"):
-    """Train a :class:`ContrastiveNet` on the images of ``train`` (labels are never read).
+@dataclasses.dataclass
+class ContrastiveFit:
+    """What :func:`fit_contrastive` returns."""
 
-    Returns ``(backbone, info)``: the trained :class:`FeatureClassifier` body (CPU, eval mode), and a JSON-able
-    dict with its ``architecture``, ``train_steps``, ``train_seconds``, ``final_train_loss`` and the
-    ``train_images`` (uint8, not JSON: popped by the caller) with their ``train_indices``.
-    """
+    backbone: FeatureClassifier  # trained, head-less, on the CPU in eval mode
+    info: dict  # JSON-able: architecture, train_steps, train_seconds, final_train_loss, num_train_images
+    train_images: torch.Tensor  # uint8 (N, C, H, W): the images it was trained on
+    train_indices: torch.Tensor  # (N,) their indices in the train split
+
+
+def fit_contrastive(train, cfg: ContrastiveConfig | None = None, device: str | torch.device = "cpu") -> ContrastiveFit:
+    """Train a :class:`ContrastiveNet` on the images of ``train``; labels are never read (only
+    ``train[i]["image"]`` and ``len(train)``)."""
     cfg = cfg or ContrastiveConfig()
     cfg.validate()
     device = torch.device(device)
@@ -238,23 +245,24 @@ def fit_contrastive(train, cfg: ContrastiveConfig | None = None, device: str | t
         sched.step()
         last_loss = float(loss.detach())
     train_seconds = time.perf_counter() - start
-    backbone = model.backbone.cpu().eval()
     info = {
         "architecture": arch,
         "train_steps": cfg.steps,
         "train_seconds": round(train_seconds, 2),
         "final_train_loss": last_loss,
         "num_train_images": n,
-        "train_images": images,
-        "train_indices": indices,
     }
-    return backbone, info
+    return ContrastiveFit(model.backbone.cpu().eval(), info, images, indices)
 
 
-def _features(backbone: FeatureClassifier, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Backbone features (N, feature_dim) of uint8 images (N, C, H, W)."""
+def _features(backbone: FeatureClassifier, images: torch.Tensor, device: torch.device,
+              batch_size: int = 500) -> torch.Tensor:
+    """Backbone features (N, feature_dim), on the CPU, of uint8 images (N, C, H, W)."""
+    net = backbone.to(device)
     with torch.no_grad():
-        return torch.cat([backbone(_to_float(b))[0] for b in images.split(batch_size)])
+        out = torch.cat([net(_to_float(b).to(device))[0].cpu() for b in images.split(batch_size)])
+    backbone.cpu()
+    return out
 
 
 def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
@@ -284,14 +292,13 @@ def train_contrastive(data_cfg, cfg: ContrastiveConfig | None = None, device: st
 
     cfg = cfg or ContrastiveConfig()
     train = build_dataset(data_cfg, "train")
-    backbone, info = fit_contrastive(train, cfg, device)
-    train_images, train_indices = info.pop("train_images"), info.pop("train_indices")
+    fit = fit_contrastive(train, cfg, device)
     meta = {
         "extractor": CONTRASTIVE_EXTRACTOR_NAME,
         "task": "contrastive",
         "label_free": True,
         "heads": [],
-        **info,
+        **fit.info,
         "data": to_dict(data_cfg) if dataclasses.is_dataclass(data_cfg) else data_cfg,
         "contrastive": to_dict(cfg),
     }
@@ -300,16 +307,20 @@ def train_contrastive(data_cfg, cfg: ContrastiveConfig | None = None, device: st
     if int(getattr(train, "num_classes", 0) or 0) > 0 and getattr(train, "labels", None) is not None:
         start = time.perf_counter()
         test_images, test_indices = load_images(test, cfg.max_test_images, cfg.seed)
-        acc = knn_accuracy(_features(backbone, train_images), train.labels[train_indices],
-                           _features(backbone, test_images), test.labels[test_indices], cfg.knn_k)
+        device = torch.device(device)
+        acc = knn_accuracy(_features(fit.backbone, fit.train_images, device), train.labels[fit.train_indices],
+                           _features(fit.backbone, test_images, device), test.labels[test_indices], cfg.knn_k)
         meta["knn_accuracy"] = acc
-        meta["knn"] = {"k": min(cfg.knn_k, len(train_images)), "similarity": "cosine", "test_split": test_split,
-                       "num_test_images": int(len(test_images)), "num_train_images": int(len(train_images)),
-                       "seconds": round(time.perf_counter() - start, 2)}
+        meta["knn"] = {"k": min(cfg.knn_k, len(fit.train_images)), "similarity": "cosine", "vote": "majority",
+                       "test_split": test_split, "num_test_images": int(len(test_images)),
+                       "num_train_images": int(len(fit.train_images)), "seconds": round(time.perf_counter() - start, 2)}
+        if test_split == "train":
+            meta["note"] = ("no held-out split: the k-NN check ran on train images against themselves, so it is "
+                            "optimistic")
     else:
         meta["knn_accuracy"] = None
         meta["note"] = "the data set has no labels: the k-NN quality check is unavailable"
-    return backbone, meta
+    return fit.backbone, meta
 
 
 def offline_contrastive(data_cfg, cfg: ContrastiveConfig | None = None, cache_dir: str | Path | None = None,

@@ -410,7 +410,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--output", help="report folder (default: the run folder; required to compare runs)")
     parser.add_argument("--config", help="YAML file with EvalConfig fields")
     parser.add_argument("--extractor", choices=EXTRACTORS)
-    parser.add_argument("--weights-path", help="feature extractor weights (Inception .pth or classifier .safetensors)")
+    parser.add_argument("--weights-path", help="primary feature extractor's weights (Inception .pth, or the "
+                        "model.safetensors of a cached classifier / contrastive backbone)")
     parser.add_argument("--num-images", type=int)
     parser.add_argument("--split", choices=SPLITS)
     parser.add_argument("--device")

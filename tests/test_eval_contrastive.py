@@ -63,7 +63,9 @@ def test_images():
 
 def test_training_never_reads_labels():
     trap = LabelTrap(build_dataset(TINY_DATA, "train"))
-    backbone, info = fit_contrastive(trap, TINY)
+    fit = fit_contrastive(trap, TINY)
+    backbone, info = fit.backbone, fit.info
+    assert fit.train_images.dtype == torch.uint8 and fit.train_images.shape == (256, 3, 16, 16)
     assert info["num_train_images"] == 256 and info["train_steps"] == 30
     assert info["architecture"]["head_sizes"] == [] and not backbone.heads
     # The loss starts near log(2B - 1) (no view is told from the others) and must fall below it.
