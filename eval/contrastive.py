@@ -80,7 +80,7 @@ class ContrastiveConfig:
     width: int = 16  # channels of the backbone's first conv (later layers 2x and 4x)
     feature_dim: int = 128  # backbone output = the feature space for FID
     projection_dim: int = 64  # output of the projection head (training only)
-    steps: int = 1000  # optimizer steps
+    steps: int = 500  # optimizer steps
     batch_size: int = 256  # images per step (two views each)
     lr: float = 2e-3
     weight_decay: float = 1e-4

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from eval.contrastive import ContrastiveConfig
 from eval.diversity import (
     code_histogram,
     mean_pairwise_distance,
@@ -40,7 +41,6 @@ from eval.diversity import (
     token_statistics,
     usage,
 )
-from eval.contrastive import ContrastiveConfig
 from eval.features import ClassifierConfig
 from eval.fid import (
     EXTRACTORS,
@@ -105,7 +105,6 @@ class EvalConfig:
             raise ValueError(f"split={self.split!r}; choose one of {', '.join(SPLITS)}")
         if self.num_images < 2 or self.batch_size < 1 or self.k < 1 or self.kid_subsets < 1:
             raise ValueError("num_images must be >= 2 and batch_size, k, kid_subsets >= 1")
-
 
     def feature_spaces(self) -> list[str]:
         """The feature spaces to evaluate: the primary first, then the extra ones, each once."""
