@@ -28,7 +28,7 @@ SPACE_ROWS = (
     ("extractor", "feature_extractor.torch_fidelity_name"),
     ("label-free", "feature_extractor.label_free"),
     ("weights sha256", "feature_extractor.weights_sha256"),
-    ("k-NN accuracy (label-free check)", "feature_extractor.knn_accuracy"),
+    ("k-NN accuracy (held-out labels)", "feature_extractor.knn_accuracy"),
     ("classifier test accuracy", "feature_extractor.test_accuracy"),
     ("rfid", "rfid"),
     ("rkid", "rkid"),
