@@ -74,7 +74,8 @@ _ASPECT_RANGE = (3 / 4, 4 / 3)  # of the random resized crop, as in torchvision'
 class ContrastiveConfig:
     """How the label-free extractor is built and trained (part of its cache key).
 
-    The defaults train in about 6 minutes on one core of a 2-core AMD EPYC at 32x32 (README, Evaluation).
+    The defaults train at 32x32 in about 6 minutes on one idle core of a 2-core AMD EPYC (9-12 minutes were
+    measured for MNIST / CIFAR-10 while other jobs shared the machine; README, Evaluation).
     """
 
     width: int = 16  # channels of the backbone's first conv (later layers 2x and 4x)
@@ -136,8 +137,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, cfg: ContrastiveCo
     then the uint8 round trip that evaluation inputs go through. No flips (see the module docstring).
     The random numbers come from ``generator`` on the CPU, so a seed gives the same views on any device.
     """
-    b, _, h, w = images.shape
-    dev = images.device
+    b, dev = images.shape[0], images.device
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return (lo + (hi - lo) * torch.rand(b, generator=generator, dtype=torch.float64)).to(dev)
