@@ -15,6 +15,11 @@ numbers are comparable only between runs that used the same classifier weights (
   covers the data config and the classifier config, so each data set is trained once.
 - The extractor is registered with torch-fidelity as ``vqgen-classifier``; its
   ``feature_extractor_weights_path`` is the ``model.safetensors`` above.
+
+The helpers shared with the label-free extractor of :mod:`eval.contrastive` live here too: the cache
+(:func:`cached_model`, :func:`cache_key`), the held-out split (:func:`held_out_split`), the backbone
+architecture (:func:`backbone_architecture`), the optimizer (:func:`make_optimizer`) and the torch-fidelity
+wrapper around a cached backbone (:class:`BackboneFeatureExtractor`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -38,12 +44,18 @@ from tokenizer.config import to_dict
 from tokenizer.io import atomic_path, load_json, save_json
 
 __all__ = [
+    "BackboneFeatureExtractor",
     "CLASSIFIER_EXTRACTOR_NAME",
     "ClassifierConfig",
     "ClassifierFeatureExtractor",
     "FeatureClassifier",
+    "backbone_architecture",
+    "cache_key",
     "cache_root",
+    "cached_model",
     "classifier_task",
+    "held_out_split",
+    "make_optimizer",
     "offline_classifier",
     "to_model_input",
     "train_classifier",
@@ -169,6 +181,44 @@ def _accuracy(model: FeatureClassifier, dataset, task: str, cfg: ClassifierConfi
     return {"per_head": (correct.double() / max(n, 1)).tolist(), "num_images": n}
 
 
+def backbone_architecture(sample: torch.Tensor, head_sizes: list[int], width: int, feature_dim: int) -> dict:
+    """Constructor arguments of :class:`FeatureClassifier` for images shaped like ``sample`` (C, H, W)."""
+    return {
+        "channels": int(sample.shape[0]),
+        "image_size": int(sample.shape[-1]),
+        "head_sizes": list(head_sizes),
+        "width": width,
+        "feature_dim": feature_dim,
+    }
+
+
+def make_optimizer(params, lr: float, steps: int, weight_decay: float = 1e-4):
+    """AdamW with a one-cycle schedule over ``steps`` (10 % warm-up): (optimizer, scheduler).
+
+    Below 20 steps (tiny test settings) the warm-up would be under two steps, where ``OneCycleLR`` divides
+    by zero; such runs keep a constant learning rate instead.
+    """
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if steps < 20:
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+
+
+def held_out_split(data_cfg, train):
+    """(dataset, split name) to measure an extractor on: ``test``, else ``validation``, else ``train``
+    itself (stated in the split name, so a report never passes train accuracy off as test accuracy)."""
+    from tokenizer.data import build_dataset
+
+    for split in ("test", "validation"):
+        try:
+            candidate = build_dataset(data_cfg, split)
+        except (ValueError, FileNotFoundError, KeyError):
+            continue
+        if len(candidate) > 0:
+            return candidate, split
+    return train, "train"
+
+
 def train_classifier(data_cfg, cfg: ClassifierConfig | None = None, device: str | torch.device = "cpu"):
     """Train the offline classifier on ``data_cfg``'s train split and measure it on its test split.
 
@@ -182,21 +232,12 @@ def train_classifier(data_cfg, cfg: ClassifierConfig | None = None, device: str 
     torch.manual_seed(cfg.seed)
     train = build_dataset(data_cfg, "train")
     task, heads = classifier_task(train)
-    sample = train[0]["image"]  # (C, H, W)
-    channels, size = int(sample.shape[0]), int(sample.shape[-1])
-    arch = {
-        "channels": channels,
-        "image_size": size,
-        "head_sizes": [n for _, n in heads],
-        "width": cfg.width,
-        "feature_dim": cfg.feature_dim,
-    }
+    arch = backbone_architecture(train[0]["image"], [n for _, n in heads], cfg.width, cfg.feature_dim)
     model = FeatureClassifier(**arch).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     batch_size = min(cfg.batch_size, len(train))
     loader = make_dataloader(train, batch_size=batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
     steps = max(1, min(cfg.max_steps, int(cfg.epochs * len(loader))))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
+    opt, sched = make_optimizer(model.parameters(), cfg.lr, steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     start, step, last_loss = time.perf_counter(), 0, float("nan")
     model.train()
@@ -215,17 +256,7 @@ def train_classifier(data_cfg, cfg: ClassifierConfig | None = None, device: str 
                 break
     train_seconds = time.perf_counter() - start
 
-    test_split, test = None, None
-    for split in ("test", "validation"):
-        try:
-            candidate = build_dataset(data_cfg, split)
-        except (ValueError, FileNotFoundError, KeyError):
-            continue
-        if len(candidate) > 0:
-            test, test_split = candidate, split
-            break
-    if test is None:  # no held-out split: say so, and measure on train rather than not at all
-        test, test_split = train, "train"
+    test, test_split = held_out_split(data_cfg, train)
     acc = _accuracy(model, test, task, cfg, device)
     meta = {
         "extractor": CLASSIFIER_EXTRACTOR_NAME,
@@ -249,24 +280,33 @@ def train_classifier(data_cfg, cfg: ClassifierConfig | None = None, device: str 
     return model.cpu().eval(), meta
 
 
-def _fingerprint(obj) -> str:
+def cache_key(obj) -> str:
+    """Short stable hash of a JSON-able object: the folder name of a cached extractor."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def offline_classifier(data_cfg, cfg: ClassifierConfig | None = None, cache_dir: str | Path | None = None,
-                       device: str | torch.device = "cpu") -> Path:
-    """Path of the cached classifier weights (``model.safetensors``) for ``data_cfg``; trains it on a miss."""
-    cfg = cfg or ClassifierConfig()
+def _data_identity(data_cfg) -> dict:
+    """The data config as a dict, without the keys that change how images are loaded but not which."""
     data_dict = to_dict(data_cfg) if dataclasses.is_dataclass(data_cfg) else dict(data_cfg)
     for key in _NOT_IMAGE_DEFINING:
         data_dict.pop(key, None)
-    key = _fingerprint({"data": data_dict, "classifier": to_dict(cfg), "version": _CACHE_VERSION})
-    model_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "classifiers"
-    model_dir = model_dir / key
+    return data_dict
+
+
+def cached_model(kind: str, data_cfg, config_name: str, cfg, version: int,
+                 train: Callable[[], tuple[nn.Module, dict]], cache_dir: str | Path | None = None) -> Path:
+    """Path of ``<cache>/<kind>/<key>/model.safetensors``; on a miss ``train()`` -> (model, meta) fills it.
+
+    The key covers the data config (minus loading-only keys), ``{config_name: cfg}`` and ``version``, so
+    each data set and configuration is trained once. ``cache_dir`` replaces ``<cache>/<kind>``. The folder
+    is written atomically with ``meta.json`` (plus ``cache_key``) beside the weights.
+    """
+    key = cache_key({"data": _data_identity(data_cfg), config_name: to_dict(cfg), "version": version})
+    model_dir = (Path(cache_dir) if cache_dir is not None else cache_root() / kind) / key
     weights = model_dir / "model.safetensors"
     if weights.is_file() and (model_dir / "meta.json").is_file():
         return weights
-    model, meta = train_classifier(data_cfg, cfg, device)
+    model, meta = train()
     meta["cache_key"] = key
     with atomic_path(model_dir) as tmp:
         tmp.mkdir(parents=True)
@@ -275,39 +315,44 @@ def offline_classifier(data_cfg, cfg: ClassifierConfig | None = None, cache_dir:
     return weights
 
 
-class ClassifierFeatureExtractor(FeatureExtractorBase):
-    """torch-fidelity feature extractor around a cached :class:`FeatureClassifier`.
+def offline_classifier(data_cfg, cfg: ClassifierConfig | None = None, cache_dir: str | Path | None = None,
+                       device: str | torch.device = "cpu") -> Path:
+    """Path of the cached classifier weights (``model.safetensors``) for ``data_cfg``; trains it on a miss."""
+    cfg = cfg or ClassifierConfig()
+    return cached_model("classifiers", data_cfg, "classifier", cfg, _CACHE_VERSION,
+                        lambda: train_classifier(data_cfg, cfg, device), cache_dir)
 
-    Input: uint8 images (B, 3, H, W) as torch-fidelity passes them. Provided features: ``features``
-    (penultimate layer, the default for FID/KID/PRC) and ``logits`` (all heads concatenated).
-    ``feature_extractor_weights_path`` must point at a ``model.safetensors`` written by
-    :func:`offline_classifier`, with its ``meta.json`` beside it.
+
+class BackboneFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity feature extractor around a cached :class:`FeatureClassifier` (its ``meta.json`` holds
+    the ``architecture``). Subclasses name what trains the weights and which outputs they provide.
+
+    Input: uint8 images (B, 3, H, W) as torch-fidelity passes them; grey backbones get the channel mean,
+    other sizes are resized to the backbone's.
     """
+
+    trained_by = "eval.features.offline_classifier(data_cfg)"  # named in the error messages
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
             raise ValueError(
-                f"feature extractor '{name}' needs feature_extractor_weights_path: the model.safetensors of an "
-                "offline classifier (see eval.features.offline_classifier)"
+                f"feature extractor '{name}' needs feature_extractor_weights_path: a model.safetensors written "
+                f"by {self.trained_by}"
             )
         weights = Path(feature_extractor_weights_path)
         meta_path = weights.with_name("meta.json")
         if not weights.is_file() or not meta_path.is_file():
             raise FileNotFoundError(
-                f"offline classifier weights {weights} (and meta.json beside it) not found; "
-                "train one with eval.features.offline_classifier(data_cfg)"
+                f"feature extractor weights {weights} (and meta.json beside it) not found; train them with "
+                f"{self.trained_by}"
             )
         self.meta = load_json(meta_path)
-        self.heads = [(str(n), int(s)) for n, s in self.meta["heads"]]
+        self.heads = [(str(n), int(s)) for n, s in self.meta.get("heads", [])]
         self.net = FeatureClassifier(**self.meta["architecture"])
         self.net.load_state_dict(load_file(str(weights)))
         self.requires_grad_(False)
         self.eval()
-
-    @staticmethod
-    def get_provided_features_list():
-        return "features", "logits"
 
     @staticmethod
     def get_default_feature_layer_for_metric(metric):
@@ -321,18 +366,35 @@ class ClassifierFeatureExtractor(FeatureExtractorBase):
     def get_dummy_input_for_compile():
         return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
 
-    def forward(self, x: torch.Tensor):
+    def net_input(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float (B, C, S, S) in [-1, 1], as the backbone was trained on."""
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected uint8 images (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
         x = x.float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
         if self.net.channels == 1:
             x = x.mean(dim=1, keepdim=True)  # grey images arrive as 3 equal channels
         elif self.net.channels != 3:
-            raise ValueError(f"the classifier expects {self.net.channels} channels; cannot feed RGB images")
+            raise ValueError(f"the backbone expects {self.net.channels} channels; cannot feed RGB images")
         if x.shape[-1] != self.net.image_size or x.shape[-2] != self.net.image_size:
             x = F.interpolate(x, size=(self.net.image_size,) * 2, mode="bilinear", antialias=True,
                               align_corners=False)
-        features, logits = self.net(x)
+        return x
+
+
+class ClassifierFeatureExtractor(BackboneFeatureExtractor):
+    """The offline classifier as a torch-fidelity extractor (registered as ``vqgen-classifier``).
+
+    Provided features: ``features`` (penultimate layer, the default for FID/KID/PRC) and ``logits`` (all
+    heads concatenated). ``feature_extractor_weights_path`` must point at a ``model.safetensors`` written by
+    :func:`offline_classifier`, with its ``meta.json`` beside it.
+    """
+
+    @staticmethod
+    def get_provided_features_list():
+        return "features", "logits"
+
+    def forward(self, x: torch.Tensor):
+        features, logits = self.net(self.net_input(x))
         out = {"features": features, "logits": torch.cat(logits, dim=-1)}
         return tuple(out[name] for name in self.features_list)
 

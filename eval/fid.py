@@ -1,9 +1,11 @@
 """FID, KID and precision/recall through torch-fidelity, as stages: images -> features -> statistics -> metric.
 
 - :func:`load_feature_space` builds a torch-fidelity feature extractor from its registry: ``offline``
-  (the cached classifier of :mod:`eval.features`, registered as ``vqgen-classifier``) or ``inception``
-  (torch-fidelity's ``inception-v3-compat``; downloads its weights on first use unless ``weights_path``
-  is given). The :class:`FeatureSpace` it returns names the extractor and the sha256 of its weights.
+  (the cached classifier of :mod:`eval.features`, registered as ``vqgen-classifier``), ``contrastive``
+  (the cached label-free backbone of :mod:`eval.contrastive`, registered as ``vqgen-contrastive``) or
+  ``inception`` (torch-fidelity's ``inception-v3-compat``; downloads its weights on first use unless
+  ``weights_path`` is given). The :class:`FeatureSpace` it returns names the extractor, the sha256 of its
+  weights and whether it was trained without labels.
 - :func:`fid_statistics`, :func:`fid_from_statistics`, :func:`kid`, :func:`precision_recall` are thin
   wrappers over torch-fidelity's own stage functions, so our numbers equal torch-fidelity's.
 - :func:`fidelity_metrics` combines them with density/coverage (:mod:`eval.prdc`).
@@ -31,6 +33,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from tokenizer.io import atomic_path, file_fingerprint
 
+from .contrastive import CONTRASTIVE_EXTRACTOR_NAME, ContrastiveConfig, offline_contrastive
 from .features import CLASSIFIER_EXTRACTOR_NAME, ClassifierConfig, cache_root, offline_classifier
 from .prdc import prdc
 
@@ -49,7 +52,7 @@ __all__ = [
     "precision_recall",
 ]
 
-EXTRACTORS = ("offline", "inception")
+EXTRACTORS = ("offline", "contrastive", "inception")
 INCEPTION_NAME = "inception-v3-compat"
 
 
@@ -76,7 +79,7 @@ class FeatureSpace:
     ``logits`` (N, sum of head sizes); ``heads`` lists the classifier's (name, classes).
     """
 
-    name: str  # "offline" | "inception"
+    name: str  # "offline" | "contrastive" | "inception"
     registry_name: str  # name in torch-fidelity's registry
     extractor: torch.nn.Module
     weights_path: str
@@ -104,7 +107,8 @@ class FeatureSpace:
         return {"features" if k == self.feature_layer else k: torch.cat(v) for k, v in out.items()}
 
     def describe(self) -> dict:
-        """JSON-able description for reports: name, weights path and fingerprint, accuracy where known."""
+        """JSON-able description for reports: name, weights path and fingerprint, whether the extractor was
+        trained without labels (``label_free``), accuracy where known."""
         return {
             "name": self.name,
             "torch_fidelity_name": self.registry_name,
@@ -139,34 +143,43 @@ def _inception_weights(weights_path: str | None) -> Path:
     return cached
 
 
+def _cached_weights(extractor: str, weights_path: str | None, data_cfg, train) -> Path:
+    """``weights_path`` when given (it must exist), else the cache's weights for ``data_cfg`` (``train()``)."""
+    if weights_path is None:
+        if data_cfg is None:
+            raise FeatureExtractorError(f"the {extractor} extractor needs data_cfg (to train/cache it) or weights_path")
+        return train()
+    path = Path(weights_path)
+    if not path.is_file():
+        raise FeatureExtractorError(f"{extractor} extractor weights {path} do not exist; omit weights_path to train "
+                                    "and cache them for the data set")
+    return path
+
+
 def load_feature_space(
     extractor: str = "offline",
     *,
     data_cfg=None,
     weights_path: str | None = None,
     classifier: ClassifierConfig | None = None,
+    contrastive: ContrastiveConfig | None = None,
     device: str = "cpu",
 ) -> FeatureSpace:
-    """Build the feature extractor ``extractor`` ("offline" | "inception") on ``device``.
+    """Build the feature extractor ``extractor`` ("offline" | "contrastive" | "inception") on ``device``.
 
-    ``offline``: ``weights_path`` is a classifier's ``model.safetensors``; without it the classifier for
-    ``data_cfg`` is taken from the cache (trained there on first use). ``inception``: ``weights_path`` is
-    torch-fidelity's Inception weights file; without it they are downloaded once (needs network).
+    ``offline`` / ``contrastive``: ``weights_path`` is a ``model.safetensors`` written by
+    :func:`~eval.features.offline_classifier` / :func:`~eval.contrastive.offline_contrastive`; without it
+    the one for ``data_cfg`` (and ``classifier`` / ``contrastive`` settings) is taken from the cache, trained
+    there on first use. ``inception``: ``weights_path`` is torch-fidelity's Inception weights file; without
+    it they are downloaded once (needs network).
     """
     if extractor not in EXTRACTORS:
         raise FeatureExtractorError(f"unknown feature extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
     heads: list[tuple[str, int]] = []
     info: dict = {}
     if extractor == "offline":
-        if weights_path is None:
-            if data_cfg is None:
-                raise FeatureExtractorError("the offline extractor needs data_cfg (to train/cache it) or weights_path")
-            path = offline_classifier(data_cfg, classifier, device=device)
-        else:
-            path = Path(weights_path)
-            if not path.is_file():
-                raise FeatureExtractorError(f"offline classifier weights {path} do not exist; omit weights_path to "
-                                            "train and cache one for the data set")
+        path = _cached_weights(extractor, weights_path, data_cfg,
+                               lambda: offline_classifier(data_cfg, classifier, device=device))
         registry_name = CLASSIFIER_EXTRACTOR_NAME
         module = create_feature_extractor(registry_name, ["features", "logits"], cuda=False,
                                           feature_extractor_weights_path=str(path), verbose=False)
@@ -174,10 +187,28 @@ def load_feature_space(
         meta = module.meta
         info = {
             "kind": "offline classifier (not Inception: compare only runs with the same weights_sha256)",
+            "label_free": False,
             "task": meta["task"],
             "heads": [list(h) for h in heads],
             "test_split": meta.get("test_split"),
             "test_accuracy": meta.get("test_accuracy"),
+            **({"note": meta["note"]} if "note" in meta else {}),
+        }
+    elif extractor == "contrastive":
+        path = _cached_weights(extractor, weights_path, data_cfg,
+                               lambda: offline_contrastive(data_cfg, contrastive, device=device))
+        registry_name = CONTRASTIVE_EXTRACTOR_NAME
+        module = create_feature_extractor(registry_name, ["features"], cuda=False,
+                                          feature_extractor_weights_path=str(path), verbose=False)
+        meta = module.meta
+        info = {
+            "kind": ("self-supervised contrastive backbone (SimCLR NT-Xent on the train split's images, labels "
+                     "never used; not Inception: compare only runs with the same weights_sha256)"),
+            "label_free": True,
+            "task": meta["task"],
+            "knn_accuracy": meta.get("knn_accuracy"),
+            "knn": meta.get("knn"),
+            "train_seconds": meta.get("train_seconds"),
             **({"note": meta["note"]} if "note" in meta else {}),
         }
     else:
@@ -188,7 +219,8 @@ def load_feature_space(
                                               feature_extractor_weights_path=str(path), verbose=False)
         except (RuntimeError, KeyError) as err:
             raise FeatureExtractorError(f"{path} is not a torch-fidelity Inception weights file ({err})") from None
-        info = {"kind": "InceptionV3 (torch-fidelity inception-v3-compat, pool3 2048-d): standard FID"}
+        info = {"kind": "InceptionV3 (torch-fidelity inception-v3-compat, pool3 2048-d): standard FID",
+                "label_free": False}
     return FeatureSpace(
         name=extractor,
         registry_name=registry_name,

@@ -2,6 +2,8 @@
 
 A report is a nested dict of numbers (dotted names such as ``tokenizer.psnr`` are nested objects) plus
 figures. :func:`write_report` renders one run; :func:`write_comparison` renders a table of several runs.
+A report's ``feature_spaces`` (one entry per feature extractor, by name) is rendered as one table with a
+column per space, so every FID-type number is shown under the name of the space it comes from.
 """
 
 from __future__ import annotations
@@ -21,6 +23,22 @@ SECTIONS = {
     "generation": "Samples of the prior against the real split (FID-type metrics use the feature extractor below).",
     "feature_extractor": "Feature extractor behind FID, KID, precision/recall, density/coverage and mode coverage.",
 }
+# Rows of the feature-space table: (label, dotted key inside report["feature_spaces"][name]).
+SPACE_ROWS = (
+    ("extractor", "feature_extractor.torch_fidelity_name"),
+    ("label-free", "feature_extractor.label_free"),
+    ("weights sha256", "feature_extractor.weights_sha256"),
+    ("k-NN accuracy (held-out labels)", "feature_extractor.knn_accuracy"),
+    ("classifier test accuracy", "feature_extractor.test_accuracy"),
+    ("rfid", "rfid"),
+    ("rkid", "rkid"),
+    ("generation.fid", "generation.fid"),
+    ("generation.kid", "generation.kid"),
+    ("generation.precision", "generation.precision"),
+    ("generation.recall", "generation.recall"),
+    ("generation.density", "generation.density"),
+    ("generation.coverage", "generation.coverage"),
+)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -41,6 +59,8 @@ def format_value(value) -> str:
         return "n/a"
     if isinstance(value, bool):
         return str(value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {format_value(v)}" for k, v in value.items())
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             return str(value)
@@ -119,6 +139,8 @@ def write_report(report: dict, figures: dict[str, Path], out_dir: str | Path, ti
         blocks += [("h", section), ("p", about)]
         rows = [[k, format_value(v)] for k, v in flatten(report[section]).items()]
         blocks.append(("table", ["metric", "value"], rows))
+    if report.get("feature_spaces"):
+        blocks += _feature_space_blocks(report["feature_spaces"])
     for note in report.get("notes", []):
         blocks.append(("p", f"Note: {note}"))
     if figures:
@@ -126,6 +148,32 @@ def write_report(report: dict, figures: dict[str, Path], out_dir: str | Path, ti
         for caption, path in figures.items():
             blocks.append(("img", caption, Path(path).resolve().relative_to(out_dir.resolve()).as_posix()))
     return {"json": out_dir / f"{stem}.json", **_write_docs(out_dir, stem, title, blocks)}
+
+
+def _lookup(tree, dotted: str, missing=KeyError):
+    """``tree["a"]["b"]`` for ``"a.b"``; ``missing`` where a part is absent (or a parent is not a dict)."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return missing
+        tree = tree[part]
+    return tree
+
+
+def _feature_space_blocks(spaces: dict[str, dict]) -> list[tuple]:
+    """A table (metric x feature space) of the FID-type numbers in every feature space, by name."""
+    rows = []
+    for label, key in SPACE_ROWS:
+        values = [_lookup(space, key) for space in spaces.values()]
+        if all(v is KeyError for v in values):
+            continue
+        cells = [format_value(None if v is KeyError else v) for v in values]
+        if key.endswith("sha256"):
+            cells = [cell[:16] for cell in cells]  # the first 16 hex digits tell weights apart
+        rows.append([label, *cells])
+    about = ("The FID-type metrics in every feature space, by name (the first column is the primary space, "
+             "whose numbers also appear above). A label-free space was trained on the images without labels, "
+             "so it also sees differences within a class; its k-NN accuracy checks it on held-out labels.")
+    return [("h", "feature spaces"), ("p", about), ("table", ["metric"] + list(spaces), rows)]
 
 
 # Columns of the comparison table (dotted report keys).
@@ -138,26 +186,47 @@ COMPARISON_KEYS = (
 )
 
 
+# Rows added to the comparison for every feature space that is not every run's primary one.
+SPACE_COMPARISON_KEYS = ("rfid", "generation.fid", "generation.kid", "generation.precision", "generation.recall",
+                         "generation.density", "generation.coverage")
+
+
+def _extra_spaces(reports: dict[str, dict]) -> list[str]:
+    """Names of the feature spaces in any report, except one that is the primary space of every run."""
+    names = list(dict.fromkeys(n for r in reports.values() for n in (r.get("feature_spaces") or {})))
+    primaries = {(r.get("feature_extractor") or {}).get("name") for r in reports.values()}
+    return [n for n in names if primaries != {n}]
+
+
 def write_comparison(reports: dict[str, dict], figures: dict[str, Path], out_dir: str | Path,
                      keys: tuple[str, ...] = COMPARISON_KEYS) -> dict[str, Path]:
     """One table (metrics x runs) plus figures, as ``comparison.{json,md,html}`` in ``out_dir``.
 
-    Reports that used different feature extractor weights are flagged: their FID-type numbers are not
-    comparable.
+    Rows ``feature_spaces.NAME.*`` follow ``keys`` for the other feature spaces of the reports. Reports that
+    used different feature extractor weights are flagged: their FID-type numbers are not comparable.
     """
     out_dir = Path(out_dir)
     flat = {name: flatten(r) for name, r in reports.items()}
+    spaces = _extra_spaces(reports)
+    keys = tuple(keys) + tuple(f"feature_spaces.{s}.{k}" for s in spaces for k in SPACE_COMPARISON_KEYS)
     table = {key: {name: f.get(key) for name, f in flat.items()} for key in keys}
     extractors = {name: f.get("feature_extractor.weights_sha256") for name, f in flat.items()}
     comparable = len(set(extractors.values())) <= 1
+    space_extractors = {s: {name: f.get(f"feature_spaces.{s}.feature_extractor.weights_sha256")
+                            for name, f in flat.items()} for s in spaces}
     save_json({"runs": {n: r.get("run") for n, r in reports.items()}, "table": table,
-               "feature_extractors": extractors, "fid_comparable": comparable}, out_dir / "comparison.json")
+               "feature_extractors": extractors, "fid_comparable": comparable,
+               "feature_space_extractors": space_extractors}, out_dir / "comparison.json")
     blocks: list[tuple] = [("h", "metrics")]
     rows = [[key] + [format_value(table[key][name]) for name in reports] for key in keys]
     blocks.append(("table", ["metric"] + list(reports), rows))
     if not comparable:
         blocks.append(("p", "Warning: the runs used different feature extractor weights; FID, KID, precision, "
                             "recall, density, coverage and mode coverage are not comparable between them."))
+    for s, shas in space_extractors.items():
+        if len({sha for sha in shas.values() if sha is not None}) > 1:
+            blocks.append(("p", f"Warning: the runs used different weights for feature space {s!r}; its "
+                                "feature_spaces rows are not comparable between them."))
     blocks.append(("table", ["run", "directory", "feature extractor sha256"],
                    [[n, str(r.get("run")), str(extractors[n])[:16]] for n, r in reports.items()]))
     if figures:

@@ -3,6 +3,12 @@
     python -m pipelines.evaluate --run RUN                        # writes RUN/report.{json,md,html}
     python -m pipelines.evaluate --run RUN_A --run RUN_B --output DIR   # plus DIR/comparison.{json,md,html}
     python -m pipelines.evaluate --run RUN --extractor inception --weights-path pt_inception.pth
+    python -m pipelines.evaluate --run RUN extractor=contrastive extra_extractors=[offline]
+
+FID-type metrics are computed in the primary feature space (``extractor``; its numbers keep their places,
+``tokenizer.rfid``, ``generation.fid``, ...) and in every space of ``extra_extractors`` (by default also the
+label-free ``contrastive`` one); ``report["feature_spaces"][NAME]`` holds each space's extractor
+description, ``rfid`` and ``generation`` numbers, the primary included.
 
 A run folder holds ``tokenizer/`` (``model/``, ``config.yaml``, ``metrics.jsonl``) and optionally
 ``prior/metrics.jsonl`` and ``samples/`` (``tokens.safetensors``, ``images/*.png``, ``meta.json``). Data
@@ -23,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eval.contrastive import ContrastiveConfig
 from eval.diversity import (
     code_histogram,
     mean_pairwise_distance,
@@ -71,8 +78,12 @@ class EvalError(UserError, ValueError):
 class EvalConfig:
     """Settings of ``pipelines.evaluate`` (YAML / ``key=value`` like every stage)."""
 
-    extractor: str = "offline"  # "offline" (classifier trained on the data, cached) | "inception"
-    weights_path: str | None = None  # extractor weights; None: cached classifier / downloaded Inception
+    # Primary feature space: "offline" (classifier trained on the data's labels, cached) | "contrastive"
+    # (label-free self-supervised backbone, cached) | "inception" (standard FID).
+    extractor: str = "offline"
+    # Also evaluated, each under report["feature_spaces"][name] (the primary is never repeated; [] for none).
+    extra_extractors: list[str] = dataclasses.field(default_factory=lambda: ["contrastive"])
+    weights_path: str | None = None  # primary extractor's weights; None: cached / downloaded ones
     split: str = "test"  # real images: reconstructed, and the reference for FID
     num_images: int = 5000  # at most this many real images and this many samples
     batch_size: int = 100
@@ -83,11 +94,15 @@ class EvalConfig:
     max_latents: int = 20000  # encoder outputs kept for the 2-D projection plot
     grid_images: int = 10
     classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
+    contrastive: ContrastiveConfig = dataclasses.field(default_factory=ContrastiveConfig)
 
     def validate(self) -> None:
         """Reject settings that cannot work, naming the key."""
         if self.extractor not in EXTRACTORS:
             raise ValueError(f"extractor={self.extractor!r}; choose one of {', '.join(EXTRACTORS)}")
+        unknown = [e for e in self.extra_extractors if e not in EXTRACTORS]
+        if unknown:
+            raise ValueError(f"extra_extractors has {unknown[0]!r}; choose among {', '.join(EXTRACTORS)}")
         if self.split not in SPLITS:
             raise ValueError(f"split={self.split!r}; choose one of {', '.join(SPLITS)}")
         if self.batch_size < 1 or self.k < 1 or self.kid_subsets < 1:
@@ -96,6 +111,14 @@ class EvalConfig:
             raise ValueError(f"num_images={self.num_images} leaves too few images: precision, recall, density and "
                              f"coverage compare each image with its k={self.k} nearest neighbours, so num_images "
                              f"must be larger than k; raise num_images or lower k")
+
+    def feature_spaces(self) -> list[str]:
+        """The feature spaces to evaluate: the primary first, then the extra ones, each once."""
+        return list(dict.fromkeys([self.extractor, *self.extra_extractors]))
+
+
+# Generation metrics repeated for every feature space under report["feature_spaces"][name]["generation"].
+SPACE_GENERATION_KEYS = ("fid", "kid", "precision", "recall", "density", "coverage")
 
 
 def _device(name: str) -> torch.device:
@@ -202,15 +225,11 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
     timing["tokenizer_pass"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    space = load_feature_space(cfg.extractor, data_cfg=data_cfg, weights_path=cfg.weights_path,
-                               classifier=cfg.classifier, device=str(device))
-    key = reference_key(getattr(dataset, "fingerprint", json.dumps(dataclasses.asdict(data_cfg), sort_keys=True)),
-                        cfg.split, space, n)
-    ref, was_cached = cached_reference(key, lambda: space.extract(data.real, cfg.batch_size))
-    recon_feats = space.extract(data.recon, cfg.batch_size)
-    rec = fidelity_metrics(ref["features"], recon_feats["features"], k=cfg.k, kid_subsets=cfg.kid_subsets,
-                           kid_subset_size=cfg.kid_subset_size,
-                           real_stats={"mu": ref["mu"].numpy(), "sigma": ref["sigma"].numpy()})
+    data_fingerprint = getattr(dataset, "fingerprint", json.dumps(dataclasses.asdict(data_cfg), sort_keys=True))
+    spaces = {name: _reference_and_rfid(name, cfg, data_cfg, data, data_fingerprint, n, device)
+              for name in cfg.feature_spaces()}
+    primary = spaces[cfg.extractor]
+    space, ref, rec = primary.space, primary.ref, primary.rec
     timing["features_and_rfid"] = time.perf_counter() - t
 
     recon = data.meter.summary()
@@ -235,10 +254,9 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
         if isinstance(expected, dict) and expected.get("fingerprint") not in (None, tokenizer_fingerprint(tok_dir / "model")):
             notes.append("the samples were made with another tokenizer than tokenizer/model: token statistics "
                          "compare different vocabularies")
-        fake = space.extract(samples["images"], cfg.batch_size)
-        gen = fidelity_metrics(ref["features"], fake["features"], k=cfg.k, kid_subsets=cfg.kid_subsets,
-                               kid_subset_size=cfg.kid_subset_size,
-                               real_stats={"mu": ref["mu"].numpy(), "sigma": ref["sigma"].numpy()})
+        for evaluated in spaces.values():
+            evaluated.generate(samples["images"], cfg)
+        fake, gen = primary.fake, primary.gen
         sample_counts = code_histogram(samples["tokens"], tok_stats["codebook_size"])
         generation.update({k: gen[k] for k in ("fid", "kid", "precision", "recall", "density", "coverage")})
         generation["kid_std"] = gen["kid_std"]
@@ -266,21 +284,73 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
     if space.name == "offline":
         notes.append("FID/KID here use the offline classifier's features, not Inception: compare only with "
                      "reports that name the same feature_extractor.weights_sha256")
+    if "contrastive" in spaces:
+        notes.append("feature_spaces.contrastive: FID/KID/PRDC in a label-free space (a self-supervised backbone "
+                     "trained on this data set's images without labels), not Inception: compare only with "
+                     "reports that name the same weights_sha256")
+    feature_spaces = {name: evaluated.report(samples) for name, evaluated in spaces.items()}
     report = {
         "run": str(run.resolve()),
         "split": cfg.split,
         "tokenizer": tokenizer,
         "codebook": cb_stats,
         "generation": generation,
-        "feature_extractor": {**space.describe(), "num_real_images": int(len(ref["features"])),
-                              "num_reconstructions": int(len(recon_feats["features"])),
-                              "num_samples": None if samples is None else int(samples["images"].shape[0]),
-                              "reference_cache_hit": was_cached},
+        "feature_extractor": dict(feature_spaces[cfg.extractor]["feature_extractor"]),
+        "feature_spaces": feature_spaces,
         "timing_seconds": {k: round(v, 3) for k, v in timing.items()},
         "notes": notes,
     }
     write_report(report, figures, out, title=f"vqgen report: {run.name}")
     return report
+
+
+@dataclasses.dataclass
+class _EvaluatedSpace:
+    """One feature space of a report: the extractor, the real split's (cached) features, reconstruction
+    metrics, and after :meth:`generate` the samples' features and metrics."""
+
+    space: FeatureSpace
+    ref: dict[str, torch.Tensor]
+    reference_cache_hit: bool
+    num_reconstructions: int
+    rec: dict
+    fake: dict[str, torch.Tensor] | None = None
+    gen: dict | None = None
+
+    def generate(self, images: torch.Tensor, cfg: EvalConfig) -> None:
+        """Features of the sampled uint8 images (N, 3, H, W) and their metrics against the real split."""
+        self.fake = self.space.extract(images, cfg.batch_size)
+        self.gen = _against_reference(self.ref, self.fake["features"], cfg)
+
+    def report(self, samples: dict | None) -> dict:
+        """``report["feature_spaces"][name]``: extractor description, rfid / rkid, generation metrics."""
+        return {
+            "feature_extractor": {**self.space.describe(), "num_real_images": int(len(self.ref["features"])),
+                                  "num_reconstructions": self.num_reconstructions,
+                                  "num_samples": None if samples is None else int(samples["images"].shape[0]),
+                                  "reference_cache_hit": self.reference_cache_hit},
+            "rfid": self.rec["fid"],
+            "rkid": self.rec["kid"],
+            "generation": None if self.gen is None else {k: self.gen[k] for k in SPACE_GENERATION_KEYS},
+        }
+
+
+def _against_reference(ref: dict[str, torch.Tensor], features: torch.Tensor, cfg: EvalConfig) -> dict:
+    """FID, KID, precision/recall, density/coverage of ``features`` (N, F) against the real split's."""
+    return fidelity_metrics(ref["features"], features, k=cfg.k, kid_subsets=cfg.kid_subsets,
+                            kid_subset_size=cfg.kid_subset_size,
+                            real_stats={"mu": ref["mu"].numpy(), "sigma": ref["sigma"].numpy()})
+
+
+def _reference_and_rfid(name: str, cfg: EvalConfig, data_cfg: DataConfig, data: SplitPass, data_fingerprint: str,
+                        n: int, device: torch.device) -> _EvaluatedSpace:
+    """Build feature space ``name``, get the real split's features (cached) and the reconstructions' metrics."""
+    space = load_feature_space(name, data_cfg=data_cfg, weights_path=cfg.weights_path if name == cfg.extractor else None,
+                               classifier=cfg.classifier, contrastive=cfg.contrastive, device=str(device))
+    key = reference_key(data_fingerprint, cfg.split, space, n)
+    ref, was_cached = cached_reference(key, lambda: space.extract(data.real, cfg.batch_size))
+    recon = space.extract(data.recon, cfg.batch_size)["features"]  # (N, F)
+    return _EvaluatedSpace(space, ref, was_cached, int(len(recon)), _against_reference(ref, recon, cfg))
 
 
 def _figures(fig_dir: Path, run: Path, model: VQVAE, data: SplitPass, codes: torch.Tensor, samples: dict | None,
@@ -346,13 +416,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--output", help="report folder (default: the run folder; required to compare runs)")
     parser.add_argument("--config", help="YAML file with EvalConfig fields")
     parser.add_argument("--extractor", choices=EXTRACTORS)
-    parser.add_argument("--weights-path", help="feature extractor weights (Inception .pth or classifier .safetensors)")
+    parser.add_argument("--weights-path", help="primary feature extractor's weights (Inception .pth, or the "
+                        "model.safetensors of a cached classifier / contrastive backbone)")
     parser.add_argument("--num-images", type=int)
     parser.add_argument("--split", choices=SPLITS)
     parser.add_argument("--device")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--reevaluate", action="store_true", help="comparison: evaluate even runs with a report.json")
-    parser.add_argument("overrides", nargs="*", help="EvalConfig key=value overrides, e.g. classifier.max_steps=500")
+    parser.add_argument("overrides", nargs="*", help="EvalConfig key=value overrides, e.g. classifier.max_steps=500 "
+                        "or extra_extractors=[]")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     flags = {"extractor": args.extractor, "weights_path": args.weights_path, "num_images": args.num_images,

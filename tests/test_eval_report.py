@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
+from eval.report import format_value
 from pipelines.evaluate import EvalConfig, evaluate_run, main
 from tokenizer.config import to_dict
 from tokenizer.data import DataConfig
@@ -21,7 +22,9 @@ from tokenizer.quantizers import QuantizerConfig
 
 TINY_DATA = DataConfig(image_size=16, num_train=192, num_validation=0, num_test=48)
 FAST = ["num_images=40", "batch_size=16", "kid_subsets=5", "kid_subset_size=10", "k=3", "device=cpu",
-        "classifier.width=8", "classifier.feature_dim=16", "classifier.max_steps=20", "classifier.batch_size=32"]
+        "classifier.width=8", "classifier.feature_dim=16", "classifier.max_steps=20", "classifier.batch_size=32",
+        "contrastive.width=8", "contrastive.feature_dim=16", "contrastive.projection_dim=8", "contrastive.steps=10",
+        "contrastive.batch_size=32"]
 REQUIRED = [
     "tokenizer.recon_mse", "tokenizer.psnr", "tokenizer.ssim", "tokenizer.perplexity", "tokenizer.usage",
     "tokenizer.code_distance", "tokenizer.rfid", "generation.fid", "generation.kid", "generation.precision",
@@ -100,9 +103,28 @@ def test_report_of_a_tiny_run(tmp_path):
         assert f"report_files/{png.name}" in html
     assert "offline" in (run / "report.md").read_text()
 
+    # Every feature space by name, the primary one included; its numbers are the ones above.
+    spaces = on_disk["feature_spaces"]
+    assert list(spaces) == ["offline", "contrastive"]
+    assert spaces["offline"]["rfid"] == on_disk["tokenizer"]["rfid"]
+    assert spaces["offline"]["generation"]["fid"] == on_disk["generation"]["fid"]
+    assert spaces["offline"]["feature_extractor"] == on_disk["feature_extractor"]
+    label_free = spaces["contrastive"]
+    assert label_free["feature_extractor"]["label_free"] and not spaces["offline"]["feature_extractor"]["label_free"]
+    assert label_free["feature_extractor"]["torch_fidelity_name"] == "vqgen-contrastive"
+    assert 0.0 <= label_free["feature_extractor"]["knn_accuracy"] <= 1.0
+    assert label_free["feature_extractor"]["weights_sha256"] != on_disk["feature_extractor"]["weights_sha256"]
+    assert set(label_free["generation"]) == {"fid", "kid", "precision", "recall", "density", "coverage"}
+    assert all(math.isfinite(v) for v in [label_free["rfid"], *label_free["generation"].values()])
+    md = (run / "report.md").read_text()
+    assert "## feature spaces" in md and "| metric | offline | contrastive |" in md
+    fids = [format_value(spaces[name]["generation"]["fid"]) for name in ("offline", "contrastive")]
+    assert f"| generation.fid | {fids[0]} | {fids[1]} |" in md
+    assert "label-free" in (run / "report.html").read_text()
+
     # A second evaluation reuses the cached reference features and gives the same numbers.
     again = evaluate_run(run, EvalConfig(num_images=40, batch_size=8, kid_subsets=5, kid_subset_size=10, k=3,
-                                         device="cpu", classifier=_classifier()))
+                                         device="cpu", classifier=_classifier(), contrastive=_contrastive()))
     assert again["feature_extractor"]["reference_cache_hit"]
     assert again["tokenizer"]["rfid"] == pytest.approx(report["tokenizer"]["rfid"], rel=1e-6)
     assert again["generation"]["fid"] == pytest.approx(report["generation"]["fid"], rel=1e-6)
@@ -112,6 +134,12 @@ def _classifier():
     from eval.features import ClassifierConfig
 
     return ClassifierConfig(width=8, feature_dim=16, max_steps=20, batch_size=32)
+
+
+def _contrastive():
+    from eval.contrastive import ContrastiveConfig
+
+    return ContrastiveConfig(width=8, feature_dim=16, projection_dim=8, steps=10, batch_size=32)
 
 
 def test_adaptive_run_without_samples_and_comparison(tmp_path):
@@ -134,7 +162,25 @@ def test_adaptive_run_without_samples_and_comparison(tmp_path):
     assert comparison["table"]["generation.fid"]["fixed"] is None
     assert comparison["table"]["generation.mode_coverage"]["adaptive"] is not None
     assert comparison["fid_comparable"]
+    assert comparison["table"]["feature_spaces.contrastive.generation.fid"]["fixed"] is None
+    assert comparison["table"]["feature_spaces.contrastive.generation.recall"]["adaptive"] is not None
+    assert "feature_spaces.offline.rfid" not in comparison["table"]  # the primary space's rows are above
     assert (out / "comparison.html").is_file() and (out / "comparison_files" / "curves.png").is_file()
+
+
+def test_label_free_space_as_the_primary_one(tmp_path):
+    run = make_run(tmp_path / "run")
+    report = main(["--run", str(run), *FAST, "extractor=contrastive"])
+    assert report["feature_extractor"]["name"] == "contrastive" and report["feature_extractor"]["label_free"]
+    assert list(report["feature_spaces"]) == ["contrastive"]  # the default extra space is the primary one
+    assert report["generation"]["fid"] == report["feature_spaces"]["contrastive"]["generation"]["fid"]
+    assert report["generation"]["mode_coverage"] is None and any("mode coverage" in n for n in report["notes"])
+    both = main(["--run", str(run), *FAST, "extractor=contrastive", "extra_extractors=[offline]"])
+    assert list(both["feature_spaces"]) == ["contrastive", "offline"]
+    assert both["tokenizer"]["rfid"] == pytest.approx(report["tokenizer"]["rfid"])
+    assert both["feature_extractor"]["reference_cache_hit"]
+    only = main(["--run", str(run), *FAST, "extra_extractors=[]"])
+    assert list(only["feature_spaces"]) == ["offline"]
 
 
 def test_bad_run_folder_exits_with_one_message(tmp_path, capsys):
@@ -145,6 +191,9 @@ def test_bad_run_folder_exits_with_one_message(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--run", str(tmp_path), "extractor=clip"])
     assert "extractor" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--run", str(tmp_path), "extra_extractors=[clip]"])
+    assert "extra_extractors has 'clip'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind,dim", [("vq", 1), ("gumbel", 8)])
