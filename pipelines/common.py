@@ -111,12 +111,21 @@ def entry_point(body: Callable | None = None, *, known: tuple[type[BaseException
             except (UserError, *known) as err:
                 if debug:
                     raise
+                _close_progress_bars()  # the message starts a line of its own, not after a bar's text
                 print(f"error: {one_line(err)}", file=sys.stderr)
                 raise SystemExit(2) from None
 
         return main
 
     return wrap(body) if body is not None else wrap
+
+
+def _close_progress_bars() -> None:
+    """Close every open tqdm bar (each ends its line, or vanishes when disabled)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
 
 
 def check_output_dir(path: str | Path, what: str = "--output-dir") -> Path:

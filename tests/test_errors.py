@@ -213,7 +213,8 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, tiny_run, capsys)
         MAINS[command](_argv(template, fields))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
+    # progress bars (drawn with carriage returns) may come first; the message is one line of its own
+    lines = [line for line in err.split("\n") if line.strip() and "\r" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     for word in words:
