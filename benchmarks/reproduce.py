@@ -160,11 +160,13 @@ def run_one(spec: dict) -> tuple[str, str | None]:
 
 def prepare_feature_spaces(spec: dict) -> None:
     """Train and cache the evaluation feature extractors once, before parallel runs could race for them."""
-    from pipelines.evaluate import prepare_feature_spaces as prepare
+    from eval.fid import load_feature_space
     from pipelines.run import load_experiment
 
     cfg = load_experiment(spec["config"], spec["overrides"])
-    prepare(cfg.tokenizer.data, cfg.evaluate)
+    ev = cfg.evaluate
+    for name in ev.feature_spaces():
+        load_feature_space(name, data_cfg=cfg.tokenizer.data, classifier=ev.classifier, contrastive=ev.contrastive)
 
 
 def execute(runs: list[dict], jobs: int) -> None:
