@@ -12,6 +12,10 @@ KINDS = {
     "ema": QuantizerConfig(kind="ema", codebook_size=16, dim=8),
     "gumbel": QuantizerConfig(kind="gumbel", codebook_size=16, dim=8),
     "adaptive": QuantizerConfig(kind="adaptive", dim=8, capacity=16, ladder_dims=[4, 2, 1], selector_heads=2),
+    "fsq": QuantizerConfig(kind="fsq", dim=3, levels=[5, 4, 3]),
+    "lfq": QuantizerConfig(kind="lfq", dim=4, codebook_size=16),
+    "simvq": QuantizerConfig(kind="simvq", codebook_size=16, dim=8),
+    "vq-rotation": QuantizerConfig(kind="vq", codebook_size=16, dim=8, rotation_trick=True),
 }
 
 
@@ -54,8 +58,10 @@ def test_save_load_round_trip_and_token_api(tmp_path, kind):
     images = loaded.decode(ids)
     assert images.shape == x.shape
     torch.testing.assert_close(images, loaded.reconstruct(x))  # decode(encode(x)) is the eval reconstruction
-    info = loaded.vocab_info()
-    assert info["grid"] == [4, 4] and info["codebook_size"] == sum(info["codebook_sizes"])
+    layout = loaded.layout()
+    assert layout.grid == (4, 4) and layout.num_codes == loaded.quantizer.codebook_size
+    assert layout.kind == KINDS[kind].kind and layout.per_image_codebook == (kind == "adaptive")
+    assert type(layout).from_dict(layout.to_dict()) == layout
     assert model.training  # encode/decode leave the caller's mode alone
 
 

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from .distributed import all_reduce_
+from .layout import codebook_of
 from .search import DEFAULT_CHUNK_ELEMENTS
 
 
@@ -93,9 +94,7 @@ def selection_histogram(indices: torch.Tensor, codebook_sizes: Sequence[int]) ->
 
     Codebook i owns the ids [offset_i, offset_i + N_i) with offsets the running sum of ``codebook_sizes``.
     """
-    sizes = torch.tensor(list(codebook_sizes), device=indices.device)
-    ends = sizes.cumsum(0)  # (K_cb,) exclusive upper bounds
-    which = torch.bucketize(indices.reshape(-1), ends, right=True)  # (M,) codebook of each id
+    which = codebook_of(indices.reshape(-1), codebook_sizes)  # (M,) codebook of each id
     counts = code_counts(which, len(codebook_sizes))
     return counts / counts.sum().clamp_min(1.0)
 
