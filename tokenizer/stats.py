@@ -6,6 +6,7 @@ synchronisation; convert with ``float()`` when logging.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -30,9 +31,20 @@ def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def batch_stats(indices: torch.Tensor, num_codes: int) -> dict[str, torch.Tensor]:
-    """``perplexity`` and ``usage`` (fraction of codes used at least once) of one batch of code ids."""
-    counts = code_counts(indices, num_codes)
-    return {"perplexity": perplexity_from_counts(counts), "usage": (counts > 0).float().mean()}
+    """``perplexity`` and ``usage`` (fraction of codes used at least once) of one batch of code ids.
+
+    O(M) in the M ids besides zeroing the count vector, never O(K) arithmetic over the K codes (large
+    implicit codebooks have far more codes than a batch has ids): with ``c`` the counts,
+    ``sum_k c_k log c_k = sum_i log c[id_i]`` and the number of distinct ids is ``sum_i 1 / c[id_i]``, so
+    ``perplexity = exp(log M - mean_i log c[id_i])`` and ``usage = round(sum_i 1 / c[id_i]) / K``.
+    """
+    flat = indices.reshape(-1)
+    m = flat.shape[0]
+    if m == 0:
+        return {"perplexity": torch.ones((), device=flat.device), "usage": torch.zeros((), device=flat.device)}
+    per_id = code_counts(flat, num_codes)[flat]  # (M,) how often each id's code occurs in the batch
+    perplexity = torch.exp(math.log(m) - per_id.log().mean())
+    return {"perplexity": perplexity, "usage": per_id.reciprocal().sum().round() / num_codes}
 
 
 class CodeUsage:

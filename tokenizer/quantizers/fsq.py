@@ -22,7 +22,7 @@ import math
 import torch
 
 from ..stats import batch_stats
-from .base import MAX_IMPLICIT_CODES, Quantizer, QuantizerConfig, QuantizerConfigError, QuantizerOutput, straight_through
+from .base import MAX_IMPLICIT_CODES, Quantizer, QuantizerConfig, QuantizerConfigError, QuantizerOutput
 from .registry import Capabilities, register_quantizer
 
 BOUND_EPS = 1e-3  # keeps tanh's range strictly inside the outermost rounding boundaries
@@ -38,6 +38,28 @@ def _validate(cfg: QuantizerConfig, fail) -> None:
     if math.prod(cfg.levels) > MAX_IMPLICIT_CODES:
         fail(f"levels {cfg.levels} give {math.prod(cfg.levels)} codes; at most {MAX_IMPLICIT_CODES} (the prior's "
              "vocabulary and every code histogram hold one entry per code)")
+
+
+class _BoundRound(torch.autograd.Function):
+    """``round(tanh(z + s) h - o) / w`` with the straight-through gradient ``h (1 - tanh^2) / w`` in one node.
+
+    One autograd node instead of five (add, tanh, scale, round, rescale): the backward is one fused
+    expression of the saved ``tanh``, and no intermediate of the chain is kept for it.
+    """
+
+    @staticmethod
+    def forward(ctx, z, shift, half_l, neg_offset, width, slope):
+        t = torch.tanh(z + shift)  # (M, d)
+        rounded = torch.round(torch.addcmul(neg_offset, t, half_l))  # integers in [-w_i, L_i - 1 - w_i]
+        ctx.save_for_backward(t, slope)
+        ctx.mark_non_differentiable(rounded)
+        return rounded / width, rounded
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        t, slope = ctx.saved_tensors
+        # tanh_backward(g, t) = g (1 - t^2) in one fused kernel
+        return torch.ops.aten.tanh_backward(grad * slope, t), None, None, None, None, None
 
 
 @register_quantizer(
@@ -58,12 +80,15 @@ class FSQuantizer(Quantizer):
         basis = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.float64), levels[:-1]]), 0)
         # constants of the grid, rebuilt from the config: not part of the state dict
         self.register_buffer("_half_l", half_l.float(), persistent=False)  # (d,)
-        self.register_buffer("_offset", offset.float(), persistent=False)
+        self.register_buffer("_neg_offset", -offset.float(), persistent=False)
+        self.register_buffer("_slope", (half_l / width).float(), persistent=False)  # h / w: d(code)/d(tanh)
         self.register_buffer("_shift", torch.atanh(offset / half_l).float(), persistent=False)
         self.register_buffer("_width", width.float(), persistent=False)
         self.register_buffer("_levels", levels.long(), persistent=False)
         self.register_buffer("_basis", basis.float(), persistent=False)  # exact: prod(levels) <= 2**20 < 2**24
         self.register_buffer("_basis_long", basis.long(), persistent=False)
+        # id = sum_i (round_i + w_i) * basis_i = rounded @ basis + sum_i w_i basis_i
+        self._id_offset = float((width * basis).sum())
         self._size = int(math.prod(cfg.levels))
 
     @property
@@ -72,7 +97,7 @@ class FSQuantizer(Quantizer):
 
     def bound(self, z: torch.Tensor) -> torch.Tensor:
         """``tanh(z + s) h - o`` per channel: (..., d) -> (..., d), before rounding."""
-        return torch.addcmul(-self._offset, torch.tanh(z + self._shift), self._half_l)
+        return torch.addcmul(self._neg_offset, torch.tanh(z + self._shift), self._half_l)
 
     def continuous(self, z: torch.Tensor) -> torch.Tensor:
         """The bounded, rescaled latent without rounding: the code is its rounding (on the same scale)."""
@@ -80,11 +105,10 @@ class FSQuantizer(Quantizer):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         flat = self._flatten(z)  # (M, d)
-        bounded = self.bound(flat)  # (M, d)
-        rounded = torch.round(bounded.detach())  # integers in [-w_i, L_i - 1 - w_i]
-        quantized = straight_through(bounded, rounded) / self._width  # value round(b) / w, gradient of b / w
-        digits = rounded + self._width  # (M, d) in [0, L_i)
-        idx = (digits @ self._basis).long()  # (M,) mixed radix; exact in float32 below 2**24
+        # value round(bound(z)) / w, gradient of bound(z) / w (rounding passed straight through)
+        quantized, rounded = _BoundRound.apply(flat, self._shift, self._half_l, self._neg_offset, self._width,
+                                               self._slope)
+        idx = torch.add(rounded @ self._basis, self._id_offset).long()  # (M,) mixed radix, exact below 2**24
         return QuantizerOutput(
             quantized=quantized.reshape(z.shape).to(z.dtype),
             indices=idx.reshape(z.shape[:-1]),
