@@ -77,3 +77,19 @@ def test_errors_are_clear(tmp_path):
         from_dict(ModelConfig, {"image_size": 20, "downsample": 8})
     with pytest.raises(ConfigError, match="power of two"):
         from_dict(ModelConfig, {"downsample": 3})
+
+
+def test_a_tokenizer_saved_with_a_field_its_kind_ignored_still_loads(tmp_path):
+    """Saved before unread fields were refused: an adaptive tokenizer whose config.json sets codebook_size."""
+    import json
+
+    model = tiny("adaptive")
+    model.save_pretrained(tmp_path / "tok")
+    path = tmp_path / "tok" / "config.json"
+    meta = json.loads(path.read_text())
+    meta["model"]["quantizer"]["codebook_size"] = 16  # what switching kind on top of tiny.yaml used to save
+    path.write_text(json.dumps(meta))
+    loaded = VQVAE.from_pretrained(tmp_path / "tok")
+    assert loaded.quantizer.codebook_sizes == model.quantizer.codebook_sizes
+    with pytest.raises(ConfigError, match="codebook_size=16 is not an option of kind 'adaptive'"):
+        from_dict(ModelConfig, meta["model"])  # a config written today is refused

@@ -266,7 +266,10 @@ class VQVAE(nn.Module):
         meta = load_json(config_path)
         if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "model" not in meta:
             raise ConfigError(f"{config_path} was not written by this version of vqgen's save_pretrained")
-        model = cls(from_dict(ModelConfig, meta["model"]))
+        saved = dict(meta["model"])
+        if isinstance(saved.get("quantizer"), dict):  # fields the kind ignored (older files may set them)
+            saved["quantizer"] = QuantizerConfig.drop_unread(saved["quantizer"])
+        model = cls(from_dict(ModelConfig, saved))
         # load on the CPU first: safetensors rejects device strings such as "cpu:0" that Accelerate may hand out
         state = load_safetensors(weights_path, device="cpu")
         try:

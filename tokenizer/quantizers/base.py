@@ -166,6 +166,19 @@ class QuantizerConfig:
         """The adaptive ladder as (N_i, D_i) pairs with N_i * D_i == capacity."""
         return [(self.capacity // d, d) for d in self.ladder_dims]
 
+    @staticmethod
+    def drop_unread(data: dict) -> dict:
+        """A saved quantizer config (a dict) without the fields its kind does not read.
+
+        Those fields were ignored when the model was built, so dropping them (their defaults take their place)
+        loads the same model; tokenizers saved before unread fields were refused keep loading. An unknown kind
+        is left for validation to report.
+        """
+        spec = spec_of(data.get("kind", QuantizerConfig.kind))
+        if spec is None:
+            return dict(data)
+        return {k: v for k, v in data.items() if k == "kind" or k in spec.fields or k not in _FIELD_NAMES}
+
     def only(self, kind: str, **values) -> "QuantizerConfig":
         """A config of ``kind`` with ``values`` and this config's settings of the fields ``kind`` reads.
 
@@ -175,6 +188,9 @@ class QuantizerConfig:
         spec = QuantizerConfig(kind=kind).spec()
         kept = {name: getattr(self, name) for name in spec.fields if name not in values}
         return QuantizerConfig(kind=kind, **kept, **values)
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(QuantizerConfig))
 
 
 class _StraightThrough(torch.autograd.Function):
