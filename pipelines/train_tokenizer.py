@@ -101,7 +101,7 @@ class TokenizerRunConfig:
         if self.schedule.mode == "deferred" and caps.deferred() is None:
             raise ValueError(
                 f"schedule.mode=deferred ends its continuous phase by k-means-initialising the codebook, which "
-                f"model.quantizer.kind={kind} cannot use (it chooses codes from learned logits); use "
+                f"model.quantizer.kind={kind} cannot use (its learned codebook cannot be set by k-means); use "
                 f"schedule.mode=early with schedule.init=random for {kind}, or a kind with k-means initialisation "
                 f"({with_kmeans}) or an implicit codebook (deferred = continuous phase, then the switch)"
             )
