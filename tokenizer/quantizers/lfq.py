@@ -14,7 +14,8 @@ the per-sample entropy is exactly ``sum_d h(p_d)`` (``h`` the binary entropy). T
 distributions is not a product, so the codebook term uses the sum of the per-dimension entropies of the
 mean, ``sum_d h(E_z[p_d])``: the entropy of the product of the marginals, an upper bound of the joint
 entropy ``H(E_z[p])`` that equals it when the bits are independent over the batch. Maximising it asks every
-bit to be used half of the time; it cannot see correlations between bits.
+bit to be used half of the time; it cannot see correlations between bits. Under data parallelism the batch
+mean is each process's own (as the per-process batch statistics of the other kinds).
 """
 
 from __future__ import annotations
