@@ -64,6 +64,16 @@ def test_fsq_codes_lie_on_the_level_grid_and_ids_are_mixed_radix():
     assert float(out.loss) == 0.0
 
 
+@pytest.mark.parametrize("kind,settings", [("fsq", dict(dim=6, levels=[8, 8, 8, 5, 5, 5])),
+                                            ("lfq", dict(dim=14, codebook_size=2**14))])
+def test_ids_of_implicit_codebooks_are_exact_under_autocast(kind, settings):
+    q = build(kind=kind, **settings).eval()
+    z = torch.randn(2000, q.dim) * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = q(z)
+    assert torch.equal(low.indices, q(z).indices)  # bf16 would round ids above 256
+
+
 def test_fsq_bound_is_centred_and_gradient_passes_through_rounding():
     q = build(kind="fsq", dim=3, levels=[8, 5, 4])
     torch.testing.assert_close(q.bound(torch.zeros(1, 3)), torch.zeros(1, 3), atol=1e-6, rtol=0)

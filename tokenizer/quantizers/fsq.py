@@ -108,7 +108,9 @@ class FSQuantizer(Quantizer):
         # value round(bound(z)) / w, gradient of bound(z) / w (rounding passed straight through)
         quantized, rounded = _BoundRound.apply(flat, self._shift, self._half_l, self._neg_offset, self._width,
                                                self._slope)
-        idx = torch.add(rounded @ self._basis, self._id_offset).long()  # (M,) mixed radix, exact below 2**24
+        # (M,) mixed radix, exact in float32 below 2**24; a product and a sum, not a mat-vec, which autocast
+        # would run in bf16 (8 bits of mantissa)
+        idx = torch.add((rounded * self._basis).sum(dim=-1), self._id_offset).long()
         return QuantizerOutput(
             quantized=quantized.reshape(z.shape).to(z.dtype),
             indices=idx.reshape(z.shape[:-1]),
