@@ -65,8 +65,9 @@ def test_fsq_codes_lie_on_the_level_grid_and_ids_are_mixed_radix():
 
 
 @pytest.mark.parametrize("kind,settings", [("fsq", dict(dim=6, levels=[8, 8, 8, 5, 5, 5])),
-                                            ("lfq", dict(dim=14, codebook_size=2**14))])
-def test_ids_of_implicit_codebooks_are_exact_under_autocast(kind, settings):
+                                            ("lfq", dict(dim=14, codebook_size=2**14)),
+                                            ("simvq", dict(codebook_size=4096, dim=8))])
+def test_ids_are_exact_under_autocast(kind, settings):
     q = build(kind=kind, **settings).eval()
     z = torch.randn(2000, q.dim) * 2
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -45,15 +45,18 @@ class SimVQuantizer(Quantizer):
         return [self.config.codebook_size]
 
     def codes(self) -> torch.Tensor:
-        """(K, D) the current codes ``C W`` (differentiable in ``W``)."""
-        return self.frozen @ self.map
+        """(K, D) the current codes ``C W`` (differentiable in ``W``), in float32 even under autocast."""
+        with torch.autocast(self.frozen.device.type, enabled=False):
+            return self.frozen @ self.map
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         flat = self._flatten(z)  # (M, D)
         with torch.no_grad():
             idx = nearest(flat, self.codes())  # (M,)
-        # gather the frozen rows first, then map: the map's gradient is (M, D)^T (M, D), not (K, D)^T (K, D)
-        q = F.embedding(idx, self.frozen) @ self.map  # (M, D)
+        # gather the frozen rows first, then map: the map's gradient is (M, D)^T (M, D), not (K, D)^T (K, D);
+        # float32 like the search, so the output is the code lookup() gives
+        with torch.autocast(flat.device.type, enabled=False):
+            q = F.embedding(idx, self.frozen) @ self.map  # (M, D)
         loss = F.mse_loss(q, flat.detach()) + self.config.beta * F.mse_loss(flat, q.detach())
         return QuantizerOutput(
             quantized=pass_gradient(flat, q, self.config.rotation_trick).reshape(z.shape).to(z.dtype),
