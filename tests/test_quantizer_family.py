@@ -31,7 +31,7 @@ from tokenizer.quantizers import (
     spec_of,
 )
 from tokenizer.quantizers import registry
-from tokenizer.quantizers.base import RUN_LENGTH_FIELDS, rotation_trick, straight_through
+from tokenizer.quantizers.base import rotation_trick, straight_through
 from tokenizer.quantizers.lfq import lfq_entropies
 from tokenizer.stats import live_code_distance
 
@@ -219,18 +219,11 @@ def test_every_field_a_kind_does_not_read_is_rejected(kind):
     spec = spec_of(kind)
     assert spec.fields <= {f.name for f in dataclasses.fields(QuantizerConfig)}
     for f in dataclasses.fields(QuantizerConfig):
-        if f.name == "kind" or f.name in spec.fields or f.name in RUN_LENGTH_FIELDS:
+        if f.name == "kind" or f.name in spec.fields:
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         with pytest.raises(QuantizerConfigError, match=f"{f.name}=.* is not an option of kind '{kind}'"):
             QuantizerConfig(kind=kind, **{f.name: _changed(default)}).validate()
-    # schedule lengths are scaled for every kind by run-length tooling: accepted, and ignored where unused
-    cfg = QuantizerConfig(kind=kind, tau_anneal_steps=7, selector_tau_steps=9)
-    if kind == "fsq":
-        cfg = dataclasses.replace(cfg, dim=4)
-    if kind == "lfq":
-        cfg = dataclasses.replace(cfg, dim=9)
-    cfg.validate()
 
 
 def test_capabilities_say_what_deferred_quantization_means():

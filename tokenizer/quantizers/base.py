@@ -25,9 +25,6 @@ GRANULARITIES = ("image", "position", "view")
 SELECTOR_LOGITS = ("scores", "attention_probs")
 PROJECTIONS = ("linear", "conv")
 MAX_IMPLICIT_CODES = 2**20  # fsq / lfq: the prior's vocabulary and every histogram hold one entry per code
-# Lengths of temperature schedules: tools that shorten a run scale every step-valued setting for every kind
-# (benchmarks/reproduce.py does), so a kind without that schedule accepts any value of these and ignores it.
-RUN_LENGTH_FIELDS = ("tau_anneal_steps", "selector_tau_steps")
 
 
 def _show(value) -> str:
@@ -45,8 +42,7 @@ class QuantizerConfig:
 
     Each kind reads some of the fields (its registration lists them, see ``registry.py``); a field the kind
     does not read must keep its default, so a setting that would be silently ignored is an error instead.
-    (A field written with its default value cannot be told apart from one left out.) The exceptions are the
-    schedule lengths in ``RUN_LENGTH_FIELDS``, which run-length tooling scales for every kind.
+    (A field written with its default value cannot be told apart from one left out.)
 
     Temperature schedules advance with the number of optimizer steps ``t`` (a ``num_steps`` buffer that the
     trainer advances once per update with ``Quantizer.step_schedule()``, so gradient accumulation and extra
@@ -109,7 +105,7 @@ class QuantizerConfig:
 
         spec = self.spec()
         for f in dataclasses.fields(self):
-            if f.name == "kind" or f.name in spec.fields or f.name in RUN_LENGTH_FIELDS:
+            if f.name == "kind" or f.name in spec.fields:
                 continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             value = getattr(self, f.name)
