@@ -30,6 +30,7 @@ import multiprocessing as mp
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -43,7 +44,7 @@ sys.path.insert(0, str(REPO))
 from eval.studies import combine_verdicts, compare_arms, default_margin, summarize  # noqa: E402
 from tokenizer.io import load_json, save_json  # noqa: E402
 
-STUDIES = ("adaptive", "deferred")
+STUDIES = ("adaptive", "deferred", "quantizers")
 DATASETS = ("mnist", "cifar10")
 GENERATION_STAGES = "stages=[tokenizer,encode,prior,sample,evaluate]"
 
@@ -119,6 +120,7 @@ def study_runs(args, study: str, dataset: str) -> list[dict]:
         generation = study == "deferred" and arm in args.generation_arms and seed in args.generation_seeds
         if generation:
             overrides += generation_overrides(args)
+        overrides += args.override
         runs.append({"name": r.name, "arm": arm, "seed": seed, "config": r.config, "overrides": overrides,
                      "dir": str(folder), "oracle": arm.startswith("adaptive"), "generation": generation})
     return runs
@@ -249,8 +251,8 @@ def run_record(spec: dict) -> dict | None:
     if not path.is_file():
         return None
     m = load_json(path)["metrics"]
-    rec = {k: m[k] for k in ("recon_mse", "psnr", "perplexity", "usage", "live_code_distance",
-                             "live_code_distance_ratio", "code_distance")}
+    rec = {k: m.get(k) for k in ("recon_mse", "psnr", "perplexity", "usage", "live_code_distance",
+                                 "live_code_distance_ratio", "code_distance")}
     summary = load_json(run / "tokenizer" / "summary.json")
     rec["images_per_second"] = summary.get("images_per_second")
     ladder = ladder_of(run)
@@ -305,13 +307,12 @@ def collect(args, study: str, dataset: str) -> dict | None:
                   for s in runs if (Path(s["dir"]) / "study_seconds.json").is_file()) / 60
     return {
         "study": study, "dataset": dataset,
-        "command": f"python benchmarks/reproduce.py --study {study} --dataset {dataset} --jobs {args.jobs} "
-                   f"--tokenizer-steps {args.tokenizer_steps}",
+        "command": f"python benchmarks/reproduce.py --study {study} --dataset {dataset}{args.budget_options}",
         "hardware": hardware(),
         "budget": {"tokenizer_steps": args.tokenizer_steps, "batch_size": args.batch_size, "hidden": args.hidden,
                    "lr": args.lr, "max_train_images": args.max_samples, "prior_max_steps": args.prior_steps,
                    "prior_eval_every": args.prior_eval_every, "prior_patience": args.prior_patience,
-                   "num_generated_images": args.num_images, "split": "test",
+                   "num_generated_images": args.num_images, "split": "test", "overrides": args.override,
                    "run_minutes_single_thread": round(minutes, 1)},
         "arms": arms,
     }
@@ -440,6 +441,15 @@ def claims(studies: list[dict]) -> list[dict]:
     add("Deferred tokens generate more diverse images (higher recall), in both feature spaces",
         [[_test(s, "deferred", "early_kmeans", "recall", False),
           _test(s, "deferred", "early_kmeans", "recall_label_free", False)] for s in deferred])
+
+    # Our question, not a paper's: does deferring still matter for the quantizers the field compares against?
+    family = [s for s in studies if s["study"] == "quantizers"]
+    kinds = dict.fromkeys(a["arm"][: -len("_early")] for s in family for a in s["arms"] if a["arm"].endswith("_early"))
+    for kind in kinds:
+        add(f"(question) Deferred quantization still helps {kind}: lower test MSE than quantizing from step 0",
+            [[_test(s, f"{kind}_deferred", f"{kind}_early", "recon_mse", True)] for s in family])
+        add(f"(question) Deferred quantization still helps {kind}: more codes in use (test perplexity)",
+            [[_test(s, f"{kind}_deferred", f"{kind}_early", "perplexity", False)] for s in family])
     return out
 
 
@@ -463,7 +473,21 @@ def write_results(args, out: Path) -> dict:
     return results
 
 
-def main(argv=None) -> dict:
+def budget_options(parser: argparse.ArgumentParser, args) -> str:
+    """The options of this invocation that differ from the defaults, as they would be typed again."""
+    out = ""
+    for action in parser._actions:
+        if action.dest in ("help", "study", "dataset", "report_only", "runs", "out", "jobs"):
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            out += f" {action.option_strings[0]} {shlex.quote(str(v))}"
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", choices=STUDIES, action="append", help="repeat for several (default: none run)")
     parser.add_argument("--dataset", choices=DATASETS, action="append", help="repeat for several")
@@ -483,12 +507,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--prior-eval-every", type=int, default=250)
     parser.add_argument("--prior-patience", type=int, default=3)
     parser.add_argument("--num-images", type=int, default=2000, help="samples and test images for generation")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="experiment override for every run, last (e.g. evaluate.extractor=inception "
+                        "evaluate.weights_path=pt_inception.pth on a machine with the weights); stated in results")
     parser.add_argument("--runs", default="runs/studies")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
+    args.budget_options = budget_options(parser, args)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.generation_arms = [a for a in args.generation_arms.split(",") if a]
     args.generation_seeds = [int(s) for s in args.generation_seeds.split(",") if s]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     os.chdir(REPO)  # experiment files name their data and sections relative to the repository
     if not args.report_only:
         for study in args.study or []:

@@ -97,7 +97,8 @@ def markdown(results: dict, figures: dict[str, list[str]]) -> str:
         lines.append(f"| {c['claim']} | **{c['verdict']}** | {c['evidence'].replace('|', '/')} |")
     lines.append("")
     for s in results["studies"]:
-        title = {"adaptive": "Adaptive vs fixed (N, D) at W = 65536", "deferred": "Early vs deferred quantization"}
+        title = {"adaptive": "Adaptive vs fixed (N, D) at W = 65536", "deferred": "Early vs deferred quantization",
+                 "quantizers": "The quantizer family, early vs deferred"}
         lines += [f"## {title[s['study']]}: {s['dataset']}", "", budget_line(s), ""]
         lines += table(s, TOKENIZER_COLUMNS) + [""]
         if s["study"] == "adaptive":
@@ -143,7 +144,7 @@ def plots(args, studies: list[dict], out: Path) -> dict[str, list[str]]:
             names += _ladder_plot(s, out / f"{key}_ladder.png")
             names += _selection_plot(args, s, out / f"{key}_selection.png")
         else:
-            names += _deferred_curves(args, s, out / f"{key}_curves.png")
+            names += _schedule_curves(args, s, out / f"{key}_curves.png")
         figures[key] = names
     return figures
 
@@ -219,22 +220,22 @@ def _arm_books(s: dict, arm: str) -> list[str]:
             if k.startswith("selection_") and k[len("selection_"):].split("x")[0].isdigit()]
 
 
-def _deferred_curves(args, s: dict, path: Path) -> list[str]:
+def _schedule_curves(args, s: dict, path: Path) -> list[str]:
     arms = [a["arm"] for a in s["arms"]]
     fig = Figure(figsize=(11, 3.8))
     axes = fig.subplots(1, 3)
     for i, arm in enumerate(arms):
         for ax, key in zip(axes, ("perplexity", "live_code_distance", "recon_mse")):
-            curves = _curves(args, "deferred", s["dataset"], arm, key)
+            curves = _curves(args, s["study"], s["dataset"], arm, key)
             if curves is None:
                 continue
             steps, values = curves
-            ax.plot(steps, values.mean(0).tolist(), color=f"C{i}", label=arm)
+            ax.plot(steps, values.mean(0).tolist(), color=f"C{i % 10}", ls="--" if i >= 10 else "-", label=arm)
     axes[0].set(xlabel="step", ylabel="batch perplexity", yscale="log", title="codes in use")
     axes[1].set(xlabel="step", ylabel="live code distance (batch)", title="spread of the codes in use")
     axes[2].set(xlabel="step", ylabel="training MSE", yscale="log", title="reconstruction")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{s['dataset']}: early vs deferred (mean over seeds)")
+    fig.suptitle(f"{s['dataset']}: {s['study']} study, curves per arm (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return [path.name]

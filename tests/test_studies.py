@@ -83,3 +83,30 @@ def test_summarize_and_verdict_rules():
     assert combine_verdicts(["reproduces", "reproduces"]) == "reproduces"
     assert combine_verdicts(["does not reproduce", "inconclusive"]) == "does not reproduce"
     assert combine_verdicts(["reproduces", "does not reproduce"]) == "inconclusive"
+
+
+def _reproduce():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+    spec = importlib.util.spec_from_file_location("reproduce_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_plan_same_budget_for_every_arm_and_a_command_that_reruns_it():
+    reproduce = _reproduce()
+    args = reproduce.parse_args(["--study", "deferred", "--dataset", "mnist", "--tokenizer-steps", "100",
+                                 "--override", "evaluate.k=3"])
+    assert args.budget_options == " --tokenizer-steps 100 --override evaluate.k=3"
+    runs = reproduce.study_runs(args, "deferred", "mnist")
+    assert {r["arm"] for r in runs} == {"early_random", "early_kmeans", "early_deadcode", "deferred", "deferred_soft"}
+    assert sorted(r["seed"] for r in runs) == [0] * 5 + [1] * 5 + [2] * 5 and len({r["dir"] for r in runs}) == 15
+    assert sorted((r["arm"], r["seed"]) for r in runs if r["generation"]) == [
+        (a, s) for a in ("deferred", "early_kmeans", "early_random") for s in (0, 1)]
+    for r in runs:
+        assert "tokenizer.train.steps=100" in r["overrides"] and r["overrides"][-1] == "evaluate.k=3"
+        ae = [int(o.split("=")[1]) for o in r["overrides"] if o.startswith("tokenizer.schedule.ae_steps=")]
+        assert (0 < ae[-1] < 100) if r["arm"].startswith("deferred") else not ae
