@@ -384,6 +384,7 @@ def claims(studies: list[dict]) -> list[dict]:
     out = []
 
     def add(claim: str, tests_per_dataset: list[list[dict | None]], note: str = "") -> None:
+        """One claim; a study that ran but lacks the claim's metric (e.g. no generation runs) says so."""
         per_dataset, evidence = [], []
         for tests in tests_per_dataset:
             tests = [t for t in tests if t is not None]
@@ -395,6 +396,10 @@ def claims(studies: list[dict]) -> list[dict]:
         if per_dataset:
             out.append({"claim": claim, "verdict": combine_verdicts(per_dataset),
                         "evidence": " | ".join(evidence) + (f" | {note}" if note else "")})
+        elif tests_per_dataset:
+            out.append({"claim": claim, "verdict": "inconclusive",
+                        "evidence": "not measured: the runs of this study lack the metric at this budget "
+                                    "(see the study's command and budget)"})
 
     def rungs_test(s):
         fixed = sorted((a["arm"] for a in s["arms"] if a["arm"].startswith("fixed_")), key=_rung_n)

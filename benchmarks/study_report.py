@@ -74,7 +74,10 @@ def budget_line(study: dict) -> str:
     return (f"Budget (same for every arm): {b['tokenizer_steps']} tokenizer steps, batch {b['batch_size']}, hidden "
             f"width {b['hidden']} (papers: 128), lr {b['lr']}, at most {b['max_train_images']} training images; "
             f"every number on the {b['split']} split. Hardware: {study['hardware']}. "
-            f"{b['run_minutes_single_thread']} single-thread minutes of runs. Command: `{study['command']}`.")
+            f"{b['run_minutes_single_thread']} single-thread minutes of runs. The images/s column is the "
+            f"tokenizer's training rate while other runs shared the CPU: read it as a rough cost, not a speed "
+            f"comparison (`benchmarks/tokenizer_throughput.py` measures that). Command: `{study['command']}`."
+            + (f" Overrides for every run: {', '.join(b['overrides'])}." if b.get("overrides") else ""))
 
 
 def markdown(results: dict, figures: dict[str, list[str]]) -> str:
