@@ -24,6 +24,7 @@ from pipelines.stages import STAGE_RECORD, write_record
 from tokenizer.config import load_config, save_config
 from tokenizer.errors import CorruptFileError, UserError
 from tokenizer.io import atomic_path, check_safetensors, load_json, save_json
+from tokenizer.training import NonFiniteLossError  # noqa: F401  (raised here, defined with the training skeleton)
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 
@@ -422,10 +423,6 @@ def write_run_config(cfg: Any, output_dir: str | Path, accelerator, record: dict
 def show_progress(accelerator) -> bool:
     """tqdm only on the main process, and not when stderr is not a terminal under CI."""
     return accelerator.is_local_main_process and not os.environ.get("VQGEN_NO_PROGRESS")
-
-
-class NonFiniteLossError(UserError, RuntimeError):
-    """Raised when training produces a NaN/inf loss; the message names the step and the last checkpoint."""
 
 
 def fail_on_nonfinite(loss_value: float, step: int, checkpoints: CheckpointManager) -> None:
