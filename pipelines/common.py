@@ -401,10 +401,11 @@ def batch_stream(accelerator, loader, start_step: int, grad_accum: int):
         skip, epoch = 0, epoch + 1
 
 
-def finish_run(accelerator, model, summary: dict, output_dir: str | Path) -> dict:
-    """Write ``model/`` (save_pretrained) and ``summary.json`` on the main process, then end the run."""
+def finish_run(accelerator, model, summary: dict, output_dir: str | Path, card: dict | None = None) -> dict:
+    """Write ``model/`` (save_pretrained, with a model card of ``card`` (e.g. ``training_config``) and the
+    summary metrics) and ``summary.json`` on the main process, then end the run."""
     if accelerator.is_main_process:
-        model.save_pretrained(Path(output_dir) / "model")
+        model.save_pretrained(Path(output_dir) / "model", model_card_kwargs={**(card or {}), "summary": summary})
         save_json(summary, Path(output_dir) / "summary.json")
     accelerator.wait_for_everyone()
     accelerator.end_training()
