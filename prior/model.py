@@ -234,7 +234,7 @@ class Prior(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-ge
         name = pretrained_model_name_or_path
         if not is_hub_id(name):
             return cls._load_folder(Path(name), tokenizer_dir)
-        return super().from_pretrained(str(name), tokenizer_dir=tokenizer_dir, **hub_kwargs)
+        return cls._from_pretrained(model_id=str(name), tokenizer_dir=tokenizer_dir, **hub_kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, tokenizer_dir: str | Path | None = None, config=None,

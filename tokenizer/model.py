@@ -513,7 +513,9 @@ class VQVAE(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-to
         name = pretrained_model_name_or_path
         if not is_hub_id(name):
             return cls._load_folder(Path(name), map_location)
-        return super().from_pretrained(str(name), map_location=map_location, **hub_kwargs)
+        # the mixin's protocol (``_from_pretrained``) with the snapshot fetched by ``tokenizer.hub.hub_folder``, so a
+        # failing download is one line rather than the mixin's own config.json request
+        return cls._from_pretrained(model_id=str(name), map_location=map_location, **hub_kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, map_location: str | torch.device = "cpu", config=None,
