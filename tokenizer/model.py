@@ -48,8 +48,8 @@ ARCHS = ("papers", "vqgan")
 # uses [1, 1, 2, 2, 4]; its VQ-8 [1, 2, 2, 4]).
 VQGAN_CHANNEL_MULT = {2: [1, 2], 4: [1, 2, 4], 8: [1, 2, 2, 4], 16: [1, 1, 2, 2, 4], 32: [1, 1, 2, 2, 4, 4]}
 # encode / decode / reconstruct process at most this many pixels per chunk, so their peak memory does not grow
-# with the batch (32 images at 256x256, 2,048 at 32x32)
-INFERENCE_PIXELS = 2**21
+# with the batch (16 images at 256x256, 1,024 at 32x32)
+INFERENCE_PIXELS = 2**20
 
 
 @dataclass
