@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the library of this checkout (also in the subprocesses, through PYTHONPATH)
 BASE = ["model.hidden=64", "model.res_hidden=32", "model.quantizer.kind=ema", "model.quantizer.codebook_size=512",
         "model.quantizer.dim=64", "train.batch_size=32", "train.lr=0.0003", "train.trackers=[]", "train.log_every=50",
         "train.checkpoint_every=500", "train.deterministic=true", "loss.recon=l2"]

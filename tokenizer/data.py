@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +109,14 @@ class DataConfig:
             raise DataError(f"data.max_samples={self.max_samples!r} must be >= 1, or null for no cap")
         if self.num_train < 1 or self.num_validation < 0 or self.num_test < 0:
             raise DataError("data.num_train must be >= 1 and data.num_validation, data.num_test >= 0")
-        if self.source != "synthetic":  # synthetic ignores the hf location keys (and says so, build_dataset)
+        if self.source == "synthetic":
+            given = [k for k in ("path", "data_files", "data_dir") if getattr(self, k) is not None]
+            if given:
+                raise DataError(
+                    f"data.{given[0]} is set but data.source='synthetic' ignores it; set data.source=hf "
+                    f"to read it, or remove data.{given[0]}"
+                )
+        else:
             if self.path is None and not self.data_files and self.data_dir is None:
                 raise DataError(
                     "data.source='hf' needs data.path (hub name or builder such as 'parquet'), "
@@ -582,9 +588,6 @@ def _build_hf(cfg: DataConfig, split: str) -> HFImageDataset:
 # ----------------------------------------------------------------------------------------- public
 
 
-_WARNED_IGNORED: set[str] = set()
-
-
 def build_dataset(cfg: DataConfig, split: str) -> Dataset:
     """The ``split`` ("train" | "validation" | "test") of the data that ``cfg`` describes.
 
@@ -594,12 +597,6 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset:
     _check_split(split)
     cfg.validate()
     if cfg.source == "synthetic":
-        given = [k for k in ("path", "data_files", "data_dir") if getattr(cfg, k) is not None]
-        if given and given[0] not in _WARNED_IGNORED:
-            # e.g. an image-folder config run on the synthetic shapes with data.source=synthetic (a smoke run)
-            _WARNED_IGNORED.add(given[0])
-            print(f"warning: data.{given[0]} is ignored: data.source=synthetic generates its images in-process "
-                  "(set data.source=hf to read it)", file=sys.stderr)
         n = {"train": cfg.num_train, "validation": cfg.num_validation, "test": cfg.num_test}[split]
         if cfg.max_samples is not None:
             n = min(n, cfg.max_samples)
