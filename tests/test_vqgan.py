@@ -165,6 +165,20 @@ def test_tiny_vqgan_trains_with_every_term_logged_and_no_discriminator_in_model(
     assert "disc_weight: 0.5" in card and "psnr" in card
 
 
+@pytest.mark.parametrize("kind", [
+    ["model.quantizer.kind=vq"], ["model.quantizer.kind=ema"],
+    ["model.quantizer.kind=gumbel", "model.quantizer.tau_anneal_steps=4"],
+    ["model.quantizer.kind=adaptive", "model.quantizer.capacity=32", "model.quantizer.ladder_dims=[8,4,2,1]"],
+], ids=["vq", "ema", "gumbel", "adaptive"])
+def test_gan_with_every_quantizer(tmp_path, kind):
+    cfg = load_config(TokenizerRunConfig, TINY, [f"output_dir={tmp_path}", "train.steps=3", *GAN, "loss.disc_start=1",
+                                                 "loss.recon=l1", *kind])
+    summary = train_tokenizer(cfg)
+    rows = read_metrics(tmp_path)
+    assert [bool(GAN_KEYS <= set(r)) for r in rows] == [False, True, True] and "recon_l1" in rows[-1]
+    assert 0 < summary["recon_mse"] < 1
+
+
 @pytest.mark.parametrize("mode", ["early", "deferred"])
 def test_discriminator_starts_with_quantization_unless_configured(tmp_path, mode):
     overrides = [f"output_dir={tmp_path}", "train.steps=5", *[o for o in GAN if "disc_start" not in o]]
