@@ -80,15 +80,23 @@ STEP_FIELDS = ("tokenizer.schedule.ae_steps", "tokenizer.schedule.transition_ste
 
 def scaled_overrides(cfg, steps: int) -> list[str]:
     """Step-valued settings scaled from the experiment's own ``train.steps`` to ``steps`` (e.g. the authors'
-    tau schedule over 20k steps becomes the same schedule over the shorter run)."""
+    tau schedule over 20k steps becomes the same schedule over the shorter run). Only settings in use are
+    touched: schedule lengths that are set, and quantizer fields the arm's kind reads."""
+    from tokenizer.quantizers.registry import spec_of
+
     ratio = steps / cfg.tokenizer.train.steps
+    quantizer_fields = spec_of(cfg.tokenizer.model.quantizer.kind).fields
     out = []
     for key in STEP_FIELDS:
+        *path, name = key.split(".")
         obj = cfg
-        for part in key.split("."):
+        for part in path:
             obj = getattr(obj, part)
-        if obj:
-            out.append(f"{key}={max(1, round(obj * ratio))}")
+        if path[-1] == "quantizer" and name not in quantizer_fields:
+            continue
+        value = getattr(obj, name)
+        if value:
+            out.append(f"{key}={max(1, round(value * ratio))}")
     return out
 
 

@@ -12,7 +12,11 @@ process) and by the studies (test split):
   ``live_code_distance_ratio``: that distance over the mean pairwise distance of the vectors the codebook
   quantizes (1: the used codes spread like the data; << 1: token representation shrinkage). For a ladder
   both are selection-weighted means over codebooks (each codebook in its own D_i space);
-- ``code_distance``: the papers' ``cdist(codebook, codebook).mean()`` over all codes (dead ones too);
+- ``code_distance``: the papers' ``cdist(codebook, codebook).mean()`` over all codes (dead ones too); None
+  for an implicit codebook (``fsq``, ``lfq``), where all codes are a fixed grid and that mean is a constant
+  of the configuration, not a measurement. Usage, perplexity and the live distance are defined for every
+  kind: an implicit code is its grid point (``Quantizer.code_vectors``), compared with the inputs in the
+  same space (``Quantizer.continuous``: ``fsq``'s bounded values, ``lfq``'s tanh);
 - for a ladder: ``selection`` (share of the latent values coming from each codebook), ``selection_entropy``
   (nats, of the units' choices over the split: 0 when every image picks the same codebook) and, with
   ``oracle=True``, the MSE of every branch forced for all units (``branch_mse``), the per-image best branch
@@ -26,10 +30,9 @@ from typing import Callable, Iterable
 import torch
 
 from tokenizer.model import VQVAE
-from tokenizer.quantizers.adaptive import AdaptiveQuantizer
 from tokenizer.stats import code_distance, live_code_distance, perplexity_from_counts
 
-__all__ = ["codebook_metrics", "tokenizer_details"]
+__all__ = ["all_code_distance", "codebook_metrics", "tokenizer_details"]
 
 
 @torch.no_grad()
@@ -45,16 +48,8 @@ def tokenizer_details(model: VQVAE, images: torch.Tensor, force: int | None = No
     model.eval()
     try:
         z_e = model.encode_latents(images)  # (B, h, w, D)
-        q = model.quantizer
-        if isinstance(q, AdaptiveQuantizer):
-            details = q.analyse(z_e, force)
-            quantized = details.pop("quantized")
-        else:
-            out = q(z_e)
-            quantized = out.quantized
-            details = {"ids": out.indices.unsqueeze(-1), "share": torch.ones_like(out.indices.unsqueeze(-1),
-                                                                                  dtype=torch.float32),
-                       "unit_choice": torch.zeros(images.shape[0], 1, dtype=torch.int64, device=images.device)}
+        details = model.quantizer.analyse(z_e, force)
+        quantized = details.pop("quantized")
         details["recon"] = model.decode_latents(quantized)
         details["z_e"] = z_e
         return details
@@ -68,12 +63,31 @@ def _per_image_mse(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
 
 
 def _codebook_inputs(model: VQVAE, z_e: torch.Tensor) -> list[torch.Tensor]:
-    """The vectors each codebook quantizes, flattened: [(M, D_i)]."""
-    flat = z_e.reshape(-1, z_e.shape[-1]).float()
+    """The vectors each codebook quantizes, flattened, in the space of its codes: [(M, D_i)]."""
+    return model.quantizer.codebook_inputs(z_e.reshape(-1, z_e.shape[-1]).float())
+
+
+def _live_distance(model: VQVAE, codebook: int, counts: torch.Tensor) -> float:
+    """Usage-weighted mean distance among the used codes of one codebook (only those are looked up)."""
+    used = (counts > 0).nonzero().squeeze(1)  # (n,)
+    return float(live_code_distance(model.quantizer.code_vectors(codebook, used), counts[used]))
+
+
+def all_code_distance(model: VQVAE, max_codes: int | None = None) -> float | None:
+    """The papers' mean pairwise distance over all codes; for a ladder the code-count-weighted mean.
+
+    None for an implicit codebook (a fixed grid: the value is a constant of the configuration). With
+    ``max_codes`` a larger codebook is estimated on an evenly strided subset of its codes (the exact value
+    costs K^2 distances).
+    """
     q = model.quantizer
-    if isinstance(q, AdaptiveQuantizer):
-        return [p_in(flat) for p_in in q.proj_in]
-    return [flat]
+    if not q.capabilities.learned_codebook:
+        return None
+    books = q.codebooks()
+    sizes = [b.shape[0] for b in books]
+    if max_codes:
+        books = [b[:: -(-b.shape[0] // max_codes)] for b in books]
+    return float(sum(float(code_distance(b)) * n for b, n in zip(books, sizes)) / sum(sizes))
 
 
 @torch.no_grad()
@@ -91,9 +105,8 @@ def codebook_metrics(
     uses the first ``max_inputs`` vectors seen by this process.
     """
     q = model.quantizer
-    books = q.codebooks()
-    sizes = [int(b.shape[0]) for b in books]
-    k = len(books)
+    sizes = [int(n) for n in q.codebook_sizes]
+    k = len(sizes)
     device = next(model.parameters()).device
     counts = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]  # share-weighted, per codebook
     joint = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
@@ -132,8 +145,8 @@ def codebook_metrics(
     usage_i = [float((c > 0).double().mean()) for c in counts]
     live, ratio = [], []
     for i in range(k):
-        sample = torch.cat(inputs[i]) if inputs[i] else torch.zeros(0, books[i].shape[1], dtype=torch.float64)
-        live.append(float(live_code_distance(books[i], counts[i])))
+        sample = torch.cat(inputs[i]) if inputs[i] else torch.zeros(0, 1, dtype=torch.float64)
+        live.append(_live_distance(model, i, counts[i]))
         spread = float(live_code_distance(sample, torch.ones(sample.shape[0], dtype=torch.float64))) if len(sample) else 0.0
         ratio.append(live[-1] / spread if spread > 0 else float("nan"))
     sel = selection.cpu().tolist()
@@ -146,7 +159,7 @@ def codebook_metrics(
         "live_code_distance": weighted(live),
         "live_code_distance_ratio": weighted(ratio),
         # the papers' diagnostic over all codes; for a ladder the code-count-weighted mean over codebooks
-        "code_distance": float(sum(float(code_distance(b)) * n for b, n in zip(books, sizes)) / sum(sizes)),
+        "code_distance": all_code_distance(model),
         "num_images": int(mse.numel()),
     }
     if k > 1:

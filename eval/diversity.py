@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from tokenizer.layout import CodebookLayout
+
 __all__ = [
     "LatentMoments",
     "code_histogram",
@@ -146,14 +148,12 @@ def spread_stats(codes: torch.Tensor, latent_cov: torch.Tensor) -> dict[str, flo
     }
 
 
-def selection_histogram(indices: torch.Tensor, offsets: list[int], sizes: list[int]) -> torch.Tensor:
-    """For joint ids (adaptive quantizer): how many tokens came from each codebook, (K,) int64."""
+def selection_histogram(indices: torch.Tensor, layout: CodebookLayout) -> torch.Tensor:
+    """For joint ids of a tokenizer with several codebooks: how many tokens came from each, (K,) int64."""
     flat = indices.reshape(-1).long().cpu()
-    bounds = torch.tensor(list(offsets) + [offsets[-1] + sizes[-1]])
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= int(bounds[-1])):
-        raise ValueError(f"joint ids must lie in [0, {int(bounds[-1])})")
-    book = torch.bucketize(flat, bounds[1:], right=True)  # id in [o_k, o_{k+1}) -> k
-    return torch.bincount(book, minlength=len(sizes))
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= layout.num_codes):
+        raise ValueError(f"joint ids must lie in [0, {layout.num_codes})")
+    return layout.selection_counts(flat)
 
 
 def token_statistics(sample_counts: torch.Tensor, data_counts: torch.Tensor) -> dict[str, float]:

@@ -102,7 +102,9 @@ class SplitPass:
     """What one pass of a tokenizer over a split yields (everything the report needs from the data).
 
     ``indices`` (N, h, w) int64; ``real``/``recon`` uint8 (N, 3, H, W); ``labels`` (N,); ``factors``
-    (N, F); ``latent_sample`` (<= max_latents, D) encoder outputs, the first ones seen.
+    (N, F); ``latent_sample`` (<= max_latents, D) encoder outputs, the first ones seen, and ``latents`` their
+    moments, both in the space of the codes (``quantizer.continuous``: the encoder outputs themselves for
+    codebook quantizers, bounded for ``fsq``, tanh for ``lfq``).
     """
 
     meter: ReconstructionMeter
@@ -139,7 +141,7 @@ def tokenizer_pass(model, batches: Iterable[dict], device: str | torch.device = 
             break
         b = x.shape[0]
         x = x.to(device)
-        z_e = model.encode_latents(x)  # (B, h, w, D)
+        z_e = model.quantizer.continuous(model.encode_latents(x))  # (B, h, w, D) in the space of the codes
         ids = model.encode(x)  # (B, h, w)
         out = model.decode(ids).clamp(-1, 1)  # (B, C, H, W)
         meter.update(x, out)

@@ -108,7 +108,7 @@ def encode(
     previous = _existing_meta(output_dir, record, overwrite)
     meta = {
         "format": TOKENS_FORMAT,
-        "vocab_info": model.vocab_info(),
+        "layout": model.layout().to_dict(),
         "grid": list(model.config.grid),
         "num_classes": 0,
         "tokenizer": record,
@@ -127,7 +127,7 @@ def encode(
         codes, labels = encode_split(model, dataset, batch_size, accelerator, desc=f"encode {split}")
         seconds = time.perf_counter() - t0
         if accelerator.is_main_process:
-            save_token_split(output_dir, split, codes, labels, model.vocab_info()["codebook_size"])
+            save_token_split(output_dir, split, codes, labels, model.layout().num_codes)
             meta["splits"][split] = {
                 "file": split_file(split),
                 "count": int(codes.shape[0]),

@@ -164,37 +164,49 @@ def _predicted_modes(space: FeatureSpace, logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([p.argmax(-1) for p in parts], dim=-1)
 
 
-def codebook_report(model: VQVAE, data: SplitPass) -> tuple[dict, dict, torch.Tensor]:
-    """Codebook statistics over the split: (tokenizer entries, codebook entries, all codes in z_e space)."""
+def codebook_report(model: VQVAE, data: SplitPass) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
+    """Codebook statistics over the split.
+
+    Returns (tokenizer entries, codebook entries, codes (n, D) in the space of ``data``'s latents, their
+    joint ids (n,)). For a learned codebook every code is looked up; for an implicit one (``fsq``, ``lfq``: a
+    fixed grid) only the codes the split used, and the all-code distance is None (a constant of the grid).
+    """
     q = model.quantizer
-    info = model.vocab_info()
+    layout = model.layout()
     device = next(model.parameters()).device
+    learned = q.capabilities.learned_codebook
+    code_ids = torch.arange(layout.num_codes) if learned else (data.code_counts > 0).nonzero().squeeze(1)
     with torch.no_grad():
-        # Every code id looked up into the space of the encoder outputs (B=1, K) -> (K, D); for the
-        # adaptive ladder these are the back-projected codes of every codebook.
-        codes = q.lookup(torch.arange(info["codebook_size"], device=device)[None])[0].double().cpu()
-    books = q.codebooks()
-    per_book = [mean_pairwise_distance(b) for b in books]
-    sizes = [int(b.shape[0]) for b in books]
+        # Code ids looked up into the space of the encoder outputs (B=1, n) -> (n, D); for the adaptive
+        # ladder these are the back-projected codes of every codebook.
+        codes = q.lookup(code_ids.to(device)[None])[0].double().cpu()
+    if learned:
+        books = q.codebooks()
+        per_book = [mean_pairwise_distance(b) for b in books]
+        # Code-count-weighted mean over codebooks, as the training logs compute it.
+        distance = sum(d * n for d, n in zip(per_book, layout.codebook_sizes)) / layout.num_codes
+    else:
+        per_book, distance = [None] * layout.num_codebooks, None
     tok = {
         "perplexity": perplexity(data.code_counts),
         "usage": usage(data.code_counts),
-        # Code-count-weighted mean over codebooks, as the training logs compute it.
-        "code_distance": sum(d * n for d, n in zip(per_book, sizes)) / sum(sizes),
-        "codebook_size": info["codebook_size"],
-        "quantizer": info["kind"],
+        "code_distance": distance,
+        "codebook_size": layout.num_codes,
+        "quantizer": layout.kind,
     }
     cb = {
         "code_distance_per_codebook": per_book,
-        "codebook_sizes": sizes,
+        "codebook_sizes": list(layout.codebook_sizes),
         "dead_codes": int((data.code_counts == 0).sum()),
+        # implicit codebooks: the spread of the used grid points (all of them would describe the grid alone)
         "spread": spread_stats(codes, data.latents.covariance()),
+        "spread_over": "all codes" if learned else "used codes",
     }
-    if len(sizes) > 1:
-        sel = selection_histogram(data.indices, info["codebook_offsets"], info["codebook_sizes"])
+    if layout.num_codebooks > 1:
+        sel = selection_histogram(data.indices, layout)
         cb["selection_fractions"] = (sel.double() / sel.sum()).tolist()
         cb["selection_counts"] = sel.tolist()
-    return tok, cb, codes
+    return tok, cb, codes, code_ids
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: str | Path | None = None) -> dict:
@@ -233,7 +245,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
     timing["features_and_rfid"] = time.perf_counter() - t
 
     recon = data.meter.summary()
-    tok_stats, cb_stats, codes = codebook_report(model, data)
+    tok_stats, cb_stats, codes, code_ids = codebook_report(model, data)
     tokenizer = {
         "recon_mse": recon["mse"], "psnr": recon["psnr"], "ssim": recon["ssim"], **tok_stats,
         "rfid": rec["fid"], "rkid": rec["kid"], "num_images": recon["num_images"],
@@ -278,7 +290,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
     timing["generation"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    figures = _figures(out / "report_files", run, model, data, codes, samples, sample_counts, cfg)
+    figures = _figures(out / "report_files", run, model, data, codes, code_ids, samples, sample_counts, cfg)
     timing["plots"] = time.perf_counter() - t
 
     if space.name == "offline":
@@ -353,8 +365,8 @@ def _reference_and_rfid(name: str, cfg: EvalConfig, data_cfg: DataConfig, data: 
     return _EvaluatedSpace(space, ref, was_cached, int(len(recon)), _against_reference(ref, recon, cfg))
 
 
-def _figures(fig_dir: Path, run: Path, model: VQVAE, data: SplitPass, codes: torch.Tensor, samples: dict | None,
-             sample_counts: torch.Tensor | None, cfg: EvalConfig) -> dict[str, Path]:
+def _figures(fig_dir: Path, run: Path, model: VQVAE, data: SplitPass, codes: torch.Tensor, code_ids: torch.Tensor,
+             samples: dict | None, sample_counts: torch.Tensor | None, cfg: EvalConfig) -> dict[str, Path]:
     """All plots of a run report, by caption."""
     figures: dict[str, Path] = {}
     rows = {"real": data.real, "reconstructed": data.recon}
@@ -374,13 +386,14 @@ def _figures(fig_dir: Path, run: Path, model: VQVAE, data: SplitPass, codes: tor
         hists["sampled tokens"] = sample_counts
     figures["code usage"] = plot_code_usage(hists, fig_dir / "code_usage.png")
     # Plot at most 4000 codes: every used one first (most frequent first), then unused ones.
-    order = torch.argsort(data.code_counts, descending=True)[:4000]
-    figures["codes over encoder outputs"] = plot_projection(data.latent_sample, codes[order], data.code_counts[order],
+    counts = data.code_counts[code_ids]
+    order = torch.argsort(counts, descending=True)[:4000]
+    figures["codes over encoder outputs"] = plot_projection(data.latent_sample, codes[order], counts[order],
                                                             fig_dir / "projection.png")
-    info = model.vocab_info()
-    if len(info["codebook_sizes"]) > 1:
-        sel = selection_histogram(data.indices, info["codebook_offsets"], info["codebook_sizes"])
-        labels = [f"N={s}, D={b.shape[1]}" for s, b in zip(info["codebook_sizes"], model.quantizer.codebooks())]
+    layout = model.layout()
+    if layout.num_codebooks > 1:
+        sel = selection_histogram(data.indices, layout)
+        labels = [f"N={s}, D={b.shape[1]}" for s, b in zip(layout.codebook_sizes, model.quantizer.codebooks())]
         figures["codebook selection"] = plot_selection(sel, labels, fig_dir / "selection.png")
     figures["per-image reconstruction quality"] = plot_per_image(data.meter.per_image, fig_dir / "per_image.png")
     return figures

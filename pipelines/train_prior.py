@@ -46,7 +46,7 @@ from pipelines.common import (
 )
 from pipelines.stages import STAGE_RECORD, check_record, file_inputs, make_record
 from prior.config import PriorModelConfig
-from prior.data import TokenDataError, TokenDataset, read_token_meta
+from prior.data import TokenDataError, TokenDataset, read_token_meta, token_layout
 from prior.model import Prior
 from prior.vocab import TokenVocab
 from tokenizer import training
@@ -167,7 +167,7 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
         check_record(out / STAGE_RECORD, stage_record, PriorRunConfig, f"{out} holds a prior checkpoint",
                      f"resuming it would mix two trainings. Use another --output-dir, or delete {out} to start over "
                      "(vqgen run: --force prior)", legacy_folder=out)
-    vocab = TokenVocab.from_vocab_info(meta["vocab_info"], meta["num_classes"], cfg.model.class_conditional)
+    vocab = TokenVocab.from_layout(token_layout(meta), meta["num_classes"], cfg.model.class_conditional)
     extra = {"mixed_precision": cfg.mixed_precision} if cfg.mixed_precision else {}
     # Accumulation is done by hand below (exactly grad_accum micro-batches per update, also across epoch
     # ends), so the Accelerator itself runs with grad_accum=1.

@@ -11,6 +11,8 @@ Schedules (``schedule.mode``):
 - ``deferred``: ``schedule.ae_steps`` of continuous autoencoder training, then k-means on the trained
   encoder's outputs (gathered from every process, computed once, broadcast), then quantized training,
   optionally blended in over ``schedule.transition_steps`` (``z = a z_e + (1 - a) z_q``, ``a``: 1 -> 0).
+  Quantizers with an implicit codebook (``fsq``, ``lfq``: nothing to initialise) train the continuous phase
+  through ``quantizer.continuous`` and switch quantization on; see ``Capabilities.deferred``.
 ``train.steps`` counts all phases. Killed runs resume from the newest checkpoint with the same command.
 
 The objective (``loss.*``, :mod:`tokenizer.losses`): reconstruction (L1 or L2), the quantizer loss, optionally
@@ -57,9 +59,9 @@ from tokenizer.discriminator import build_discriminator
 from tokenizer.losses import LossConfig, TokenizerLoss
 from tokenizer.model import ModelConfig, VQVAE
 from tokenizer.perceptual import build_perceptual
-from eval.codebook import codebook_metrics
-from tokenizer.quantizers.adaptive import AdaptiveQuantizer
-from tokenizer.stats import code_counts, code_distance, live_code_distance
+from tokenizer.quantizers import registered_kinds, spec_of
+from eval.codebook import all_code_distance, codebook_metrics
+from tokenizer.stats import code_counts, live_code_distance
 
 
 @dataclass
@@ -103,12 +105,22 @@ class TokenizerRunConfig:
                 f"expects {self.model.in_channels}x{self.model.image_size}x{self.model.image_size}; set "
                 "model.image_size/model.in_channels equal to data.image_size/data.channels"
             )
-        uses_kmeans = self.schedule.mode == "deferred" or self.schedule.init == "kmeans"
-        if self.model.quantizer.kind == "gumbel" and uses_kmeans:
+        kind = self.model.quantizer.kind
+        caps = self.model.quantizer.spec().capabilities
+        with_kmeans = ", ".join(k for k in registered_kinds() if spec_of(k).capabilities.kmeans_init)
+        if self.schedule.mode == "early" and self.schedule.init == "kmeans" and not caps.kmeans_init:
+            what = ("its codes are a fixed grid (an implicit codebook)" if not caps.learned_codebook
+                    else "it chooses codes from learned logits, not the nearest codebook entry")
             raise ValueError(
-                "k-means codebook initialisation (schedule.init=kmeans or schedule.mode=deferred) needs a "
-                "nearest-code quantizer; model.quantizer.kind=gumbel chooses codes from learned logits. Use "
-                "kind vq, ema or adaptive, or schedule.mode=early with schedule.init=random for gumbel"
+                f"schedule.init=kmeans initialises a codebook by k-means, which model.quantizer.kind={kind} cannot "
+                f"use: {what}. Use schedule.init=random, or a kind with k-means initialisation ({with_kmeans})"
+            )
+        if self.schedule.mode == "deferred" and caps.deferred() is None:
+            raise ValueError(
+                f"schedule.mode=deferred ends its continuous phase by k-means-initialising the codebook, which "
+                f"model.quantizer.kind={kind} cannot use (its learned codebook cannot be set by k-means); use "
+                f"schedule.mode=early with schedule.init=random for {kind}, or a kind with k-means initialisation "
+                f"({with_kmeans}) or an implicit codebook (deferred = continuous phase, then the switch)"
             )
         if self.loss.uses_gan and self.model.image_size < self.loss.disc.min_image_size():
             raise ValueError(
@@ -167,19 +179,6 @@ def evaluate_tokenizer(model: VQVAE, loader, accelerator, max_batches: int = 0) 
 
 
 LOGGED_DISTANCE_CODES = 2048  # codes per codebook used for the logged (not the final) code distance
-
-
-def _code_distance(model: VQVAE, max_codes: int | None = None) -> float:
-    """Mean pairwise distance between codes; for a ladder, the code-count-weighted mean over codebooks.
-
-    With ``max_codes`` a larger codebook is estimated on an evenly strided subset of its codes (the exact
-    value costs K^2 distances: seconds per logged step at K = 32768); the summary uses every code.
-    """
-    books = model.quantizer.codebooks()
-    sizes = [b.shape[0] for b in books]
-    if max_codes:
-        books = [b[:: -(-b.shape[0] // max_codes)] for b in books]
-    return float(sum(float(code_distance(b)) * n for b, n in zip(books, sizes)) / sum(sizes))
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig):
@@ -285,8 +284,11 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
         phase, alpha = phase_at(step, cfg.schedule)
         gan_on = gan_from is not None and step >= gan_from
         if cfg.schedule.mode == "deferred" and step == cfg.schedule.ae_steps:
-            n = init_codebook_from_encoder(raw, kmeans_loader, cfg.schedule.kmeans_batches, accelerator)
-            accelerator.print(f"step {step}: continuous phase done; codebook k-means on {n} vectors per process")
+            if raw.quantizer.capabilities.deferred() == "kmeans":
+                n = init_codebook_from_encoder(raw, kmeans_loader, cfg.schedule.kmeans_batches, accelerator)
+                accelerator.print(f"step {step}: continuous phase done; codebook k-means on {n} vectors per process")
+            else:  # an implicit codebook: nothing to initialise
+                accelerator.print(f"step {step}: continuous phase done; quantization switched on")
         t0 = time.perf_counter()
         logging_now = training.log_due(step + 1, total, cfg.train.log_every)
         d_terms: dict = {}
@@ -307,7 +309,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
                 accelerator.backward(d_loss / accum)
                 watch.update(d_loss, step + 1)
             images_trained += images.shape[0] * accelerator.num_processes
-        if logging_now and isinstance(raw.quantizer, AdaptiveQuantizer):
+        if logging_now and raw.quantizer.capabilities.codebook_selection:
             # before clipping: what the selector's parameters would get from this batch
             selector_grad = _grad_norm(raw.quantizer.selector_parameters())
         if cfg.train.max_grad_norm > 0:
@@ -339,7 +341,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
                     record[key] = float(accelerator.reduce(value.float(), reduction="mean"))
             if cfg.loss.recon == "l1":
                 record["recon_l1"] = float(accelerator.reduce(gen.terms["recon_loss"].float(), reduction="mean"))
-            if phase == "quantize" and isinstance(raw.quantizer, AdaptiveQuantizer):
+            if phase == "quantize" and raw.quantizer.capabilities.codebook_selection:
                 # the norm, and the root mean square per parameter: what Adam's eps (1e-8) compares with
                 numel = sum(p.numel() for p in raw.quantizer.selector_parameters())
                 record["selector_grad_norm"] = float(selector_grad)
@@ -404,10 +406,16 @@ def _grad_norm(params) -> torch.Tensor:
 
 def _batch_live_distance(model: VQVAE, indices: torch.Tensor) -> float:
     """Live code distance of one batch's ids: per codebook, weighted by how many ids each codebook got."""
-    books = model.quantizer.codebooks()
-    counts = code_counts(indices, sum(b.shape[0] for b in books)).split([b.shape[0] for b in books])
-    total = sum(float(c.sum()) for c in counts)
-    return sum(float(live_code_distance(b, c)) * float(c.sum()) for b, c in zip(books, counts)) / max(total, 1.0)
+    q = model.quantizer
+    sizes = q.codebook_sizes
+    counts = code_counts(indices, sum(sizes)).split(sizes)
+    total, weighted = 0.0, 0.0
+    for i, c in enumerate(counts):
+        used = (c > 0).nonzero().squeeze(1)
+        n = float(c.sum())
+        weighted += float(live_code_distance(q.code_vectors(i, used), c[used])) * n
+        total += n
+    return weighted / max(total, 1.0)
 
 
 @torch.no_grad()
@@ -419,7 +427,7 @@ def step_metrics(model: VQVAE, output, terms: dict, accelerator, phase: str, alp
         "recon_mse": float(accelerator.reduce(terms["recon_mse"], reduction="mean")) / 4.0,
         "perplexity": None,
         "usage": None,
-        "code_distance": _code_distance(model, LOGGED_DISTANCE_CODES),
+        "code_distance": all_code_distance(model, LOGGED_DISTANCE_CODES),
     }
     if phase == "quantize" and output.quant is not None:
         stats = output.quant.stats

@@ -2,8 +2,10 @@
 
 Layout of a tokens directory (``RUN/tokens``)::
 
-    meta.json              {"format", "vocab_info", "num_classes", "grid", "tokenizer": {path, fingerprint, files},
-                            "data": the tokenizer run's data config, "splits": {split: {"file", "count"}}}
+    meta.json              {"format", "layout" (CodebookLayout.to_dict()), "num_classes", "grid",
+                            "tokenizer": {path, fingerprint, files}, "data": the tokenizer run's data config,
+                            "splits": {split: {"file", "count"}}}
+                           (folders written before the layout existed hold "vocab_info" instead; both are read)
     <split>.safetensors    "tokens" (N, h, w) int16 or int32 (the smallest that holds every code id),
                            "labels" (N,) int64 (-1 when the data has no labels)
 
@@ -21,6 +23,7 @@ from torch.utils.data import Dataset
 
 from tokenizer.errors import UserError
 from tokenizer.io import atomic_path, load_json, load_safetensors
+from tokenizer.layout import CodebookLayout
 
 TOKENS_META = "meta.json"
 TOKENS_FORMAT = 1
@@ -61,6 +64,14 @@ def read_token_meta(directory: str | Path) -> dict:
     if meta.get("format") != TOKENS_FORMAT:
         raise TokenDataError(f"{path} has format {meta.get('format')!r}; re-run pipelines.encode with --overwrite")
     return meta
+
+
+def token_layout(meta: dict) -> CodebookLayout:
+    """The tokenizer's codebook layout recorded in a tokens folder's ``meta.json`` (new or old format)."""
+    data = meta.get("layout") or meta.get("vocab_info")
+    if not isinstance(data, dict):
+        raise TokenDataError("the tokens' meta.json records no codebook layout; re-run pipelines.encode with --overwrite")
+    return CodebookLayout.from_dict(data)
 
 
 def load_token_split(directory: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:

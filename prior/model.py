@@ -136,7 +136,7 @@ class Prior(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-ge
 
     Args:
         cfg: transformer shape and conditioning options.
-        vocab: the token layout (built from the tokenizer's ``vocab_info()``).
+        vocab: the token ids (``TokenVocab.from_layout`` of the tokenizer's ``CodebookLayout``).
         tokenizer: ``tokenizer_record(...)`` of the tokenizer whose tokens are modelled (None only in
             tests that never save).
         transformer: an existing HF model (when loading); by default a new randomly initialised one.

@@ -2,11 +2,12 @@
 
 One joint vocabulary, in this order (``K`` = total number of tokenizer codes)::
 
-    [0, K)                    tokenizer codes (for ``adaptive``: codebook offset + code, as the tokenizer emits)
+    [0, K)                    tokenizer codes (joint ids of the tokenizer's ``CodebookLayout``: codebook offset
+                              + code, as the tokenizer emits them)
     K                         BOS (first token of unconditional sequences)
     K+1 .. K+C                class tokens (class-conditional priors only)
     K+C+1                     null class (classifier-free guidance; class-conditional only)
-    next n_codebooks ids      codebook tokens (``adaptive`` with granularity ``image`` only)
+    next n_codebooks ids      codebook tokens (only when the layout has ``per_image_codebook``)
 
 A sequence is ``[BOS | class] (+ [codebook]) + h*w codes`` in raster order. Position 0 is always given;
 every later position is predicted, including the codebook token, so the prior also learns which
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenizer.errors import UserError
+from tokenizer.layout import CodebookLayout
 
 
 class VocabError(UserError, ValueError):
@@ -37,26 +39,30 @@ class TokenVocab:
     per_image_codebook: bool = False
 
     def __post_init__(self) -> None:
-        if not self.codebook_sizes or min(self.codebook_sizes) < 1:
-            raise VocabError(f"codebook_sizes must be positive, got {list(self.codebook_sizes)}")
         if self.class_conditional and self.num_classes < 1:
             raise VocabError(
                 "a class-conditional prior needs labelled data (num_classes >= 1); "
                 "set model.class_conditional=false for unlabelled tokens"
             )
-        if self.per_image_codebook and len(self.codebook_sizes) < 2:
-            raise VocabError("per_image_codebook needs an adaptive tokenizer with several codebooks")
+        try:
+            self.layout
+        except ValueError as err:
+            raise VocabError(str(err)) from None
+
+    @property
+    def layout(self) -> CodebookLayout:
+        """The tokenizer's codebook layout this vocabulary is built on (sizes, offsets, grid, codebook choice)."""
+        return CodebookLayout(self.codebook_sizes, self.grid, self.per_image_codebook)
 
     @classmethod
-    def from_vocab_info(cls, info: dict, num_classes: int = 0, class_conditional: bool = False) -> "TokenVocab":
-        """Build the layout from ``VQVAE.vocab_info()`` (keys ``codebook_sizes``, ``grid``, ``granularity``)."""
-        sizes = tuple(int(s) for s in info.get("codebook_sizes") or [info["codebook_size"]])
+    def from_layout(cls, layout: CodebookLayout, num_classes: int = 0, class_conditional: bool = False) -> "TokenVocab":
+        """The vocabulary of a tokenizer's ``layout`` (``VQVAE.layout()``, or the one stored with its tokens)."""
         return cls(
-            codebook_sizes=sizes,
-            grid=(int(info["grid"][0]), int(info["grid"][1])),
+            codebook_sizes=layout.codebook_sizes,
+            grid=layout.grid,
             num_classes=int(num_classes) if class_conditional else 0,
             class_conditional=class_conditional,
-            per_image_codebook=info.get("kind") == "adaptive" and info.get("granularity") == "image",
+            per_image_codebook=layout.per_image_codebook,
         )
 
     @classmethod
@@ -94,11 +100,7 @@ class TokenVocab:
     @property
     def codebook_offsets(self) -> list[int]:
         """Joint id of the first code of each codebook."""
-        offsets, total = [], 0
-        for size in self.codebook_sizes:
-            offsets.append(total)
-            total += size
-        return offsets
+        return list(self.layout.codebook_offsets)
 
     @property
     def bos(self) -> int:
@@ -153,8 +155,7 @@ class TokenVocab:
 
     def codebook_of(self, codes: torch.Tensor) -> torch.Tensor:
         """Codebook index of each joint code id; same shape as ``codes``."""
-        bounds = torch.tensor(self.codebook_offsets[1:], device=codes.device, dtype=codes.dtype)
-        return torch.bucketize(codes, bounds, right=True)
+        return self.layout.codebook_of(codes)
 
     def encode(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Tokenizer codes (B, h, w) (+ labels (B,)) -> prior sequences (B, seq_len) int64."""
@@ -167,7 +168,7 @@ class TokenVocab:
         if self.per_image_codebook:
             books = self.codebook_of(codes)  # (B, h*w)
             if (books != books[:, :1]).any():
-                raise VocabError("granularity 'image' expects one codebook per image, but a token grid mixes codebooks")
+                raise VocabError("this tokenizer chooses one codebook per image, but a token grid mixes codebooks")
             parts.append(books[:, :1] + self.codebook_token_offset)
         parts.append(codes)
         return torch.cat(parts, dim=1)

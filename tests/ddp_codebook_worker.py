@@ -1,7 +1,7 @@
 """Worker of tests/test_quantizers_ddp.py; run as
 ``accelerate launch --multi_gpu --num_processes 2 tests/ddp_codebook_worker.py --out DIR``.
 
-Every rank builds each quantizer kind from the same seed, then, with *different* data on each rank:
+Every rank builds each quantizer kind with dead-code reset from the same seed, then, with *different* data on each rank:
 k-means initialisation, two training forwards (EMA updates), and a third forward that triggers a
 dead-code reset. After each stage it writes its full state dict to ``DIR/<kind>_<stage>_rank<r>.safetensors``.
 Quantizers are used directly (not wrapped by DDP), so nothing but their own collectives keeps replicas equal.
@@ -16,9 +16,16 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from tokenizer.quantizers import KINDS, QuantizerConfig, build_quantizer
+from tokenizer.quantizers import KINDS, QuantizerConfig, build_quantizer, spec_of
 
 DIM = 8
+# kinds with a k-means-initialisable, EMA-tracked codebook that dead-code resets re-seed
+SETTINGS = {
+    "vq": dict(codebook_size=16),
+    "ema": dict(codebook_size=16),
+    "gumbel": dict(codebook_size=16),
+    "adaptive": dict(capacity=32, ladder_dims=[8, 4, 2, 1], selector_heads=2),
+}
 
 
 def dump(quantizer: torch.nn.Module, out: Path, name: str) -> None:
@@ -35,10 +42,10 @@ def main() -> None:
     assert accelerator.num_processes == 2, "launch with --multi_gpu --num_processes 2"
     rank, device = accelerator.process_index, accelerator.device
     for kind in KINDS:
-        cfg = QuantizerConfig(
-            kind=kind, codebook_size=16, dim=DIM, capacity=32, ladder_dims=[8, 4, 2, 1], selector_heads=2,
-            decay=0.5, dead_code_threshold=0.5, dead_code_window=3,
-        )
+        if not spec_of(kind).capabilities.dead_code_reset:
+            continue
+        cfg = QuantizerConfig(kind=kind, dim=DIM, **SETTINGS[kind], decay=0.5, dead_code_threshold=0.5,
+                              dead_code_window=3)
         torch.manual_seed(0)  # identical initial weights on every rank
         quantizer = build_quantizer(cfg).to(device).train()
         data = torch.Generator().manual_seed(100 + rank)  # different data on every rank

@@ -21,6 +21,7 @@ from eval.diversity import (
     usage,
 )
 from eval.features import ClassifierConfig, classifier_task, offline_classifier
+from tokenizer.layout import CodebookLayout
 from eval.fid import (
     FeatureExtractorError,
     cached_reference,
@@ -203,9 +204,9 @@ def test_latent_moments_merge_batches_and_spread_ratio():
 
 
 def test_selection_histogram_maps_joint_ids_to_codebooks():
-    offsets, sizes = [0, 4, 12], [4, 8, 16]
+    layout = CodebookLayout((4, 8, 16), (1, 7))
     ids = torch.tensor([0, 3, 4, 11, 12, 27, 27])
-    assert selection_histogram(ids, offsets, sizes).tolist() == [2, 2, 3]
+    assert selection_histogram(ids, layout).tolist() == [2, 2, 3]
 
 
 def test_mode_coverage_is_exact_on_synthetic_factors():

@@ -208,9 +208,28 @@ def test_codebook_report_and_projection_for_other_quantizers(tmp_path, kind, dim
     batches = [{"image": torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1} for i in range(2)]
     data = tokenizer_pass(model, batches, max_images=10)
     assert data.meter.summary()["num_images"] == 10 and int(data.code_counts.sum()) == 10 * 16
-    tok, cb, codes = codebook_report(model, data)
-    assert codes.shape == (16, dim)
+    tok, cb, codes, code_ids = codebook_report(model, data)
+    assert codes.shape == (16, dim) and torch.equal(code_ids, torch.arange(16))
     assert tok["code_distance"] == pytest.approx(float(torch.cdist(codes, codes).mean()), rel=1e-6)
     assert cb["spread"]["trace_ratio"] > 0 and "selection_fractions" not in cb
     path = plot_projection(data.latent_sample, codes, data.code_counts, tmp_path / "projection.png")
     assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("kind,settings", [("fsq", dict(dim=3, levels=[5, 4, 3])), ("lfq", dict(dim=4, codebook_size=16))])
+def test_codebook_report_of_an_implicit_codebook_covers_the_used_codes(tmp_path, kind, settings):
+    from eval.reconstruction import tokenizer_pass
+    from pipelines.evaluate import codebook_report
+
+    torch.manual_seed(0)
+    model = VQVAE(ModelConfig(image_size=16, in_channels=3, hidden=16, res_hidden=8, num_res_layers=1, downsample=4,
+                              quantizer=QuantizerConfig(kind=kind, **settings)))
+    batches = [{"image": torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1} for i in range(2)]
+    data = tokenizer_pass(model, batches)
+    tok, cb, codes, code_ids = codebook_report(model, data)
+    assert torch.equal(code_ids, (data.code_counts > 0).nonzero().squeeze(1))  # the used grid points only
+    assert torch.equal(codes.float(), model.quantizer.lookup(code_ids))
+    assert tok["code_distance"] is None and cb["code_distance_per_codebook"] == [None]
+    assert cb["spread_over"] == "used codes" and tok["quantizer"] == kind
+    # the latents are compared in the codes' space: every value within the codes' range [-1, 1]
+    assert float(data.latent_sample.abs().max()) <= 1.0

@@ -12,6 +12,10 @@ KINDS = {
     "ema": QuantizerConfig(kind="ema", codebook_size=16, dim=8),
     "gumbel": QuantizerConfig(kind="gumbel", codebook_size=16, dim=8),
     "adaptive": QuantizerConfig(kind="adaptive", dim=8, capacity=16, ladder_dims=[4, 2, 1], selector_heads=2),
+    "fsq": QuantizerConfig(kind="fsq", dim=3, levels=[5, 4, 3]),
+    "lfq": QuantizerConfig(kind="lfq", dim=4, codebook_size=16),
+    "simvq": QuantizerConfig(kind="simvq", codebook_size=16, dim=8),
+    "vq-rotation": QuantizerConfig(kind="vq", codebook_size=16, dim=8, rotation_trick=True),
 }
 
 
@@ -54,8 +58,10 @@ def test_save_load_round_trip_and_token_api(tmp_path, kind):
     images = loaded.decode(ids)
     assert images.shape == x.shape
     torch.testing.assert_close(images, loaded.reconstruct(x))  # decode(encode(x)) is the eval reconstruction
-    info = loaded.vocab_info()
-    assert info["grid"] == [4, 4] and info["codebook_size"] == sum(info["codebook_sizes"])
+    layout = loaded.layout()
+    assert layout.grid == (4, 4) and layout.num_codes == loaded.quantizer.codebook_size
+    assert layout.kind == KINDS[kind].kind and layout.per_image_codebook == (kind == "adaptive")
+    assert type(layout).from_dict(layout.to_dict()) == layout
     assert model.training  # encode/decode leave the caller's mode alone
 
 
@@ -71,3 +77,19 @@ def test_errors_are_clear(tmp_path):
         from_dict(ModelConfig, {"image_size": 20, "downsample": 8})
     with pytest.raises(ConfigError, match="power of two"):
         from_dict(ModelConfig, {"downsample": 3})
+
+
+def test_a_tokenizer_saved_with_a_field_its_kind_ignored_still_loads(tmp_path):
+    """Saved before unread fields were refused: an adaptive tokenizer whose config.json sets codebook_size."""
+    import json
+
+    model = tiny("adaptive")
+    model.save_pretrained(tmp_path / "tok")
+    path = tmp_path / "tok" / "config.json"
+    meta = json.loads(path.read_text())
+    meta["model"]["quantizer"]["codebook_size"] = 16  # what switching kind on top of tiny.yaml used to save
+    path.write_text(json.dumps(meta))
+    loaded = VQVAE.from_pretrained(tmp_path / "tok")
+    assert loaded.quantizer.codebook_sizes == model.quantizer.codebook_sizes
+    with pytest.raises(ConfigError, match="codebook_size=16 is not an option of kind 'adaptive'"):
+        from_dict(ModelConfig, meta["model"])  # a config written today is refused

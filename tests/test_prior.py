@@ -12,6 +12,7 @@ from prior.config import PriorModelConfig
 from prior.model import Prior
 from prior.sampling import SamplingConfig, SamplingError, filter_logits, sample_tokens
 from prior.vocab import TokenVocab, VocabError
+from tokenizer.layout import CodebookLayout
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32)
 
@@ -47,14 +48,31 @@ def test_vocab_rejects_mixed_codebooks_and_bad_ids():
         TokenVocab((4,), (1, 1), num_classes=0, class_conditional=True)
 
 
-def test_vocab_from_vocab_info():
+def test_vocab_from_layout_and_old_vocab_info():
+    layout = CodebookLayout((4, 8), (2, 2), per_image_codebook=True, kind="adaptive")
+    assert TokenVocab.from_layout(layout).per_image_codebook
+    assert TokenVocab.from_layout(layout).codebook_offsets == [0, 4]
+    plain = TokenVocab.from_layout(CodebookLayout((16,), (3, 3), kind="fsq"), num_classes=10)
+    assert plain.vocab_size == 17 and plain.num_classes == 0  # unconditional ignores the classes
+    # the vocab_info dict of token folders written before the layout existed
     info = {"kind": "adaptive", "codebook_size": 12, "codebook_sizes": [4, 8], "codebook_offsets": [0, 4],
             "granularity": "image", "grid": [2, 2]}
-    assert TokenVocab.from_vocab_info(info).per_image_codebook
-    assert not TokenVocab.from_vocab_info({**info, "granularity": "position"}).per_image_codebook
-    plain = TokenVocab.from_vocab_info({"kind": "ema", "codebook_size": 16, "codebook_sizes": [16],
-                                        "granularity": None, "grid": [3, 3]}, num_classes=10)
-    assert plain.vocab_size == 17 and plain.num_classes == 0  # unconditional ignores the classes
+    assert CodebookLayout.from_dict(info) == CodebookLayout((4, 8), (2, 2), per_image_codebook=True, kind="adaptive")
+    assert not CodebookLayout.from_dict({**info, "granularity": "position"}).per_image_codebook
+    assert not CodebookLayout.from_dict({"kind": "ema", "codebook_size": 16, "codebook_sizes": [16],
+                                         "granularity": None, "grid": [3, 3]}).per_image_codebook
+
+
+def test_layout_maps_joint_ids_to_codebooks_once():
+    layout = CodebookLayout((4, 8, 16), (1, 7))
+    ids = torch.tensor([[0, 3, 4, 11, 12, 27, 27]])
+    assert layout.codebook_offsets == (0, 4, 12) and layout.num_codes == 28
+    assert layout.codebook_of(ids).tolist() == [[0, 0, 1, 1, 2, 2, 2]]
+    book, local = layout.local_ids(ids)
+    assert local.tolist() == [[0, 3, 0, 7, 0, 15, 15]] and torch.equal(book, layout.codebook_of(ids))
+    assert layout.selection_counts(ids).tolist() == [2, 2, 3]
+    with pytest.raises(ValueError, match="several codebooks"):
+        CodebookLayout((16,), (2, 2), per_image_codebook=True)
 
 
 def test_allowed_masks():

@@ -262,7 +262,7 @@ def test_adaptive_image_tokens_end_to_end(tmp_path):
          "granularity": "image"}
     tok = make_tokenizer_run(tmp_path / "tok", quantizer=q)
     meta = encode(tok, tmp_path / "tokens", splits=["train", "validation"])
-    assert meta["vocab_info"]["codebook_sizes"] == [4, 8, 16]
+    assert meta["layout"]["codebook_sizes"] == [4, 8, 16] and meta["layout"]["per_image_codebook"]
     cfg = load_config(PriorRunConfig, TINY_PRIOR, [f"tokens={tmp_path / 'tokens'}", f"output_dir={tmp_path / 'p'}",
                                                    "train.steps=4"])
     train_prior(cfg)

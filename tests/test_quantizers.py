@@ -20,29 +20,44 @@ from tokenizer.quantizers import (
 from tokenizer.search import nearest_code, nearest_scalar
 
 DIM = 8
-TINY = dict(codebook_size=16, dim=DIM, capacity=32, ladder_dims=[8, 4, 2, 1], selector_heads=2)
+# the tiny settings of each kind (a config holds only the fields its kind reads)
+TINY = {
+    "vq": dict(codebook_size=16, dim=DIM),
+    "ema": dict(codebook_size=16, dim=DIM),
+    "gumbel": dict(codebook_size=16, dim=DIM),
+    "adaptive": dict(dim=DIM, capacity=32, ladder_dims=[8, 4, 2, 1], selector_heads=2),
+    "fsq": dict(dim=3, levels=[5, 4, 3]),
+    "lfq": dict(dim=4, codebook_size=16),
+    "simvq": dict(codebook_size=16, dim=DIM),
+}
 
 
 def make(kind: str, **changes) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_quantizer(QuantizerConfig(kind=kind, **{**TINY, **changes}))
+    return build_quantizer(QuantizerConfig(kind=kind, **{**TINY[kind], **changes}))
 
 
 VARIANTS = [
     pytest.param("vq", {}, id="vq"),
     pytest.param("vq", {"cosine": True}, id="vq-cosine"),
+    pytest.param("vq", {"rotation_trick": True}, id="vq-rotation"),
     pytest.param("ema", {}, id="ema"),
+    pytest.param("ema", {"rotation_trick": True}, id="ema-rotation"),
     pytest.param("gumbel", {}, id="gumbel"),
     pytest.param("gumbel", {"straight_through": True}, id="gumbel-hard"),
     pytest.param("adaptive", {}, id="adaptive-image"),
     pytest.param("adaptive", {"granularity": "position"}, id="adaptive-position"),
+    pytest.param("fsq", {}, id="fsq"),
+    pytest.param("lfq", {}, id="lfq"),
+    pytest.param("simvq", {}, id="simvq"),
+    pytest.param("simvq", {"rotation_trick": True}, id="simvq-rotation"),
 ]
 
 
 @pytest.mark.parametrize("kind,changes", VARIANTS)
 def test_codes_equal_lookup_of_indices_at_eval(kind, changes):
     q = make(kind, **changes)
-    z = torch.randn(3, 4, 5, DIM)
+    z = torch.randn(3, 4, 5, q.dim)
     q.train()
     q(z)  # one training step first, so updated state is what gets looked up
     q.eval()
@@ -55,7 +70,7 @@ def test_codes_equal_lookup_of_indices_at_eval(kind, changes):
 @pytest.mark.parametrize("kind,changes", VARIANTS)
 def test_training_forward_outputs_and_gradients(kind, changes):
     q = make(kind, **changes).train()
-    z = torch.randn(2, 3, 3, DIM, requires_grad=True)
+    z = torch.randn(2, 3, 3, q.dim, requires_grad=True)
     out = q(z)
     assert out.quantized.shape == z.shape
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
@@ -70,7 +85,7 @@ def test_training_forward_outputs_and_gradients(kind, changes):
 def test_wrong_input_width_raises_clear_error(kind):
     q = make(kind)
     with pytest.raises(ValueError, match="quantizer.dim"):
-        q(torch.randn(2, 3, DIM + 1))
+        q(torch.randn(2, 3, q.dim + 1))
 
 
 def test_nearest_code_matches_brute_force_with_any_chunking():
@@ -220,7 +235,7 @@ def test_adaptive_tau_schedule_is_linear():
     assert math.isclose(float(q.tau()), 1.0)
 
 
-@pytest.mark.parametrize("kind", ["vq", "ema", "gumbel"])
+@pytest.mark.parametrize("kind", ["vq", "ema", "gumbel", "simvq"])
 def test_init_codebook_places_codes_on_separated_clusters(kind):
     torch.manual_seed(0)
     centers = torch.eye(DIM)[:4] * 10  # 4 far-apart clusters
@@ -274,8 +289,18 @@ def test_dead_codes_are_reseeded_from_recent_inputs(kind):
         ({"codebook_size": 0}, "codebook_size"),
         ({"kind": "gumbel", "tau_start": 0.5, "tau_end": 1.0}, "must not exceed"),
         ({"kind": "adaptive", "selector_tau_start": 1.0, "selector_tau_end": 2.0}, "must not exceed"),
-        ({"tau_end": 0.0}, "must be > 0"),
-        ({"kind": "ema", "cosine": True}, "only supported by kind 'vq'"),
+        ({"kind": "gumbel", "tau_end": 0.0}, "must be > 0"),
+        ({"kind": "ema", "cosine": True}, r"cosine=true is not an option of kind 'ema'.*kind that reads it \(vq\)"),
+        ({"kind": "gumbel", "rotation_trick": True}, "rotation_trick=true is not an option of kind 'gumbel'"),
+        ({"kind": "vq", "capacity": 1024}, "capacity=1024 is not an option of kind 'vq'"),
+        ({"kind": "fsq", "dim": 4, "levels": [8, 5, 5, 5], "codebook_size": 1000}, "codebook_size=1000 is not an option"),
+        ({"kind": "fsq", "dim": 64, "levels": [8, 5, 5, 5]}, r"dim \(64\) must equal len\(levels\) \(4\); set dim=4"),
+        ({"kind": "fsq", "dim": 2, "levels": [2, 5]}, ">= 3 values"),
+        ({"kind": "fsq", "dim": 3, "levels": [128, 128, 128]}, "at most"),
+        ({"kind": "lfq", "dim": 10, "codebook_size": 512}, "codebook_size must be 1024"),
+        ({"kind": "lfq", "dim": 4, "codebook_size": 16, "entropy_temperature": 0.0}, "entropy_temperature > 0"),
+        ({"kind": "simvq", "dead_code_threshold": 1.0}, "dead_code_threshold=1.0 is not an option of kind 'simvq'"),
+        ({"kind": "ema", "levels": [5, 5]}, "levels=\\[5, 5\\] is not an option of kind 'ema'.*\\(fsq\\)"),
         ({"kind": "vq", "cosine": True, "dim": 1}, "dim >= 2"),
         ({"decay": 1.0}, "decay"),
         ({"kind": "adaptive", "granularity": "channel"}, "granularity"),

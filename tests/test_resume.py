@@ -109,8 +109,8 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
 
 @pytest.mark.parametrize("kind, overrides, counted", [
     ("gumbel", ["model.quantizer.kind=gumbel", "model.quantizer.tau_anneal_steps=4"], 6),
-    ("adaptive", ["model.quantizer.kind=adaptive", "model.quantizer.capacity=32", "model.quantizer.ladder_dims=[8,4]",
-                  "model.quantizer.selector_heads=2", "schedule.mode=deferred", "schedule.ae_steps=2",
+    ("adaptive", ["model.quantizer.kind=adaptive", "model.quantizer.codebook_size=512", "model.quantizer.capacity=32",
+                  "model.quantizer.ladder_dims=[8,4]", "model.quantizer.selector_heads=2", "schedule.mode=deferred", "schedule.ae_steps=2",
                   "schedule.kmeans_batches=1"], 4),
 ])
 def test_temperature_counts_optimizer_steps_not_forward_passes(tmp_path, kind, overrides, counted):

@@ -213,7 +213,8 @@ def test_sweep_runs_entries_times_seeds_and_compares(tmp_path, monkeypatch):
 def test_adaptive_experiment_end_to_end(tmp_path, monkeypatch, granularity):
     monkeypatch.setenv("VQGEN_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    adaptive = ["tokenizer.model.quantizer.kind=adaptive", "tokenizer.model.quantizer.capacity=32",
+    adaptive = ["tokenizer.model.quantizer.kind=adaptive", "tokenizer.model.quantizer.codebook_size=512",
+                "tokenizer.model.quantizer.capacity=32",
                 "tokenizer.model.quantizer.ladder_dims=[8,4,2,1]",
                 f"tokenizer.model.quantizer.granularity={granularity}", "tokenizer.model.quantizer.selector_heads=2"]
     assert vqgen(["run", "--config", str(TINY), f"output_dir={run}", *adaptive]) == 0

@@ -63,3 +63,18 @@ def test_sweeps_cover_both_studies_on_both_data_sets(monkeypatch):
 def test_quickstart_builds_its_model():
     cfg = load_experiment(REPO / "configs" / "experiments" / "quickstart.yaml")
     assert VQVAE(cfg.tokenizer.model).config.grid == (8, 8)
+
+
+def test_quantizer_study_has_early_and_deferred_arms_of_every_new_kind(monkeypatch):
+    monkeypatch.chdir(REPO)
+    for dataset in ("mnist", "cifar10"):
+        runs, _ = expand_sweep(f"configs/experiments/study_quantizers_{dataset}.yaml")
+        arms = {}
+        for run in runs:
+            cfg = run.load()
+            q, schedule = cfg.tokenizer.model.quantizer, cfg.tokenizer.schedule
+            assert cfg.tokenizer.train.steps == 20000 and cfg.tokenizer.model.hidden == 128  # full size
+            arms.setdefault((q.kind, q.rotation_trick, schedule.mode), set()).add(cfg.seed)
+        expected = {(k, r, m) for k, r in (("fsq", False), ("lfq", False), ("simvq", False), ("vq", False),
+                                           ("vq", True), ("ema", True)) for m in ("early", "deferred")}
+        assert set(arms) == expected and all(seeds == {0, 1, 2} for seeds in arms.values())

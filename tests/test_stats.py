@@ -9,7 +9,14 @@ import torch
 
 from tokenizer.distributed import all_gather_cat, all_reduce_, broadcast_, is_dist
 from tokenizer.quantizers import QuantizerConfig, build_quantizer
-from tokenizer.stats import CodeUsage, batch_stats, code_distance, live_code_distance, selection_histogram
+from tokenizer.stats import (
+    CodeUsage,
+    batch_stats,
+    code_distance,
+    live_code_distance,
+    perplexity_from_counts,
+    selection_histogram,
+)
 
 
 def test_code_usage_is_independent_of_batch_size():
@@ -105,3 +112,12 @@ def test_live_code_distance_is_usage_weighted_and_ignores_unused_codes(dim):
     torch.testing.assert_close(live_code_distance(codes, counts, chunk_elements=7), brute.double())
     # one code in use: no spread at all
     assert float(live_code_distance(codes, torch.eye(12)[3])) == 0.0
+
+
+@pytest.mark.parametrize("num_codes", [3, 50, 64000])
+def test_batch_stats_equal_the_histogram_formulas(num_codes):
+    ids = torch.multinomial(torch.rand(num_codes) ** 3, 4096, replacement=True)
+    counts = torch.bincount(ids, minlength=num_codes).double()
+    stats = batch_stats(ids.reshape(64, 64), num_codes)
+    torch.testing.assert_close(stats["perplexity"].double(), perplexity_from_counts(counts), rtol=1e-5, atol=0)
+    assert float(stats["usage"]) == pytest.approx(float((counts > 0).double().mean()), rel=1e-6)

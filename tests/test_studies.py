@@ -10,12 +10,15 @@ import torch
 from eval.codebook import codebook_metrics, tokenizer_details
 from eval.studies import combine_verdicts, compare_arms, default_margin, summarize
 from tokenizer.model import ModelConfig, VQVAE
-from tokenizer.quantizers import QuantizerConfig
+from tokenizer.quantizers import QuantizerConfig, spec_of
 
 
 def tiny_model(**quantizer) -> VQVAE:
     torch.manual_seed(0)
-    q = QuantizerConfig(**{"kind": "ema", "codebook_size": 16, "dim": 8, **quantizer})
+    settings = {"kind": "ema", "dim": 8, **quantizer}
+    if "codebook_size" in spec_of(settings["kind"]).fields:  # a ladder's sizes come from capacity and widths
+        settings.setdefault("codebook_size", 16)
+    q = QuantizerConfig(**settings)
     return VQVAE(ModelConfig(image_size=16, in_channels=3, hidden=16, res_hidden=8, num_res_layers=1, downsample=4,
                              quantizer=q)).eval()
 

@@ -3,7 +3,9 @@ resume and data parallelism with two models and two optimizers, the vqgan archit
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -23,11 +25,12 @@ from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from tokenizer.errors import UserError
 from tokenizer.losses import LossConfig, TokenizerLoss, adaptive_weight, discriminator_loss
 from tokenizer.model import ModelConfig, VQVAE
-from tokenizer.quantizers import QuantizerConfig
+from tokenizer.quantizers import QuantizerConfig, registered_kinds
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tokenizer" / "tiny.yaml"
-TINY_VQGAN = REPO / "configs" / "tokenizer" / "tiny_vqgan.yaml"
+TOKENIZER_CONFIGS = REPO / "configs" / "tokenizer"
+TINY = TOKENIZER_CONFIGS / "tiny.yaml"
+TINY_VQGAN = TOKENIZER_CONFIGS / "tiny_vqgan.yaml"
 DATA = Path(__file__).resolve().parent / "data"
 # tiny.yaml (16 px) with a 2-layer PatchGAN from step 2 (perceptual off: it is stateless and slow to build)
 GAN = ["loss.disc_weight=0.5", "loss.disc_start=2", "loss.disc.num_layers=2", "loss.disc.channels=8"]
@@ -165,26 +168,45 @@ def test_tiny_vqgan_trains_with_every_term_logged_and_no_discriminator_in_model(
     assert "disc_weight: 0.5" in card and "psnr" in card
 
 
-@pytest.mark.parametrize("kind", [
-    ["model.quantizer.kind=vq"], ["model.quantizer.kind=ema"],
-    ["model.quantizer.kind=gumbel", "model.quantizer.tau_anneal_steps=4"],
-    ["model.quantizer.kind=adaptive", "model.quantizer.capacity=32", "model.quantizer.ladder_dims=[8,4,2,1]"],
-], ids=["vq", "ema", "gumbel", "adaptive"])
+# tiny.yaml switched to each other kind (a field the new kind does not read goes back to its default), and the
+# tiny configs of the implicit-codebook and SimVQ kinds as they ship
+EVERY_KIND = {
+    "vq": (TINY, ["model.quantizer.kind=vq"]),
+    "ema": (TINY, []),
+    "gumbel": (TINY, ["model.quantizer.kind=gumbel", "model.quantizer.tau_anneal_steps=4"]),
+    "adaptive": (TINY, ["model.quantizer.kind=adaptive", "model.quantizer.codebook_size=512",
+                        "model.quantizer.capacity=32", "model.quantizer.ladder_dims=[8,4,2,1]"]),
+    "fsq": (TOKENIZER_CONFIGS / "tiny_fsq.yaml", []),
+    "lfq": (TOKENIZER_CONFIGS / "tiny_lfq.yaml", []),
+    "simvq": (TOKENIZER_CONFIGS / "tiny_simvq.yaml", []),
+}
+
+
+def test_every_registered_kind_is_tried_with_the_gan():
+    assert set(EVERY_KIND) == set(registered_kinds())
+
+
+@pytest.mark.parametrize("kind", sorted(EVERY_KIND))
 def test_gan_with_every_quantizer(tmp_path, kind):
-    cfg = load_config(TokenizerRunConfig, TINY, [f"output_dir={tmp_path}", "train.steps=3", *GAN, "loss.disc_start=1",
-                                                 "loss.recon=l1", *kind])
+    config, overrides = EVERY_KIND[kind]
+    cfg = load_config(TokenizerRunConfig, config, [f"output_dir={tmp_path}", "train.steps=3", *GAN,
+                                                   "loss.disc_start=1", "loss.recon=l1", *overrides])
+    assert cfg.model.quantizer.kind == kind
     summary = train_tokenizer(cfg)
     rows = read_metrics(tmp_path)
     assert [bool(GAN_KEYS <= set(r)) for r in rows] == [False, True, True] and "recon_l1" in rows[-1]
+    assert all(math.isfinite(r["adaptive_weight"]) for r in rows[1:])
     assert 0 < summary["recon_mse"] < 1
 
 
-@pytest.mark.parametrize("mode", ["early", "deferred"])
-def test_discriminator_starts_with_quantization_unless_configured(tmp_path, mode):
-    overrides = [f"output_dir={tmp_path}", "train.steps=5", *[o for o in GAN if "disc_start" not in o]]
+@pytest.mark.parametrize("mode, kind", [("early", "ema"), ("deferred", "ema"), ("deferred", "fsq")])
+def test_discriminator_starts_with_quantization_unless_configured(tmp_path, mode, kind):
+    """Deferred ema: k-means ends the continuous phase; deferred fsq: an implicit codebook, rounding switched on."""
+    config, kind_overrides = EVERY_KIND[kind]
+    overrides = [f"output_dir={tmp_path}", "train.steps=5", *[o for o in GAN if "disc_start" not in o], *kind_overrides]
     if mode == "deferred":
         overrides += ["schedule.mode=deferred", "schedule.ae_steps=3", "schedule.kmeans_batches=1"]
-    train_tokenizer(load_config(TokenizerRunConfig, TINY, overrides))
+    train_tokenizer(load_config(TokenizerRunConfig, config, overrides))
     with_gan = [r["step"] for r in read_metrics(tmp_path) if "disc_loss" in r]
     assert with_gan == ([4, 5] if mode == "deferred" else [1, 2, 3, 4, 5])
 
@@ -320,8 +342,14 @@ def test_hub_mixin_round_trip_with_model_card(tmp_path):
                                                               "summary": {"psnr": 21.5}})
     saved, legacy = (json.loads((d / "config.json").read_text()) for d in (tmp_path / "tok", DATA / "legacy_tokenizer"))
     assert saved["format_version"] == legacy["format_version"] == 1  # the same format, plus the new fields' defaults
-    assert {k: v for k, v in saved["model"].items() if k not in ("arch", "channel_mult", "attention")} == legacy["model"]
-    assert (saved["model"]["arch"], saved["model"]["channel_mult"]) == ("papers", None)
+    # every field of the old file kept; fields added since (the vqgan preset's, the newer quantizer kinds') at defaults
+    new_model = {k: v for k, v in saved["model"].items() if k not in legacy["model"]}
+    assert new_model == {"arch": "papers", "channel_mult": None, "attention": True}
+    saved_q, legacy_q = saved["model"].pop("quantizer"), legacy["model"].pop("quantizer")
+    assert {k: v for k, v in saved["model"].items() if k in legacy["model"]} == legacy["model"]
+    assert {k: v for k, v in saved_q.items() if k in legacy_q} == legacy_q
+    new_q, defaults = {k: v for k, v in saved_q.items() if k not in legacy_q}, dataclasses.asdict(QuantizerConfig())
+    assert new_q == {k: defaults[k] for k in new_q}
     card = (tmp_path / "tok" / "README.md").read_text()
     assert "library_name: vqgen" in card and "steps: 7" in card and "| `psnr` | 21.5 |" in card
     again = VQVAE.from_pretrained(str(tmp_path / "tok"))

@@ -36,6 +36,7 @@ from .config import ConfigError, from_dict, to_dict
 from .errors import CorruptFileError, MissingFileError
 from .hub import CARD_TEMPLATE, LIBRARY_NAME, card_kwargs, hub_folder, is_hub_id
 from .io import atomic_path, file_fingerprint, load_json, load_safetensors
+from .layout import CodebookLayout
 from .quantizers import Quantizer, QuantizerConfig, QuantizerOutput, build_quantizer
 
 CONFIG_NAME = "config.json"
@@ -396,15 +397,20 @@ class VQVAE(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-to
     def forward(self, x: torch.Tensor, quantize: bool = True, alpha: float = 0.0) -> VQVAEOutput:
         """Reconstruct ``x`` (B, C, H, W) in [-1, 1].
 
-        ``quantize=False`` is the continuous autoencoder of deferred quantization's first phase.
-        ``alpha`` in [0, 1] blends ``alpha * z_e + (1 - alpha) * z_q`` (the optional soft transition).
+        ``quantize=False`` is the continuous autoencoder of deferred quantization's first phase: the decoder
+        gets ``quantizer.continuous(z_e)`` (``z_e`` itself for codebook quantizers; bounded for ``fsq``,
+        squashed for ``lfq``). ``alpha`` in [0, 1] blends ``alpha * continuous(z_e) + (1 - alpha) * z_q`` (the
+        optional soft transition).
         """
         z_e = self.encode_latents(x)  # (B, h, w, D)
         quant = None
-        z = z_e
         if quantize:
             quant = self.quantizer(z_e)
-            z = quant.quantized if alpha <= 0.0 else alpha * z_e + (1.0 - alpha) * quant.quantized
+            z = quant.quantized
+            if alpha > 0.0:
+                z = alpha * self.quantizer.continuous(z_e) + (1.0 - alpha) * z
+        else:
+            z = self.quantizer.continuous(z_e)
         recon = self.decode_latents(z)
         return VQVAEOutput(recon=recon, quant=quant, z_e=z_e)
 
@@ -445,21 +451,17 @@ class VQVAE(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-to
         with _eval_mode(self):
             return torch.cat([self.forward(x).recon for x in self._chunks(images)])
 
-    def vocab_info(self) -> dict:
-        """What a prior needs to know about the token space."""
+    def layout(self) -> CodebookLayout:
+        """The token layout a prior and the reports need: codebook sizes and offsets, grid, codebook choice."""
         q = self.quantizer
-        sizes = list(q.codebook_sizes)
-        offsets = list(getattr(q, "codebook_offsets", [0]))
-        return {
-            "kind": self.config.quantizer.kind,
-            "codebook_size": int(q.codebook_size),
-            "codebook_sizes": [int(s) for s in sizes],
-            "codebook_offsets": [int(o) for o in offsets],
-            "granularity": self.config.quantizer.granularity if self.config.quantizer.kind == "adaptive" else None,
-            "grid": list(self.config.grid),
-            "image_size": self.config.image_size,
-            "channels": self.config.in_channels,
-        }
+        return CodebookLayout(
+            codebook_sizes=tuple(q.codebook_sizes),
+            grid=self.config.grid,
+            per_image_codebook=q.per_image_codebook,
+            kind=q.spec.name,
+            image_size=self.config.image_size,
+            channels=self.config.in_channels,
+        )
 
     # ---------------------------------------------------------------- persistence (huggingface_hub mixin)
     def save_pretrained(self, save_directory: str | Path, *, config: dict | None = None,
@@ -534,7 +536,10 @@ class VQVAE(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-to
         meta = load_json(config_path)
         if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "model" not in meta:
             raise ConfigError(f"{config_path} was not written by this version of vqgen's save_pretrained")
-        model = cls(from_dict(ModelConfig, meta["model"]))
+        saved = dict(meta["model"])
+        if isinstance(saved.get("quantizer"), dict):  # fields the kind ignored (older files may set them)
+            saved["quantizer"] = QuantizerConfig.drop_unread(saved["quantizer"])
+        model = cls(from_dict(ModelConfig, saved))
         # load on the CPU first: safetensors rejects device strings such as "cpu:0" that Accelerate may hand out
         state = load_safetensors(weights_path, device="cpu")
         try:

@@ -6,11 +6,13 @@ synchronisation; convert with ``float()`` when logging.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 from .distributed import all_reduce_
+from .layout import codebook_of
 from .search import DEFAULT_CHUNK_ELEMENTS
 
 
@@ -29,9 +31,20 @@ def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def batch_stats(indices: torch.Tensor, num_codes: int) -> dict[str, torch.Tensor]:
-    """``perplexity`` and ``usage`` (fraction of codes used at least once) of one batch of code ids."""
-    counts = code_counts(indices, num_codes)
-    return {"perplexity": perplexity_from_counts(counts), "usage": (counts > 0).float().mean()}
+    """``perplexity`` and ``usage`` (fraction of codes used at least once) of one batch of code ids.
+
+    O(M) in the M ids besides zeroing the count vector, never O(K) arithmetic over the K codes (large
+    implicit codebooks have far more codes than a batch has ids): with ``c`` the counts,
+    ``sum_k c_k log c_k = sum_i log c[id_i]`` and the number of distinct ids is ``sum_i 1 / c[id_i]``, so
+    ``perplexity = exp(log M - mean_i log c[id_i])`` and ``usage = round(sum_i 1 / c[id_i]) / K``.
+    """
+    flat = indices.reshape(-1)
+    m = flat.shape[0]
+    if m == 0:
+        return {"perplexity": torch.ones((), device=flat.device), "usage": torch.zeros((), device=flat.device)}
+    per_id = code_counts(flat, num_codes)[flat]  # (M,) how often each id's code occurs in the batch
+    perplexity = torch.exp(math.log(m) - per_id.log().mean())
+    return {"perplexity": perplexity, "usage": per_id.reciprocal().sum().round() / num_codes}
 
 
 class CodeUsage:
@@ -93,9 +106,7 @@ def selection_histogram(indices: torch.Tensor, codebook_sizes: Sequence[int]) ->
 
     Codebook i owns the ids [offset_i, offset_i + N_i) with offsets the running sum of ``codebook_sizes``.
     """
-    sizes = torch.tensor(list(codebook_sizes), device=indices.device)
-    ends = sizes.cumsum(0)  # (K_cb,) exclusive upper bounds
-    which = torch.bucketize(indices.reshape(-1), ends, right=True)  # (M,) codebook of each id
+    which = codebook_of(indices.reshape(-1), codebook_sizes)  # (M,) codebook of each id
     counts = code_counts(which, len(codebook_sizes))
     return counts / counts.sum().clamp_min(1.0)
 

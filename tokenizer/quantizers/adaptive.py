@@ -42,16 +42,17 @@ log that gradient's norm.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 from torch import nn
 
+from ..layout import codebook_of
 from ..stats import batch_stats
 from .base import Quantizer, QuantizerConfig, QuantizerOutput
 from .ema import EMAQuantizer
 from .gumbel import gumbel_softmax
+from .registry import Capabilities, register_quantizer
 
 
 def linear_tau(step: torch.Tensor, start: float, end: float, steps: int) -> torch.Tensor:
@@ -65,6 +66,33 @@ def one_hot_of(choice: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.zeros(*choice.shape, num_classes, device=choice.device).scatter_(-1, choice.unsqueeze(-1), 1.0)
 
 
+def _validate_ladder(cfg: QuantizerConfig, fail) -> None:
+    if cfg.capacity < 1:
+        fail(f"capacity must be >= 1, got {cfg.capacity}")
+    if not cfg.ladder_dims:
+        fail("ladder_dims must list at least one codebook width, e.g. [128, 64, 32, 16, 8, 4, 2, 1]")
+    for d in cfg.ladder_dims:
+        if d < 1 or cfg.capacity % d:
+            fail(
+                f"ladder_dims entry {d} does not divide capacity {cfg.capacity}; every codebook must hold "
+                "capacity // D codes of width D exactly (use divisors of the capacity)"
+            )
+        if cfg.capacity // d < 2:
+            fail(f"ladder_dims entry {d} leaves capacity // {d} = {cfg.capacity // d} code; every codebook needs >= 2")
+    if len(set(cfg.ladder_dims)) != len(cfg.ladder_dims):
+        fail(f"ladder_dims must not repeat a width, got {cfg.ladder_dims}")
+    if cfg.selector_heads < 1 or cfg.dim % cfg.selector_heads:
+        fail(f"selector_heads ({cfg.selector_heads}) must be >= 1 and divide dim ({cfg.dim})")
+
+
+@register_quantizer(
+    "adaptive",
+    fields=("beta", "decay", "eps", "capacity", "ladder_dims", "granularity", "selector_heads", "selector_logits",
+            "selector_eval_noise", "projection", "selector_tau_start", "selector_tau_end", "selector_tau_steps",
+            "dead_code_threshold", "dead_code_window", "kmeans_iters", "kmeans_seed"),
+    capabilities=Capabilities(learned_codebook=True, kmeans_init=True, dead_code_reset=True, codebook_selection=True),
+    validate=_validate_ladder,
+)
 class AdaptiveQuantizer(Quantizer):
     """Selects one codebook of the (N_i, D_i) ladder per selection unit (image, position or view row).
 
@@ -88,9 +116,7 @@ class AdaptiveQuantizer(Quantizer):
         else:
             self.proj_out = nn.ModuleList(nn.Linear(d, c) for _, d in ladder)
         self.quantizers = nn.ModuleList(
-            EMAQuantizer(
-                dataclasses.replace(cfg, kind="ema", codebook_size=n, dim=d, kmeans_seed=cfg.kmeans_seed + i)
-            )
+            EMAQuantizer(cfg.only("ema", codebook_size=n, dim=d, kmeans_seed=cfg.kmeans_seed + i))
             for i, (n, d) in enumerate(ladder)
         )
         self.num_heads = cfg.selector_heads
@@ -113,6 +139,10 @@ class AdaptiveQuantizer(Quantizer):
     def num_codebooks(self) -> int:
         """Number of codebooks in the ladder."""
         return len(self.quantizers)
+
+    @property
+    def per_image_codebook(self) -> bool:
+        return self.config.granularity == "image"
 
     def tau(self) -> torch.Tensor:
         """Current selector temperature, a pure function of ``num_steps``."""
@@ -308,7 +338,11 @@ class AdaptiveQuantizer(Quantizer):
 
     def codebook_of(self, indices: torch.Tensor) -> torch.Tensor:
         """Joint ids (any shape) -> which codebook each belongs to (same shape, int64)."""
-        return torch.bucketize(indices, self._ends, right=True)
+        return codebook_of(indices, ends=self._ends)
+
+    def codebook_inputs(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """What each codebook quantizes: the inputs (M, C) through its own projection, [(M, D_i)]."""
+        return [p_in(flat) for p_in in self.proj_in]
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Joint ids (B, ...) -> back-projected codes (B, ..., C); each id uses its own codebook.

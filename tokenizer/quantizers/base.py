@@ -1,12 +1,16 @@
 """The quantizer interface: one flat config, one output type, one base class, one factory.
 
 Every quantizer takes channel-last input ``z`` of shape (B, ..., dim) and returns a ``QuantizerOutput``.
-Quantizers with a single codebook (``vq``, ``ema``, ``gumbel``) share the dead-code reset implemented
-here; ``adaptive`` holds one ``ema`` quantizer per codebook of its ladder.
+Quantizers with a single learned codebook (``vq``, ``ema``, ``gumbel``) share the dead-code reset
+implemented here; ``adaptive`` holds one ``ema`` quantizer per codebook of its ladder. Kinds register
+themselves (``registry.register_quantizer``) with the config fields they read and their capabilities;
+this module never imports them, ``build_quantizer`` looks them up.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -15,11 +19,17 @@ from torch import nn
 from ..config import ConfigError
 from ..distributed import all_gather_cat, all_reduce_, broadcast_, rank
 from ..stats import code_counts
+from .registry import Capabilities, QuantizerSpec, kinds_using, registered_kinds, spec_of
 
-KINDS = ("vq", "ema", "gumbel", "adaptive")
 GRANULARITIES = ("image", "position", "view")
 SELECTOR_LOGITS = ("scores", "attention_probs")
 PROJECTIONS = ("linear", "conv")
+MAX_IMPLICIT_CODES = 2**20  # fsq / lfq: the prior's vocabulary and every histogram hold one entry per code
+
+
+def _show(value) -> str:
+    """A config value as it is written in YAML / key=value overrides (true, [8, 5, 5], 0.25)."""
+    return json.dumps(value) if isinstance(value, (bool, list)) or value is None else str(value)
 
 
 class QuantizerConfigError(ConfigError):
@@ -28,7 +38,11 @@ class QuantizerConfigError(ConfigError):
 
 @dataclass
 class QuantizerConfig:
-    """Settings of every quantizer kind in one flat dataclass (fields a kind does not use are ignored).
+    """Settings of every quantizer kind in one flat dataclass.
+
+    Each kind reads some of the fields (its registration lists them, see ``registry.py``); a field the kind
+    does not read must keep its default, so a setting that would be silently ignored is an error instead.
+    (A field written with its default value cannot be told apart from one left out.)
 
     Temperature schedules advance with the number of optimizer steps ``t`` (a ``num_steps`` buffer that the
     trainer advances once per update with ``Quantizer.step_schedule()``, so gradient accumulation and extra
@@ -37,17 +51,19 @@ class QuantizerConfig:
     (1 -> 1/16 as in VQGAN's Gumbel model); ``adaptive``'s selector anneals linearly, as the authors' code does,
     ``tau = selector_tau_start + (selector_tau_end - selector_tau_start) * min(t / selector_tau_steps, 1)``
     (2e4 -> 1 over 20k steps). For ``adaptive`` the vocabulary comes from ``capacity`` and ``ladder_dims``
-    (codebook i has capacity // ladder_dims[i] codes of width ladder_dims[i]) and ``codebook_size`` is unused;
-    ``dim`` is the latent width before the per-codebook projections.
+    (codebook i has capacity // ladder_dims[i] codes of width ladder_dims[i]); ``dim`` is the latent width
+    before the per-codebook projections. For ``fsq`` the vocabulary is ``prod(levels)`` and ``dim`` equals
+    ``len(levels)``; for ``lfq`` it is ``codebook_size = 2 ** dim``.
     """
 
-    kind: str = "ema"  # "vq" | "ema" | "gumbel" | "adaptive"
+    kind: str = "ema"  # "vq" | "ema" | "gumbel" | "adaptive" | "fsq" | "lfq" | "simvq"
     codebook_size: int = 512
     dim: int = 64
     beta: float = 0.25  # commitment weight
     decay: float = 0.99  # EMA decay (ema, adaptive; usage tracking for dead codes)
     eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
     cosine: bool = False  # vq only: l2-normalised inputs and codes
+    rotation_trick: bool = False  # vq, ema, simvq: gradient through the rotation-and-rescale map (Fifty et al.)
     kl_weight: float = 5e-4  # gumbel: weight of KL(q || uniform)
     straight_through: bool = False  # gumbel: hard one-hot samples with straight-through gradients
     tau_start: float = 1.0  # gumbel temperature schedule (exponential)
@@ -63,10 +79,23 @@ class QuantizerConfig:
     selector_tau_start: float = 2e4  # adaptive selector temperature schedule (linear)
     selector_tau_end: float = 1.0
     selector_tau_steps: int = 20000
+    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # fsq: values per latent channel (paper: 2^10)
+    entropy_weight: float = 0.1  # lfq: weight of the entropy penalty (MAGVIT-v2)
+    entropy_gamma: float = 1.0  # lfq: weight of the codebook-entropy term inside the penalty
+    entropy_temperature: float = 0.01  # lfq: temperature of the soft assignment the entropies are taken of
     dead_code_threshold: float = 0.0  # 0 = off; codes whose EMA usage count is below this are re-seeded
     dead_code_window: int = 100  # training steps between dead-code checks
     kmeans_iters: int = 10  # Lloyd iterations of init_codebook
     kmeans_seed: int = 0
+
+    def spec(self) -> QuantizerSpec:
+        """The registration of ``kind`` (raises ``QuantizerConfigError`` for an unknown kind)."""
+        spec = spec_of(self.kind)
+        if spec is None:
+            raise QuantizerConfigError(
+                f"quantizer: unknown kind {self.kind!r}; choose one of {', '.join(registered_kinds())}"
+            )
+        return spec
 
     def validate(self) -> None:
         """Raise ``QuantizerConfigError`` naming the first field that cannot work."""
@@ -74,20 +103,29 @@ class QuantizerConfig:
         def fail(message: str) -> None:
             raise QuantizerConfigError(f"quantizer: {message}")
 
-        if self.kind not in KINDS:
-            fail(f"unknown kind {self.kind!r}; choose one of {', '.join(KINDS)}")
-        if self.codebook_size < 2 and self.kind != "adaptive":
-            fail(f"codebook_size must be >= 2 (a single code carries no information), got {self.codebook_size}")
+        spec = self.spec()
+        for f in dataclasses.fields(self):
+            if f.name == "kind" or f.name in spec.fields:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            value = getattr(self, f.name)
+            if value != default:
+                users = kinds_using(f.name)
+                fail(
+                    f"{f.name}={_show(value)} is not an option of kind {self.kind!r}, which would ignore it; remove "
+                    f"it or set it back to its default ({f.name}={_show(default)})"
+                    + (f", or use a kind that reads it ({', '.join(users)})" if users else "")
+                )
         if self.dim < 1:
             fail(f"dim must be >= 1, got {self.dim}")
+        if self.codebook_size < 2:
+            fail(f"codebook_size must be >= 2 (a single code carries no information), got {self.codebook_size}")
         if self.beta < 0:
             fail(f"beta (commitment weight) must be >= 0, got {self.beta}")
         if not 0.0 < self.decay < 1.0:
             fail(f"decay must lie strictly between 0 and 1 (e.g. 0.99), got {self.decay}")
         if self.eps <= 0:
             fail(f"eps must be > 0 (e.g. 1e-5), got {self.eps}")
-        if self.cosine and self.kind != "vq":
-            fail(f"cosine=true is only supported by kind 'vq', not {self.kind!r}; set cosine=false")
         if self.cosine and self.dim < 2:
             fail("cosine=true needs dim >= 2 (a normalised 1-d code is just a sign)")
         if self.kl_weight < 0:
@@ -108,34 +146,47 @@ class QuantizerConfig:
             fail(f"selector_logits must be one of {', '.join(SELECTOR_LOGITS)}, got {self.selector_logits!r}")
         if self.projection not in PROJECTIONS:
             fail(f"projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}")
-        if self.kind == "adaptive":
-            self._validate_ladder(fail)
+        if self.entropy_weight < 0 or self.entropy_gamma < 0 or self.entropy_temperature <= 0:
+            fail("entropy_weight and entropy_gamma must be >= 0 and entropy_temperature > 0, got "
+                 f"{self.entropy_weight}, {self.entropy_gamma} and {self.entropy_temperature}")
         if self.dead_code_threshold < 0:
             fail(f"dead_code_threshold must be >= 0 (0 turns the reset off), got {self.dead_code_threshold}")
         if self.dead_code_window < 1:
             fail(f"dead_code_window must be >= 1 step, got {self.dead_code_window}")
         if self.kmeans_iters < 0:
             fail(f"kmeans_iters must be >= 0, got {self.kmeans_iters}")
-
-    def _validate_ladder(self, fail) -> None:
-        if self.capacity < 1:
-            fail(f"capacity must be >= 1, got {self.capacity}")
-        if not self.ladder_dims:
-            fail("ladder_dims must list at least one codebook width, e.g. [128, 64, 32, 16, 8, 4, 2, 1]")
-        for d in self.ladder_dims:
-            if d < 1 or self.capacity % d:
-                fail(
-                    f"ladder_dims entry {d} does not divide capacity {self.capacity}; every codebook must hold "
-                    "capacity // D codes of width D exactly (use divisors of the capacity)"
-                )
-        if len(set(self.ladder_dims)) != len(self.ladder_dims):
-            fail(f"ladder_dims must not repeat a width, got {self.ladder_dims}")
-        if self.selector_heads < 1 or self.dim % self.selector_heads:
-            fail(f"selector_heads ({self.selector_heads}) must be >= 1 and divide dim ({self.dim})")
+        if spec.validate is not None:
+            spec.validate(self, fail)
 
     def ladder(self) -> list[tuple[int, int]]:
         """The adaptive ladder as (N_i, D_i) pairs with N_i * D_i == capacity."""
         return [(self.capacity // d, d) for d in self.ladder_dims]
+
+    @staticmethod
+    def drop_unread(data: dict) -> dict:
+        """A saved quantizer config (a dict) without the fields its kind does not read.
+
+        Those fields were ignored when the model was built, so dropping them (their defaults take their place)
+        loads the same model; tokenizers saved before unread fields were refused keep loading. An unknown kind
+        is left for validation to report.
+        """
+        spec = spec_of(data.get("kind", QuantizerConfig.kind))
+        if spec is None:
+            return dict(data)
+        return {k: v for k, v in data.items() if k == "kind" or k in spec.fields or k not in _FIELD_NAMES}
+
+    def only(self, kind: str, **values) -> "QuantizerConfig":
+        """A config of ``kind`` with ``values`` and this config's settings of the fields ``kind`` reads.
+
+        Every other field is at its default, so the result validates as ``kind`` (``adaptive`` builds its
+        inner ``ema`` codebooks this way).
+        """
+        spec = QuantizerConfig(kind=kind).spec()
+        kept = {name: getattr(self, name) for name in spec.fields if name not in values}
+        return QuantizerConfig(kind=kind, **kept, **values)
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(QuantizerConfig))
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -155,6 +206,48 @@ def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return _StraightThrough.apply(x, q.detach())
 
 
+ROTATION_EPS = 1e-6  # guards the norms of the rotation trick against an input or code at the origin
+
+
+class _RotationTrick(torch.autograd.Function):
+    """Forward: the codes ``q`` (M, D); backward: ``dL/dx = lambda R^T g`` (Fifty et al. 2024).
+
+    ``R`` is the rotation of the plane of ``x`` and ``q`` that takes ``x_hat = x / |x|`` to ``q_hat = q / |q|``
+    and ``lambda = |q| / |x|``, so ``sg(lambda R) x = q`` (the forward value of straight-through). With
+    ``r = (x_hat + q_hat) / |x_hat + q_hat|``, ``R = I - 2 r r^T + 2 q_hat x_hat^T``, hence
+    ``R^T g = g - 2 r (r . g) + 2 x_hat (q_hat . g)``: three row-wise dot products, never a (D, D) matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, q)
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, q = ctx.saved_tensors
+        x_norm = x.norm(dim=-1, keepdim=True).clamp_min(ROTATION_EPS)  # (M, 1)
+        q_norm = q.norm(dim=-1, keepdim=True).clamp_min(ROTATION_EPS)
+        x_hat, q_hat = x / x_norm, q / q_norm  # (M, D)
+        r = x_hat + q_hat
+        r = r / r.norm(dim=-1, keepdim=True).clamp_min(ROTATION_EPS)
+        g = grad.to(x.dtype)
+        rg = (r * g).sum(dim=-1, keepdim=True)  # (M, 1)
+        qg = (q_hat * g).sum(dim=-1, keepdim=True)
+        out = (q_norm / x_norm) * (g - 2.0 * rg * r + 2.0 * qg * x_hat)
+        return out.to(grad.dtype), None
+
+
+def rotation_trick(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The value of ``q`` (M, D); the gradient reaches ``x`` (M, D) rotated and rescaled, none reaches ``q``."""
+    return _RotationTrick.apply(x, q.detach())
+
+
+def pass_gradient(x: torch.Tensor, q: torch.Tensor, rotation: bool) -> torch.Tensor:
+    """The quantized output: ``q``'s value with the rotation trick's or straight-through's gradient to ``x``."""
+    return rotation_trick(x, q) if rotation else straight_through(x, q)
+
+
 @dataclass
 class QuantizerOutput:
     """What every quantizer returns (see docs/architecture.md)."""
@@ -166,12 +259,67 @@ class QuantizerOutput:
 
 
 class Quantizer(nn.Module):
-    """Base class: input checks and flattening; subclasses implement the abstract members below."""
+    """Base class: input checks and flattening; subclasses implement the abstract members below.
+
+    ``spec`` (set by ``register_quantizer``) holds the kind's name, config fields and ``Capabilities``.
+    """
+
+    spec: QuantizerSpec
 
     def __init__(self, cfg: QuantizerConfig):
         super().__init__()
         self.config = cfg
         self.dim = cfg.dim
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this kind can do (k-means init, learned codebook, dead-code reset, codebook selection)."""
+        return self.spec.capabilities
+
+    @property
+    def per_image_codebook(self) -> bool:
+        """Whether every image's tokens come from one codebook chosen per image (then the prior predicts it)."""
+        return False
+
+    def continuous(self, z: torch.Tensor) -> torch.Tensor:
+        """The continuous counterpart of the output for ``z`` (B, ..., dim): what the decoder gets in the
+        continuous phase of deferred quantization, and the space the codes are compared with in diagnostics.
+
+        The identity for codebook kinds; ``fsq`` bounds without rounding, ``lfq`` squashes with tanh.
+        """
+        return z
+
+    def codebook_inputs(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The vectors each codebook quantizes, for inputs ``flat`` (M, dim): [(M, D_i)] (in code space)."""
+        return [self.continuous(flat)]
+
+    def code_vectors(self, codebook: int, ids: torch.Tensor) -> torch.Tensor:
+        """Codes (n, D_i) of local ids (n,) of codebook ``codebook``, as the diagnostics compare them."""
+        return self.codebooks()[codebook][ids]
+
+    def selector_parameters(self) -> list[nn.Parameter]:
+        """Parameters only a codebook selector's gradient reaches (empty without one)."""
+        return []
+
+    @torch.no_grad()
+    def analyse(self, z: torch.Tensor, force: int | None = None) -> dict[str, torch.Tensor]:
+        """Everything an evaluation needs from one eval-mode pass of ``z`` (B, ..., dim).
+
+        ``quantized`` (B, ..., dim), ``unit_choice`` (B, U) the codebook of each selection unit, ``ids``
+        (B, ..., K_cb) every codebook's local code id at every position and ``share`` (B, ..., K_cb) the
+        fraction of each position's vector that comes from each codebook. With a single codebook: U = 1,
+        K_cb = 1, choice 0, share 1. ``force=i`` (several codebooks only) makes codebook i quantize everything.
+        """
+        if force not in (None, 0):
+            raise ValueError(f"{type(self).__name__} has one codebook; force={force} names another")
+        out = self(z)
+        ids = out.indices.unsqueeze(-1)
+        return {
+            "quantized": out.quantized,
+            "unit_choice": torch.zeros(z.shape[0], 1, dtype=torch.int64, device=z.device),
+            "ids": ids,
+            "share": torch.ones_like(ids, dtype=torch.float32),
+        }
 
     @property
     def codebook_sizes(self) -> list[int]:
@@ -330,13 +478,6 @@ class SingleCodebookQuantizer(Quantizer):
 
 
 def build_quantizer(cfg: QuantizerConfig) -> Quantizer:
-    """Validate ``cfg`` and build the quantizer of ``cfg.kind``."""
+    """Validate ``cfg`` and build the registered quantizer of ``cfg.kind``."""
     cfg.validate()
-    # imported here: the quantizer modules import this one
-    from .adaptive import AdaptiveQuantizer
-    from .ema import EMAQuantizer
-    from .gumbel import GumbelQuantizer
-    from .vq import VQQuantizer
-
-    classes = {"vq": VQQuantizer, "ema": EMAQuantizer, "gumbel": GumbelQuantizer, "adaptive": AdaptiveQuantizer}
-    return classes[cfg.kind](cfg)
+    return cfg.spec().cls(cfg)

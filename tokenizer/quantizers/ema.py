@@ -9,9 +9,16 @@ from ..distributed import all_reduce_
 from ..kmeans import distributed_kmeans
 from ..search import nearest
 from ..stats import batch_stats
-from .base import QuantizerConfig, QuantizerOutput, SingleCodebookQuantizer, straight_through
+from .base import QuantizerConfig, QuantizerOutput, SingleCodebookQuantizer, pass_gradient
+from .registry import Capabilities, register_quantizer
 
 
+@register_quantizer(
+    "ema",
+    fields=("codebook_size", "beta", "decay", "eps", "rotation_trick", "dead_code_threshold", "dead_code_window",
+            "kmeans_iters", "kmeans_seed"),
+    capabilities=Capabilities(learned_codebook=True, kmeans_init=True, dead_code_reset=True),
+)
 class EMAQuantizer(SingleCodebookQuantizer):
     """Codebook updated by EMA instead of gradients; only the commitment loss reaches the encoder.
 
@@ -20,7 +27,8 @@ class EMAQuantizer(SingleCodebookQuantizer):
     ``N'_k = (N_k + eps) / (N + K eps) * N`` with ``N = sum_k N_k``, ``e_k = m_k / N'_k``.
     The codebook, ``cluster_size`` (N_k) and ``embed_avg`` (m_k) are buffers. They start at
     ``N_k = 1, m_k = e_k`` so that ``e_k = m_k / N'_k`` already holds and unused codes keep their value.
-    The output is quantized with the codebook from before this step's update.
+    The output is quantized with the codebook from before this step's update. ``rotation_trick`` replaces
+    straight-through's gradient copy by the rotation-and-rescale map (``base.rotation_trick``).
     """
 
     def __init__(self, cfg: QuantizerConfig):
@@ -38,7 +46,7 @@ class EMAQuantizer(SingleCodebookQuantizer):
             if self.training:
                 self.ema_update(flat.detach(), idx)
         loss = self.config.beta * F.mse_loss(flat, q)
-        quantized = straight_through(flat, q)  # (M, D)
+        quantized = pass_gradient(flat, q, self.config.rotation_trick)  # (M, D)
         if self.training:
             self._maybe_reset_dead_codes(flat)
         return QuantizerOutput(

@@ -11,6 +11,7 @@ from torch import nn
 from ..kmeans import distributed_kmeans
 from ..stats import batch_stats
 from .base import QuantizerConfig, QuantizerOutput, SingleCodebookQuantizer
+from .registry import Capabilities, register_quantizer
 
 
 def exponential_tau(step: torch.Tensor, start: float, end: float, steps: int) -> torch.Tensor:
@@ -33,6 +34,13 @@ def gumbel_softmax(logits: torch.Tensor, tau: torch.Tensor, hard: bool) -> torch
     return one_hot + soft - soft.detach()
 
 
+@register_quantizer(
+    "gumbel",
+    fields=("codebook_size", "decay", "kl_weight", "straight_through", "tau_start", "tau_end", "tau_anneal_steps",
+            "dead_code_threshold", "dead_code_window", "kmeans_iters", "kmeans_seed"),
+    # codes come from learned logits, not from the nearest entry: a trainer does not k-means-initialise it
+    capabilities=Capabilities(learned_codebook=True, kmeans_init=False, dead_code_reset=True),
+)
 class GumbelQuantizer(SingleCodebookQuantizer):
     """``logits = proj(z)`` (the 1x1 conv to K, a Linear on channel-last input); ``z_q = sum_k y_k e_k``.
 

@@ -1,4 +1,5 @@
-"""Standard VQ with a straight-through estimator (van den Oord et al.), optionally with cosine codes."""
+"""Standard VQ with a straight-through estimator (van den Oord et al.), optionally with cosine codes or the
+rotation trick (Fifty et al. 2024) in place of straight-through."""
 
 from __future__ import annotations
 
@@ -9,15 +10,24 @@ from torch import nn
 from ..kmeans import distributed_kmeans
 from ..search import nearest
 from ..stats import batch_stats
-from .base import QuantizerConfig, QuantizerOutput, SingleCodebookQuantizer, straight_through
+from .base import QuantizerConfig, QuantizerOutput, SingleCodebookQuantizer, pass_gradient
+from .registry import Capabilities, register_quantizer
 
 
+@register_quantizer(
+    "vq",
+    fields=("codebook_size", "beta", "decay", "cosine", "rotation_trick", "dead_code_threshold", "dead_code_window",
+            "kmeans_iters", "kmeans_seed"),
+    capabilities=Capabilities(learned_codebook=True, kmeans_init=True, dead_code_reset=True),
+)
 class VQQuantizer(SingleCodebookQuantizer):
     """Learned codebook (a parameter); loss ``||sg(z) - e||^2 + beta ||z - sg(e)||^2``.
 
     This is the correct form (codebook term pulls the codes, commitment term pulls the encoder); the seed
     paper's printed formula swaps the stop-gradients. With ``cosine`` inputs and codes are l2-normalised
-    before the search, so the output is the normalised code.
+    before the search, so the output is the normalised code. With ``rotation_trick`` the output has the
+    same value and the encoder's gradient is rotated and rescaled (see ``base.rotation_trick``).
+    ``decay`` is the EMA of code usage that the dead-code threshold is compared with.
     """
 
     def __init__(self, cfg: QuantizerConfig):
@@ -40,7 +50,7 @@ class VQQuantizer(SingleCodebookQuantizer):
             idx = nearest(flat.detach(), codes.detach())  # (M,)
         q = F.embedding(idx, codes)  # (M, D), gradient reaches the codebook
         loss = F.mse_loss(q, flat.detach()) + self.config.beta * F.mse_loss(flat, q.detach())
-        quantized = straight_through(flat, q)  # (M, D)
+        quantized = pass_gradient(flat, q, self.config.rotation_trick)  # (M, D)
         if self.training and self.dead_code_enabled:
             self._track_usage(idx)
             self._maybe_reset_dead_codes(flat)
