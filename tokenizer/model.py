@@ -261,30 +261,52 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _vqgan_level(channels: int, width: int, num_blocks: int, attention: bool) -> nn.Module:
+    """One resolution level of the vqgan preset: ``num_blocks`` ResNet blocks to ``width`` channels, each followed
+    by self-attention when ``attention`` (modules created block, attention, block, ...). The caller adds the
+    resampling layer (``down`` or ``up``)."""
+    level = nn.Module()
+    blocks, attns = [], []
+    for _ in range(num_blocks):
+        blocks.append(ResnetBlock(channels, width))
+        channels = width
+        if attention:
+            attns.append(AttnBlock(width))
+    level.blocks, level.attns = nn.ModuleList(blocks), nn.ModuleList(attns)
+    return level
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The blocks (and attention layers) of a :func:`_vqgan_level`, without its resampling layer."""
+    for i, block in enumerate(level.blocks):
+        h = block(h)
+        if len(level.attns):
+            h = level.attns[i](h)
+    return h
+
+
+def _vqgan_middle(channels: int, attention: bool) -> nn.Sequential:
+    """ResNet block, self-attention (when ``attention``), ResNet block at the lowest resolution."""
+    return nn.Sequential(ResnetBlock(channels, channels), AttnBlock(channels) if attention else nn.Identity(),
+                         ResnetBlock(channels, channels))
+
+
 class VQGANEncoder(nn.Module):
     """(B, C_in, H, W) -> (B, hidden * mult[-1], H/s, W/s); s = 2 ** (len(mult) - 1) (taming / LlamaGen)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        mult = cfg.channel_multipliers
-        widths = [cfg.hidden * m for m in mult]
+        widths = [cfg.hidden * m for m in cfg.channel_multipliers]
+        last = len(widths) - 1
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.hidden, 3, padding=1)
         self.levels = nn.ModuleList()
         channels = cfg.hidden
         for i, width in enumerate(widths):
-            level = nn.Module()
-            blocks, attns = [], []
-            for _ in range(cfg.num_res_layers):
-                blocks.append(ResnetBlock(channels, width))
-                channels = width
-                if cfg.attention and i == len(widths) - 1:
-                    attns.append(AttnBlock(channels))
-            level.blocks, level.attns = nn.ModuleList(blocks), nn.ModuleList(attns)
-            level.down = Downsample(channels) if i < len(widths) - 1 else nn.Identity()
+            level = _vqgan_level(channels, width, cfg.num_res_layers, cfg.attention and i == last)
+            channels = width
+            level.down = Downsample(channels) if i < last else nn.Identity()
             self.levels.append(level)
-        self.mid = nn.Sequential(ResnetBlock(channels, channels),
-                                 AttnBlock(channels) if cfg.attention else nn.Identity(),
-                                 ResnetBlock(channels, channels))
+        self.mid = _vqgan_middle(channels, cfg.attention)
         self.norm_out = _group_norm(channels)
         self.conv_out = nn.Conv2d(channels, channels, 3, padding=1)
         self.out_channels = channels
@@ -292,11 +314,7 @@ class VQGANEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.levels:
-            for i, block in enumerate(level.blocks):
-                h = block(h)
-                if len(level.attns):
-                    h = level.attns[i](h)
-            h = level.down(h)
+            h = level.down(_run_level(level, h))
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -307,24 +325,16 @@ class VQGANDecoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        mult = cfg.channel_multipliers
-        widths = [cfg.hidden * m for m in mult]
+        widths = [cfg.hidden * m for m in cfg.channel_multipliers]
+        last = len(widths) - 1
         channels = widths[-1]
         self.in_channels = channels
         self.conv_in = nn.Conv2d(channels, channels, 3, padding=1)
-        self.mid = nn.Sequential(ResnetBlock(channels, channels),
-                                 AttnBlock(channels) if cfg.attention else nn.Identity(),
-                                 ResnetBlock(channels, channels))
+        self.mid = _vqgan_middle(channels, cfg.attention)
         self.levels = nn.ModuleList()
         for i in reversed(range(len(widths))):
-            level = nn.Module()
-            blocks, attns = [], []
-            for _ in range(cfg.num_res_layers + 1):
-                blocks.append(ResnetBlock(channels, widths[i]))
-                channels = widths[i]
-                if cfg.attention and i == len(widths) - 1:
-                    attns.append(AttnBlock(channels))
-            level.blocks, level.attns = nn.ModuleList(blocks), nn.ModuleList(attns)
+            level = _vqgan_level(channels, widths[i], cfg.num_res_layers + 1, cfg.attention and i == last)
+            channels = widths[i]
             level.up = Upsample(channels) if i > 0 else nn.Identity()
             self.levels.append(level)
         self.norm_out = _group_norm(channels)
@@ -338,11 +348,7 @@ class VQGANDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in self.levels:
-            for i, block in enumerate(level.blocks):
-                h = block(h)
-                if len(level.attns):
-                    h = level.attns[i](h)
-            h = level.up(h)
+            h = level.up(_run_level(level, h))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
