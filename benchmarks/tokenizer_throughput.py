@@ -20,7 +20,6 @@ Measured on whatever device is available::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import multiprocessing
 import os
@@ -32,6 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from peak_memory import peak_mb, pin_mmap_threshold  # benchmarks/peak_memory.py
 from tokenizer.model import ModelConfig, VQVAE
 from tokenizer.quantizers import QuantizerConfig
 
@@ -54,30 +54,6 @@ def time_steps(model: VQVAE, optimizer, images: torch.Tensor, steps: int) -> flo
     if images.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_mb(fn, device: str) -> float:
-    """Peak memory (MiB) that ``fn()`` needs beyond what was live before it (see the module docstring)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident size
-    base = _status_kb("VmRSS")
-    fn()
-    return max(_status_kb("VmHWM") - base, 0) / 1024
 
 
 def vq16_config(image_size: int = 256) -> ModelConfig:
@@ -134,10 +110,7 @@ def res256_operations(batch: int, infer: int, device: str, image_size: int = 256
 def _res256_peaks(batch: int, infer: int, threads: int, device: str, image_size: int) -> dict:
     torch.set_num_threads(threads)
     if device == "cpu":
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: large allocations return to the OS
-        except OSError:
-            pass
+        pin_mmap_threshold()  # large allocations return to the OS, so the high-water mark follows live tensors
     ops = res256_operations(batch, infer, device, image_size)
     peaks = {}
     for name, (fn, _) in ops.items():
