@@ -7,11 +7,8 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -216,27 +213,12 @@ def test_gan_needs_images_the_discriminator_can_see(tmp_path):
         load_config(TokenizerRunConfig, TINY, [f"output_dir={tmp_path}", "loss.disc_weight=0.5"])  # 3 layers, 16 px
 
 
-def test_kill_9_and_rerun_is_bit_identical_with_the_gan(tmp_path):
+def test_kill_9_and_rerun_is_bit_identical_with_the_gan(tmp_path, kill_and_resume):
     """kill -9 mid-run (GAN on, gradient accumulation), the same command again: both models bit-identical."""
     command = [sys.executable, "-m", "pipelines.train_tokenizer", "--config", str(TINY), "train.steps=12",
                "train.checkpoint_every=2", "train.log_every=2", "train.deterministic=true", "train.grad_accum=2",
                "train.batch_size=4", *GAN, "loss.disc_loss=non_saturating"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VQGEN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-
-    def train(out: Path) -> subprocess.Popen:
-        with open(tmp_path / f"{out.name}.log", "a") as log:
-            return subprocess.Popen(command + ["--output-dir", str(out)], env=env, cwd=REPO, stdout=log, stderr=log)
-
-    assert train(tmp_path / "full").wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-3000:]
-    killed = train(tmp_path / "part")
-    marker = tmp_path / "part" / "checkpoints" / "step_00000006"
-    deadline = time.monotonic() + 300
-    while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    killed.send_signal(signal.SIGKILL)
-    assert killed.wait(timeout=60) == -signal.SIGKILL
-    assert not (tmp_path / "part" / "model").exists(), "the run finished before it could be killed"
-    assert train(tmp_path / "part").wait(timeout=300) == 0, (tmp_path / "part.log").read_text()[-3000:]
+    kill_and_resume(command, kill_at="step_00000006")
     assert_identical(weights(tmp_path / "full" / "model" / "model.safetensors"),
                      weights(tmp_path / "part" / "model" / "model.safetensors"))
     last = "checkpoints/step_00000012"
