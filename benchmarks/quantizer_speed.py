@@ -28,7 +28,6 @@ measured in a separate process (started first) and the timings run with the defa
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import multiprocessing
 import statistics
@@ -42,41 +41,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peak_memory import peak_mb, pin_mmap_threshold  # benchmarks/peak_memory.py
 from tokenizer.quantizers import QuantizerConfig, build_quantizer
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def _pin_mmap_threshold() -> bool:
-    """Make glibc serve every allocation >= 64 KiB with mmap (returned to the OS on free)."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 16))
-    except OSError:
-        return False
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_mb(fn, device: torch.device) -> float:
-    """Peak memory (MiB) that ``fn()`` allocates beyond what was live before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident size
-    base = _status_kb("VmRSS")
-    fn()
-    return max(_status_kb("VmHWM") - base, 0) / 1024
 
 
 def interleaved_times(fns: list, repeats: int, device: torch.device) -> list[list[float]]:
@@ -211,7 +177,7 @@ def measure_peaks(rows: list[Case], vectors: int, threads: int, device_name: str
     """
     torch.set_num_threads(threads)
     device = torch.device(device_name)
-    if device.type == "cpu" and not _pin_mmap_threshold():
+    if device.type == "cpu" and not pin_mmap_threshold():
         print("warning: could not pin glibc's mmap threshold; CPU peak memory may be underestimated", file=sys.stderr)
     peaks = []
     for case in rows:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch_fidelity import register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from tokenizer import training
 from tokenizer.config import to_dict
 
 from .features import (
@@ -229,9 +230,10 @@ def fit_contrastive(train, cfg: ContrastiveConfig | None = None, device: str | t
     gen = torch.Generator().manual_seed(cfg.seed)
     batch_size = min(cfg.batch_size, n)
     order, pos = torch.randperm(n, generator=gen), 0
-    start, last_loss = time.perf_counter(), float("nan")
+    start, last_loss = time.perf_counter(), torch.tensor(float("nan"))
+    watch = training.NonFiniteWatch(device)  # no host sync per step
     model.train()
-    for _ in range(cfg.steps):
+    for step in range(1, cfg.steps + 1):
         if pos + batch_size > n:  # next epoch: a fresh permutation, the remainder dropped
             order, pos = torch.randperm(n, generator=gen), 0
         x = _to_float(images[order[pos:pos + batch_size]]).to(device)  # (B, C, H, W)
@@ -243,8 +245,11 @@ def fit_contrastive(train, cfg: ContrastiveConfig | None = None, device: str | t
         loss.backward()
         opt.step()
         sched.step()
-        last_loss = float(loss.detach())
+        last_loss = loss.detach()
+        watch.update(last_loss, step)
     train_seconds = time.perf_counter() - start
+    watch.raise_if_bad("the contrastive extractor's loss", f"lower contrastive.lr ({cfg.lr})")
+    last_loss = float(last_loss)
     info = {
         "architecture": arch,
         "train_steps": cfg.steps,

@@ -40,6 +40,7 @@ from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from tokenizer import training
 from tokenizer.config import to_dict
 from tokenizer.io import atomic_path, load_json, save_json
 
@@ -195,13 +196,12 @@ def backbone_architecture(sample: torch.Tensor, head_sizes: list[int], width: in
 def make_optimizer(params, lr: float, steps: int, weight_decay: float = 1e-4):
     """AdamW with a one-cycle schedule over ``steps`` (10 % warm-up): (optimizer, scheduler).
 
-    Below 20 steps (tiny test settings) the warm-up would be under two steps, where ``OneCycleLR`` divides
-    by zero; such runs keep a constant learning rate instead.
+    Built by the shared training skeleton (:mod:`tokenizer.training`): every parameter is decayed
+    (``decay_all``), as the cached extractors were trained; below 20 steps (tiny test settings) the
+    learning rate stays constant (``OneCycleLR`` would divide by zero).
     """
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if steps < 20:
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    opt = training.make_optimizer(params, lr, weight_decay=weight_decay, decay_all=True)
+    return opt, training.make_schedule(opt, "one_cycle", steps)
 
 
 def held_out_split(data_cfg, train):
@@ -239,7 +239,8 @@ def train_classifier(data_cfg, cfg: ClassifierConfig | None = None, device: str 
     steps = max(1, min(cfg.max_steps, int(cfg.epochs * len(loader))))
     opt, sched = make_optimizer(model.parameters(), cfg.lr, steps)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start, step, last_loss = time.perf_counter(), 0, float("nan")
+    start, step, last_loss = time.perf_counter(), 0, torch.tensor(float("nan"))
+    watch = training.NonFiniteWatch(device)  # no host sync per step
     model.train()
     while step < steps:
         for batch in loader:
@@ -251,10 +252,13 @@ def train_classifier(data_cfg, cfg: ClassifierConfig | None = None, device: str 
             loss.backward()
             opt.step()
             sched.step()
-            step, last_loss = step + 1, float(loss.detach())
+            step, last_loss = step + 1, loss.detach()
+            watch.update(last_loss, step)
             if step >= steps:
                 break
     train_seconds = time.perf_counter() - start
+    watch.raise_if_bad("the offline classifier's loss", f"lower the classifier's lr ({cfg.lr})")
+    last_loss = float(last_loss)
 
     test, test_split = held_out_split(data_cfg, train)
     acc = _accuracy(model, test, task, cfg, device)

@@ -24,6 +24,7 @@ from pipelines.stages import STAGE_RECORD, write_record
 from tokenizer.config import load_config, save_config
 from tokenizer.errors import CorruptFileError, UserError
 from tokenizer.io import atomic_path, check_safetensors, load_json, save_json
+from tokenizer.training import NonFiniteLossError  # noqa: F401  (raised here, defined with the training skeleton)
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 
@@ -400,10 +401,11 @@ def batch_stream(accelerator, loader, start_step: int, grad_accum: int):
         skip, epoch = 0, epoch + 1
 
 
-def finish_run(accelerator, model, summary: dict, output_dir: str | Path) -> dict:
-    """Write ``model/`` (save_pretrained) and ``summary.json`` on the main process, then end the run."""
+def finish_run(accelerator, model, summary: dict, output_dir: str | Path, card: dict | None = None) -> dict:
+    """Write ``model/`` (save_pretrained, with a model card of ``card`` (e.g. ``training_config``) and the
+    summary metrics) and ``summary.json`` on the main process, then end the run."""
     if accelerator.is_main_process:
-        model.save_pretrained(Path(output_dir) / "model")
+        model.save_pretrained(Path(output_dir) / "model", model_card_kwargs={**(card or {}), "summary": summary})
         save_json(summary, Path(output_dir) / "summary.json")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -422,10 +424,6 @@ def write_run_config(cfg: Any, output_dir: str | Path, accelerator, record: dict
 def show_progress(accelerator) -> bool:
     """tqdm only on the main process, and not when stderr is not a terminal under CI."""
     return accelerator.is_local_main_process and not os.environ.get("VQGEN_NO_PROGRESS")
-
-
-class NonFiniteLossError(UserError, RuntimeError):
-    """Raised when training produces a NaN/inf loss; the message names the step and the last checkpoint."""
 
 
 def fail_on_nonfinite(loss_value: float, step: int, checkpoints: CheckpointManager) -> None:

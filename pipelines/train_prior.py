@@ -18,7 +18,6 @@ than ``train.early_stopping_min_delta``, and ``model/`` holds the weights of the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -50,6 +49,7 @@ from prior.config import PriorModelConfig
 from prior.data import TokenDataError, TokenDataset, read_token_meta, token_layout
 from prior.model import Prior
 from prior.vocab import TokenVocab
+from tokenizer import training
 from tokenizer.data import make_dataloader
 
 
@@ -102,24 +102,14 @@ class PriorRunConfig:
 
 
 def build_optimizer(model: Prior, train: TrainConfig, num_training_steps: int):
-    """AdamW with weight decay on matrices only (not on biases, norms), plus the warm-up/cosine schedule.
+    """AdamW with weight decay on matrices only (not on biases, norms), plus the warm-up/cosine schedule
+    (the shared skeleton, :mod:`tokenizer.training`).
 
     The scheduler is stepped once per optimizer update by the loop (it is not handed to ``prepare``,
     which would step it once per process).
     """
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas))
-    if train.lr_schedule == "cosine":
-        scheduler = get_cosine_schedule_with_warmup(optimizer, train.warmup_steps, num_training_steps)
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, train.warmup_steps)
-    return optimizer, scheduler
+    optimizer = training.make_optimizer(model, train.lr, train.betas, train.weight_decay)
+    return optimizer, training.make_schedule(optimizer, train.lr_schedule, num_training_steps, train.warmup_steps)
 
 
 @torch.no_grad()
@@ -221,7 +211,7 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
     conditional = vocab.class_conditional
     tokens_per_seq = vocab.seq_len - 1  # predicted positions per sequence
     loss_sum = torch.zeros((), device=accelerator.device)
-    bad_step = torch.tensor(-1, device=accelerator.device)  # first step with a non-finite loss (no host sync)
+    watch = training.NonFiniteWatch(accelerator.device)  # first step with a non-finite loss (no host sync)
     tokens_trained, t_train = 0, 0.0
     progress = tqdm(total=cfg.train.steps, initial=start, disable=not show_progress(accelerator), desc="prior")
     model.train()
@@ -229,15 +219,12 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
     stopped = lambda: stopper is not None and stopper.stopped  # noqa: E731
     while step < total and not stopped():
         t0 = time.perf_counter()
-        for micro in range(accum):
-            batch = next(stream)
-            # Gradients are all-reduced only on the last micro-batch of an update.
-            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-            with sync:
-                output = model(batch["codes"], batch["label"] if conditional else None)
-                accelerator.backward(output.loss / accum)
+        # Gradients are all-reduced only on the last micro-batch of an update.
+        for _, batch in training.micro_batches(accelerator, [model], stream, accum):
+            output = model(batch["codes"], batch["label"] if conditional else None)
+            accelerator.backward(output.loss / accum)
             loss_sum += output.loss.detach() / accum
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(output.loss.detach()), step + 1, bad_step)
+            watch.update(output.loss, step + 1)
             tokens_trained += batch["codes"].shape[0] * tokens_per_seq * accelerator.num_processes
         if cfg.train.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
@@ -257,13 +244,13 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
                 stopper.update(evaluation["val_nll"], step, raw, evaluation)
                 evaluation.update(best_val_nll=stopper.best_value, evals_without_improvement=stopper.bad_evals)
         is_last = step == total or stopped()
-        if step % cfg.train.log_every == 0 or is_last or step % cfg.train.checkpoint_every == 0:
-            first_bad = int(accelerator.reduce(bad_step.clone(), reduction="max"))  # never checkpoint a NaN state
+        logging_now = training.log_due(step, total, cfg.train.log_every) or is_last
+        if logging_now or step % cfg.train.checkpoint_every == 0:
+            first_bad = watch.first(accelerator.reduce)  # never checkpoint a NaN state
             if first_bad >= 0:
                 fail_on_nonfinite(float("nan"), first_bad, checkpoints)
-        if step % cfg.train.log_every == 0 or is_last:
-            since = step - (step - 1) // cfg.train.log_every * cfg.train.log_every
-            loss = float(accelerator.reduce(loss_sum, reduction="mean")) / since
+        if logging_now:
+            loss = float(accelerator.reduce(loss_sum, reduction="mean")) / training.steps_since_log(step, cfg.train.log_every)
             fail_on_nonfinite(loss, step, checkpoints)
             loss_sum.zero_()
             record = {"loss": loss, "lr": scheduler.get_last_lr()[0],
@@ -302,7 +289,7 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
         num_processes=accelerator.num_processes,
         mixed_precision=accelerator.mixed_precision,
     )
-    return finish_run(accelerator, raw, summary, out)
+    return finish_run(accelerator, raw, summary, out, card={"training_config": cfg})
 
 
 @entry_point

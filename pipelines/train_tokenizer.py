@@ -14,10 +14,22 @@ Schedules (``schedule.mode``):
   Quantizers with an implicit codebook (``fsq``, ``lfq``: nothing to initialise) train the continuous phase
   through ``quantizer.continuous`` and switch quantization on; see ``Capabilities.deferred``.
 ``train.steps`` counts all phases. Killed runs resume from the newest checkpoint with the same command.
+
+The objective (``loss.*``, :mod:`tokenizer.losses`): reconstruction (L1 or L2), the quantizer loss, optionally
+LPIPS (``loss.perceptual_weight``) and a PatchGAN (``loss.disc_weight``, from ``loss.disc_start``; by default
+from the step quantization starts) with the adaptive weight. The discriminator has its own AdamW; both models
+and both optimizers are ``prepare``d and checkpointed together (``model_1.safetensors`` / ``optimizer_1.bin``
+in the checkpoints are the discriminator's); ``model/`` holds the tokenizer alone.
+
+One update (the shared skeleton of :mod:`tokenizer.training`): ``grad_accum`` micro-batches, each
+backpropagating the tokenizer's loss and, once the GAN is on, the discriminator's loss on the detached
+reconstruction (the tokenizer's loss reaches the discriminator through its detached parameters only); gradients
+all-reduced on the last micro-batch; then clip and step the tokenizer, then clip and step the discriminator.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -41,8 +53,12 @@ from pipelines.common import (
     write_run_config,
 )
 from pipelines.stages import STAGE_RECORD, check_record, make_record
+from tokenizer import training
 from tokenizer.data import DataConfig, build_dataset, make_dataloader
+from tokenizer.discriminator import build_discriminator
+from tokenizer.losses import LossConfig, TokenizerLoss
 from tokenizer.model import ModelConfig, VQVAE
+from tokenizer.perceptual import build_perceptual
 from tokenizer.quantizers import registered_kinds, spec_of
 from eval.codebook import all_code_distance, codebook_metrics
 from tokenizer.stats import code_counts, live_code_distance
@@ -80,6 +96,7 @@ class TokenizerRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     def validate(self) -> None:
         if self.data.image_size != self.model.image_size or self.data.channels != self.model.in_channels:
@@ -104,6 +121,11 @@ class TokenizerRunConfig:
                 f"model.quantizer.kind={kind} cannot use (its learned codebook cannot be set by k-means); use "
                 f"schedule.mode=early with schedule.init=random for {kind}, or a kind with k-means initialisation "
                 f"({with_kmeans}) or an implicit codebook (deferred = continuous phase, then the switch)"
+            )
+        if self.loss.uses_gan and self.model.image_size < self.loss.disc.min_image_size():
+            raise ValueError(
+                f"a {self.loss.disc.num_layers}-layer discriminator needs images of at least "
+                f"{self.loss.disc.min_image_size()} px (got {self.model.image_size}); lower loss.disc.num_layers"
             )
         if self.schedule.mode == "deferred" and self.schedule.ae_steps >= self.train.steps:
             raise ValueError(
@@ -160,16 +182,30 @@ LOGGED_DISTANCE_CODES = 2048  # codes per codebook used for the logged (not the 
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig):
-    """Adam(W) over trainable parameters and the warm-up/cosine or constant schedule."""
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+    """AdamW (weight decay on weight tensors only) and the warm-up/cosine or constant schedule, from the shared
+    skeleton (:mod:`tokenizer.training`)."""
+    optimizer = training.make_optimizer(model, train.lr, train.betas, train.weight_decay)
+    return optimizer, training.make_schedule(optimizer, train.lr_schedule, train.steps, train.warmup_steps)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
-    if train.lr_schedule == "cosine":
-        scheduler = get_cosine_schedule_with_warmup(optimizer, train.warmup_steps, train.steps)
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, train.warmup_steps)
-    return optimizer, scheduler
+
+def build_gan(cfg: TokenizerRunConfig):
+    """(discriminator wrapped in ``RealFake``, its AdamW) or (None, None) without a GAN."""
+    if not cfg.loss.uses_gan:
+        return None, None
+    disc_cfg = cfg.loss.disc
+    # its own seed: adding a discriminator leaves the tokenizer's initialisation and the data order unchanged
+    disc = build_discriminator(cfg.model.in_channels, disc_cfg, seed=cfg.train.seed + 7919)
+    optimizer = training.make_optimizer(disc, disc_cfg.lr or cfg.train.lr, disc_cfg.betas, disc_cfg.weight_decay)
+    return disc, optimizer
+
+
+def fake_logits(disc, recon: torch.Tensor) -> torch.Tensor:
+    """The discriminator's logits of ``recon`` for the tokenizer's loss: through the unwrapped module with its
+    parameters detached, so this loss sends gradients to the reconstruction only (none to the discriminator,
+    and no data-parallel hook runs)."""
+    net = disc.discriminator
+    params = {name: p.detach() for name, p in net.named_parameters()}
+    return torch.func.functional_call(net, params, (recon,))
 
 
 def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> dict:
@@ -188,7 +224,8 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
                      f"resuming it would mix two configs. Use another --output-dir, or delete {out} to start over "
                      "(vqgen run: --force tokenizer)", legacy_folder=out)
     accelerator = make_accelerator(
-        cfg.train,
+        # accumulation is the shared skeleton's (training.micro_batches), so the Accelerator runs with grad_accum=1
+        dataclasses.replace(cfg.train, grad_accum=1),
         out,
         "tokenizer",
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
@@ -200,7 +237,11 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
     val_ds = build_dataset(cfg.data, "validation")
     model = VQVAE(cfg.model)
     optimizer, scheduler = build_optimizer(model, cfg.train)
-    train_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, drop_last=True)
+    perceptual, perceptual_info = build_perceptual(cfg.loss.perceptual) if cfg.loss.uses_perceptual else (None, None)
+    loss_fn = TokenizerLoss(cfg.loss, perceptual).to(accelerator.device)  # frozen; rebuilt from the config, never saved
+    disc, disc_optimizer = build_gan(cfg)
+    train_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, drop_last=True,
+                                   num_workers=cfg.train.num_workers)
     val_loader = make_dataloader(val_ds, cfg.train.batch_size, shuffle=False)
     kmeans_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed + 1)
     if len(train_loader) == 0:
@@ -211,10 +252,13 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
     model, optimizer, train_loader, val_loader, kmeans_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, kmeans_loader
     )
+    if disc is not None:  # prepared after the tokenizer: its files in a checkpoint are model_1 / optimizer_1
+        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
     # the schedule is stepped by hand once per optimizer step (a prepared scheduler would step once per
     # process), and checkpointed with the rest of the state
     accelerator.register_for_checkpointing(scheduler)
     raw: VQVAE = accelerator.unwrap_model(model)
+    raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
 
     start = resume_latest(accelerator, checkpoints)
     if start == 0 and cfg.schedule.mode == "early" and cfg.schedule.init == "kmeans":
@@ -223,16 +267,22 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
     logger = MetricsLogger(out / "metrics.jsonl", accelerator, resume_step=start)
 
     total = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
-    bad_step = torch.tensor(-1, device=accelerator.device)  # first step with a non-finite loss (no host sync)
+    accum = cfg.train.grad_accum
+    watch = training.NonFiniteWatch(accelerator.device)  # first step with a non-finite loss (no host sync)
     loss_sum = torch.zeros((), device=accelerator.device)
     progress = tqdm(total=cfg.train.steps, initial=start, disable=not show_progress(accelerator), desc="tokenizer")
     model.train()
+    if disc is not None:
+        disc.train()
+    gan_from = loss_fn.gan_starts(cfg.schedule.ae_steps if cfg.schedule.mode == "deferred" else 0)
+    trained = [model] + ([disc] if disc is not None else [])
 
-    stream = batch_stream(accelerator, train_loader, start, cfg.train.grad_accum)
+    stream = batch_stream(accelerator, train_loader, start, accum)
     step = start
     images_trained, t_train = 0, 0.0
     while step < total:
         phase, alpha = phase_at(step, cfg.schedule)
+        gan_on = gan_from is not None and step >= gan_from
         if cfg.schedule.mode == "deferred" and step == cfg.schedule.ae_steps:
             if raw.quantizer.capabilities.deferred() == "kmeans":
                 n = init_codebook_from_encoder(raw, kmeans_loader, cfg.schedule.kmeans_batches, accelerator)
@@ -240,44 +290,64 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
             else:  # an implicit codebook: nothing to initialise
                 accelerator.print(f"step {step}: continuous phase done; quantization switched on")
         t0 = time.perf_counter()
-        logging_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == total
-        for _ in range(cfg.train.grad_accum):
-            batch = next(stream)
-            with accelerator.accumulate(model):
-                output = model(batch["image"], quantize=phase == "quantize", alpha=alpha)
-                accelerator.backward(output.loss)
-                if accelerator.sync_gradients and logging_now and raw.quantizer.capabilities.codebook_selection:
-                    # before clipping: what the selector's parameters would get from this batch
-                    selector_grad = _grad_norm(raw.quantizer.selector_parameters())
-                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            images_trained += batch["image"].shape[0] * accelerator.num_processes
+        logging_now = training.log_due(step + 1, total, cfg.train.log_every)
+        d_terms: dict = {}
+        for _, batch in training.micro_batches(accelerator, trained, stream, accum):
+            images = batch["image"]
+            output = model(images, quantize=phase == "quantize", alpha=alpha)
+            with accelerator.autocast():  # LPIPS is not prepared: it follows the launcher's precision here
+                gen = loss_fn.generator(
+                    images, output.recon, output.quant.loss if output.quant is not None else None,
+                    logits_fake=fake_logits(raw_disc, output.recon) if gan_on else None,
+                    last_layer=raw.last_layer() if gan_on else None,
+                )
+            accelerator.backward(gen.loss / accum)
+            watch.update(gen.loss, step + 1)
+            if gan_on:  # the discriminator learns on the detached reconstruction
+                logits_real, logits_fake = disc(images, output.recon.detach())
+                d_loss, d_terms = loss_fn.discriminator(logits_real, logits_fake)
+                accelerator.backward(d_loss / accum)
+                watch.update(d_loss, step + 1)
+            images_trained += images.shape[0] * accelerator.num_processes
+        if logging_now and raw.quantizer.capabilities.codebook_selection:
+            # before clipping: what the selector's parameters would get from this batch
+            selector_grad = _grad_norm(raw.quantizer.selector_parameters())
+        if cfg.train.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if gan_on:  # after the tokenizer's step (fp16: each clip unscales only gradients not yet stepped)
+            if cfg.train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(disc.parameters(), cfg.train.max_grad_norm)
+            disc_optimizer.step()
+            disc_optimizer.zero_grad(set_to_none=True)
         if phase == "quantize":
             raw.quantizer.step_schedule()  # temperature schedules count optimizer steps (device op, no sync)
         step += 1
-        loss = output.loss.detach()
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.tensor(step, device=loss.device), bad_step)
-        loss_sum += loss
+        loss_sum += gen.loss.detach()
         t_train += time.perf_counter() - t0
         progress.update(1)
 
         is_last = step == total
-        if step % cfg.train.log_every == 0 or is_last or step % cfg.train.checkpoint_every == 0:
-            first_bad = int(accelerator.reduce(bad_step.clone(), reduction="max"))
+        if training.log_due(step, total, cfg.train.log_every) or step % cfg.train.checkpoint_every == 0:
+            first_bad = watch.first(accelerator.reduce)  # never checkpoint a NaN state
             if first_bad >= 0:
                 fail_on_nonfinite(float("nan"), first_bad, checkpoints)
-        if step % cfg.train.log_every == 0 or is_last:
-            record = step_metrics(raw, output, accelerator, phase, alpha)
+        if training.log_due(step, total, cfg.train.log_every):
+            record = step_metrics(raw, output, gen.terms, accelerator, phase, alpha)
+            for key, value in {**gen.terms, **d_terms}.items():
+                if key not in ("recon_mse", "recon_loss", "quantizer_loss"):
+                    record[key] = float(accelerator.reduce(value.float(), reduction="mean"))
+            if cfg.loss.recon == "l1":
+                record["recon_l1"] = float(accelerator.reduce(gen.terms["recon_loss"].float(), reduction="mean"))
             if phase == "quantize" and raw.quantizer.capabilities.codebook_selection:
                 # the norm, and the root mean square per parameter: what Adam's eps (1e-8) compares with
                 numel = sum(p.numel() for p in raw.quantizer.selector_parameters())
                 record["selector_grad_norm"] = float(selector_grad)
                 record["selector_grad_rms"] = float(selector_grad) / numel**0.5
-            record["loss"] = float(accelerator.reduce(loss_sum, reduction="mean")) / max(1, _since_log(step, cfg))
+            record["loss"] = float(accelerator.reduce(loss_sum, reduction="mean")) / max(
+                1, training.steps_since_log(step, cfg.train.log_every))
             record["lr"] = scheduler.get_last_lr()[0]
             loss_sum.zero_()
             logger.log(record, step)
@@ -300,7 +370,22 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
         num_processes=accelerator.num_processes,
         replica_max_abs_diff=replica_max_abs_diff(raw, accelerator),
     )
-    return finish_run(accelerator, raw, summary, out)
+    summary.update(loss_summary(cfg, perceptual_info, gan_from, raw_disc, accelerator))
+    return finish_run(accelerator, raw, summary, out, card={"training_config": cfg})
+
+
+def loss_summary(cfg: TokenizerRunConfig, perceptual_info: dict | None, gan_from: int | None, raw_disc,
+                 accelerator) -> dict:
+    """What the objective was, for ``summary.json``: the loss terms, the perceptual network and its weights
+    (with the caveat of a random trunk), the discriminator's start and its replica agreement."""
+    out: dict = {"loss": {"recon": cfg.loss.recon, "perceptual_weight": cfg.loss.perceptual_weight,
+                          "disc_weight": cfg.loss.disc_weight}}
+    if perceptual_info is not None:
+        out["perceptual"] = perceptual_info
+    if gan_from is not None:
+        out["loss"].update(disc_start=gan_from, disc_loss=cfg.loss.disc_loss, adaptive_weight=cfg.loss.adaptive_weight)
+        out["discriminator_replica_max_abs_diff"] = replica_max_abs_diff(raw_disc, accelerator)
+    return out
 
 
 @torch.no_grad()
@@ -333,18 +418,13 @@ def _batch_live_distance(model: VQVAE, indices: torch.Tensor) -> float:
     return weighted / max(total, 1.0)
 
 
-def _since_log(step: int, cfg: TokenizerRunConfig) -> int:
-    """How many steps the running loss sum covers at this logging step."""
-    last = (step - 1) // cfg.train.log_every * cfg.train.log_every
-    return step - last
-
-
 @torch.no_grad()
-def step_metrics(model: VQVAE, output, accelerator, phase: str, alpha: float) -> dict:
-    """The logged record for one step (batch statistics averaged over processes)."""
+def step_metrics(model: VQVAE, output, terms: dict, accelerator, phase: str, alpha: float) -> dict:
+    """The logged record for one step (batch statistics averaged over processes); ``terms`` are the loss terms
+    of :meth:`TokenizerLoss.generator` (``recon_mse`` is on the [-1, 1] scale, logged on [0, 1])."""
     record: dict = {
         "phase": phase,
-        "recon_mse": float(accelerator.reduce(output.recon_loss.detach(), reduction="mean")) / 4.0,
+        "recon_mse": float(accelerator.reduce(terms["recon_mse"], reduction="mean")) / 4.0,
         "perplexity": None,
         "usage": None,
         "code_distance": all_code_distance(model, LOGGED_DISTANCE_CODES),

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelHubMixin
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tokenizer.config import from_dict
+from tokenizer.hub import CARD_TEMPLATE, LIBRARY_NAME, card_kwargs, hub_folder, is_hub_id
 from tokenizer.errors import CorruptFileError, MissingFileError, UserError
 from tokenizer.io import atomic_path, check_safetensors, file_fingerprint, load_json, save_json
 
@@ -129,7 +131,7 @@ def build_transformer(cfg: PriorModelConfig, vocab: TokenVocab) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-class Prior(nn.Module):
+class Prior(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-generation", "autoregressive-prior"]):
     """Autoregressive prior over token grids.
 
     Args:
@@ -183,21 +185,65 @@ class Prior(nn.Module):
             "tokenizer": self.tokenizer,
         }
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``directory/`` (HF ``config.json`` + ``model.safetensors`` + ``vqgen_prior.json``) atomically."""
+    def save_pretrained(self, save_directory: str | Path, *, config: dict | None = None,
+                        model_card_kwargs: dict | None = None, push_to_hub: bool = False,
+                        repo_id: str | None = None, **push_to_hub_kwargs):
+        """Write ``save_directory/`` (HF ``config.json`` + ``model.safetensors`` + ``vqgen_prior.json`` + a model
+        card ``README.md``) atomically; ``push_to_hub=True`` then uploads it (``huggingface_hub``'s mixin).
+
+        ``model_card_kwargs``: ``training_config`` and ``summary`` for the card.
+        """
         if self.tokenizer is None:
             raise ValueError("this prior has no tokenizer record; build it with tokenizer=tokenizer_record(dir)")
+        directory = Path(save_directory)
         with atomic_path(directory) as tmp, _no_progress_bars():
-            self.transformer.save_pretrained(tmp)
-            save_json(self.record(), Path(tmp) / PRIOR_RECORD)
+            super().save_pretrained(tmp, model_card_kwargs=model_card_kwargs)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or directory.name, model_card_kwargs=model_card_kwargs,
+                                    **push_to_hub_kwargs)
+        return None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        self.transformer.save_pretrained(save_directory)
+        save_json(self.record(), Path(save_directory) / PRIOR_RECORD)
+
+    def generate_model_card(self, *args, **kwargs):
+        from huggingface_hub import ModelCard
+
+        description = (
+            f"A vqgen autoregressive prior ({self.cfg.arch}, {self.num_parameters / 1e6:.2f}M parameters) over "
+            f"{self.vocab.seq_len}-token sequences of a vqgen tokenizer (vocabulary {self.vocab.vocab_size}"
+            f"{', class-conditional' if self.vocab.class_conditional else ''}); the tokenizer it was trained on is "
+            f"recorded in `{PRIOR_RECORD}` (fingerprint "
+            f"{(self.tokenizer or {}).get('fingerprint', 'unknown')[:12]})."
+        )
+        usage = ("from prior.model import Prior\n"
+                 "prior = Prior.from_pretrained(\"<this folder or hub id>\", tokenizer_dir=\"<its tokenizer>\")")
+        values = card_kwargs("vqgen prior", description, usage, kwargs.get("training_config"), kwargs.get("summary"))
+        return ModelCard.from_template(card_data=self._hub_mixin_info.model_card_data,
+                                       template_str=CARD_TEMPLATE, **values)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, tokenizer_dir: str | Path | None = None) -> "Prior":
-        """Load a saved prior; if ``tokenizer_dir`` is given it must be the tokenizer the prior was trained on.
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, tokenizer_dir: str | Path | None = None,
+                        **hub_kwargs) -> "Prior":
+        """Load a saved prior from a local folder or a hub id; if ``tokenizer_dir`` is given it must be the
+        tokenizer the prior was trained on.
 
         Raises ``TokenizerMismatchError`` (with what to pass instead) when the tokenizer differs.
         """
-        directory = Path(directory)
+        name = pretrained_model_name_or_path
+        if not is_hub_id(name):
+            return cls._load_folder(Path(name), tokenizer_dir)
+        return cls._from_pretrained(model_id=str(name), tokenizer_dir=tokenizer_dir, **hub_kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, tokenizer_dir: str | Path | None = None, config=None,
+                         **hub_kwargs) -> "Prior":
+        folder = Path(model_id) if Path(model_id).is_dir() else hub_folder(model_id, "prior", **hub_kwargs)
+        return cls._load_folder(folder, tokenizer_dir)
+
+    @classmethod
+    def _load_folder(cls, directory: Path, tokenizer_dir: str | Path | None = None) -> "Prior":
         if not (directory / PRIOR_RECORD).is_file():
             raise MissingFileError(
                 f"{directory} is not a saved prior (no {PRIOR_RECORD}); pass the prior run's model/ directory"

@@ -1,8 +1,14 @@
 """Shared test fixtures."""
 
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,4 +37,37 @@ def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny_run") / "run"
     tiny = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny.yaml"
     run_experiment(load_experiment(tiny, [f"output_dir={run}", "stages=[tokenizer, encode, prior, sample]"]))
+    return run
+
+
+@pytest.fixture
+def kill_and_resume(tmp_path):
+    """``run(command, kill_at)`` trains with ``command`` (a trainer's argv without ``--output-dir``) twice: once to
+    the end in ``tmp_path/full``, once in ``tmp_path/part`` killed with SIGKILL as soon as its checkpoint folder
+    ``kill_at`` exists and then started again with the same command. Returns the two run folders."""
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VQGEN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+
+    def train(command: list[str], out: Path) -> subprocess.Popen:
+        # output to a file, not a pipe: a full pipe would block the child
+        with open(tmp_path / f"{out.name}.log", "a") as log:
+            return subprocess.Popen(command + ["--output-dir", str(out)], env=env, cwd=REPO, stdout=log, stderr=log)
+
+    def finish(proc: subprocess.Popen, out: Path) -> None:
+        assert proc.wait(timeout=300) == 0, (tmp_path / f"{out.name}.log").read_text()[-3000:]
+
+    def run(command: list[str], kill_at: str) -> tuple[Path, Path]:
+        full, part = tmp_path / "full", tmp_path / "part"
+        finish(train(command, full), full)
+        killed = train(command, part)
+        marker = part / "checkpoints" / kill_at
+        deadline = time.monotonic() + 300
+        while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        killed.send_signal(signal.SIGKILL)
+        assert killed.wait(timeout=60) == -signal.SIGKILL
+        assert not (part / "model").exists(), "the run finished before it could be killed"
+        finish(train(command, part), part)
+        return full, part
+
     return run

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,33 +35,16 @@ def assert_identical(a: dict, b: dict) -> None:
     assert not differing, differing
 
 
-def test_kill_9_and_rerun_is_bit_identical_with_dead_code_resets(tmp_path):
+def test_kill_9_and_rerun_is_bit_identical_with_dead_code_resets(kill_and_resume):
     """A user's kill -9 in the middle of training, then the same command: the same weights, bit for bit."""
     command = [sys.executable, "-m", "pipelines.train_tokenizer", "--config", str(TINY), "train.steps=24",
                "train.checkpoint_every=2", "train.log_every=4", "train.deterministic=true", *DEAD_CODES]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VQGEN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-
-    def train(out: Path) -> subprocess.Popen:
-        # output to a file, not a pipe: a full pipe would block the child
-        with open(tmp_path / f"{out.name}.log", "a") as log:
-            return subprocess.Popen(command + ["--output-dir", str(out)], env=env, cwd=REPO, stdout=log, stderr=log)
-
-    assert train(tmp_path / "full").wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-3000:]
-    killed = train(tmp_path / "part")
-    marker = tmp_path / "part" / "checkpoints" / "step_00000008"
-    deadline = time.monotonic() + 300
-    while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    killed.send_signal(signal.SIGKILL)
-    assert killed.wait(timeout=60) == -signal.SIGKILL
-    assert not (tmp_path / "part" / "model").exists(), "the run finished before it could be killed"
-    rerun = train(tmp_path / "part")
-    assert rerun.wait(timeout=300) == 0, (tmp_path / "part.log").read_text()[-3000:]
-    full = weights(tmp_path / "full")
+    full_run, part_run = kill_and_resume(command, kill_at="step_00000008")
+    full = weights(full_run)
     window_count, resets = full["quantizer.dead_code_state"].tolist()
     assert resets >= 2  # codes really were re-seeded, before and after the kill
-    assert_identical(full, weights(tmp_path / "part"))
-    steps = [json.loads(line)["step"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert_identical(full, weights(part_run))
+    steps = [json.loads(line)["step"] for line in (part_run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 8, 12, 16, 20, 24]
 
 
