@@ -265,6 +265,8 @@ class CheckpointManager:
             tmp.parent.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        # every process writes its own RNG state into tmp: the rename waits for the slowest one
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             # the size of every file, so a resume can tell a truncated checkpoint from a good one
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
