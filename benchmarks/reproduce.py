@@ -307,7 +307,7 @@ def collect(args, study: str, dataset: str) -> dict | None:
                   for s in runs if (Path(s["dir"]) / "study_seconds.json").is_file()) / 60
     return {
         "study": study, "dataset": dataset,
-        "command": f"python benchmarks/reproduce.py --study {study} --dataset {dataset}{args.budget_options}",
+        "command": study_command(args, study, dataset),
         "hardware": hardware(),
         "budget": {"tokenizer_steps": args.tokenizer_steps, "batch_size": args.batch_size, "hidden": args.hidden,
                    "lr": args.lr, "max_train_images": args.max_samples, "prior_max_steps": args.prior_steps,
@@ -478,9 +478,13 @@ def write_results(args, out: Path) -> dict:
     return results
 
 
-def budget_options(parser: argparse.ArgumentParser, args) -> str:
-    """The options of this invocation that differ from the defaults, as they would be typed again."""
-    out = ""
+GENERATION_OPTIONS = ("generation_arms", "generation_seeds", "prior_steps", "prior_batch_size", "prior_lr",
+                      "prior_eval_every", "prior_patience", "num_images")
+
+
+def budget_options(parser: argparse.ArgumentParser, args) -> list[tuple[str, str]]:
+    """(dest, text) of the options of this invocation that differ from the defaults, as they would be typed."""
+    out = []
     for action in parser._actions:
         if action.dest in ("help", "study", "dataset", "report_only", "runs", "out", "jobs"):
             continue
@@ -488,8 +492,15 @@ def budget_options(parser: argparse.ArgumentParser, args) -> str:
         if value == action.default:
             continue
         for v in value if isinstance(value, list) else [value]:
-            out += f" {action.option_strings[0]} {shlex.quote(str(v))}"
+            out.append((action.dest, f" {action.option_strings[0]} {shlex.quote(str(v))}"))
     return out
+
+
+def study_command(args, study: str, dataset: str) -> str:
+    """The command that reruns one study (generation options only where the study has generation runs)."""
+    options = "".join(text for dest, text in args.budget_options
+                      if study == "deferred" or dest not in GENERATION_OPTIONS)
+    return f"python benchmarks/reproduce.py --study {study} --dataset {dataset}{options}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

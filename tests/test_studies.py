@@ -100,7 +100,13 @@ def test_study_plan_same_budget_for_every_arm_and_a_command_that_reruns_it():
     reproduce = _reproduce()
     args = reproduce.parse_args(["--study", "deferred", "--dataset", "mnist", "--tokenizer-steps", "100",
                                  "--override", "evaluate.k=3"])
-    assert args.budget_options == " --tokenizer-steps 100 --override evaluate.k=3"
+    assert reproduce.study_command(args, "deferred", "mnist") == (
+        "python benchmarks/reproduce.py --study deferred --dataset mnist --tokenizer-steps 100 --override evaluate.k=3")
+    args = reproduce.parse_args(["--generation-arms", "", "--prior-steps", "9", "--seeds", "0,1"])
+    assert reproduce.study_command(args, "adaptive", "cifar10").endswith("--dataset cifar10 --seeds 0,1")
+    assert reproduce.study_command(args, "deferred", "mnist").endswith("--seeds 0,1 --generation-arms '' --prior-steps 9")
+    args = reproduce.parse_args(["--study", "deferred", "--dataset", "mnist", "--tokenizer-steps", "100",
+                                 "--override", "evaluate.k=3"])
     runs = reproduce.study_runs(args, "deferred", "mnist")
     assert {r["arm"] for r in runs} == {"early_random", "early_kmeans", "early_deadcode", "deferred", "deferred_soft"}
     assert sorted(r["seed"] for r in runs) == [0] * 5 + [1] * 5 + [2] * 5 and len({r["dir"] for r in runs}) == 15
