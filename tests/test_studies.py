@@ -116,3 +116,31 @@ def test_study_plan_same_budget_for_every_arm_and_a_command_that_reruns_it():
         assert "tokenizer.train.steps=100" in r["overrides"] and r["overrides"][-1] == "evaluate.k=3"
         ae = [int(o.split("=")[1]) for o in r["overrides"] if o.startswith("tokenizer.schedule.ae_steps=")]
         assert (0 < ae[-1] < 100) if r["arm"].startswith("deferred") else not ae
+
+
+def test_deferred_claims_from_seed_values_and_unmeasured_ones_said_so():
+    reproduce = _reproduce()
+
+    def arm(name, **metrics):
+        return {"arm": name, "metrics": {k: {"values": v} for k, v in metrics.items()}}
+
+    study = {"study": "deferred", "dataset": "mnist", "arms": [
+        arm("early_random", recon_mse=[3.0, 3.1, 3.2], perplexity=[9.0, 10.0, 11.0], live_code_distance_ratio=[1.0, 1.01, 0.99]),
+        arm("early_kmeans", recon_mse=[3.0, 3.1, 2.9], perplexity=[14.0, 15.0, 13.0], live_code_distance_ratio=[1.0, 1.01, 0.99]),
+        arm("early_deadcode", recon_mse=[2.0, 2.1, 1.9], perplexity=[400.0, 401.0, 402.0]),
+        arm("deferred", recon_mse=[2.0, 2.02, 1.98], perplexity=[300.0, 310.0, 305.0], live_code_distance_ratio=[1.0, 1.01, 0.99]),
+    ]}
+    found = reproduce.claims([study])
+
+    def verdict(words):
+        (claim,) = [c for c in found if words in c["claim"]]
+        return claim["verdict"]
+
+    assert verdict("fewer codes in use") == "reproduces"
+    assert verdict("spread less") == "does not reproduce"  # the same ratio in every arm
+    assert verdict("reconstructs better") == "reproduces"
+    # equal MSE (within the margin) and fewer codes than dead-code reset: not a win
+    assert verdict("usual fix for dead codes") == "does not reproduce"
+    generation = [c for c in reproduce.claims([study]) if "generate" in c["claim"]]
+    assert len(generation) == 2 and all(c["verdict"] == "inconclusive" and c["evidence"].startswith("not measured")
+                                        for c in generation)
