@@ -85,19 +85,8 @@ def test_summarize_and_verdict_rules():
     assert combine_verdicts(["reproduces", "does not reproduce"]) == "inconclusive"
 
 
-def _reproduce():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
-    spec = importlib.util.spec_from_file_location("reproduce_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_study_plan_same_budget_for_every_arm_and_a_command_that_reruns_it():
-    reproduce = _reproduce()
+def test_study_plan_same_budget_for_every_arm_and_a_command_that_reruns_it(benchmark_script):
+    reproduce = benchmark_script("reproduce")
     args = reproduce.parse_args(["--study", "deferred", "--dataset", "mnist", "--tokenizer-steps", "100",
                                  "--override", "evaluate.k=3"])
     assert reproduce.study_command(args, "deferred", "mnist") == (
@@ -118,8 +107,8 @@ def test_study_plan_same_budget_for_every_arm_and_a_command_that_reruns_it():
         assert (0 < ae[-1] < 100) if r["arm"].startswith("deferred") else not ae
 
 
-def test_deferred_claims_from_seed_values_and_unmeasured_ones_said_so():
-    reproduce = _reproduce()
+def test_deferred_claims_from_seed_values_and_unmeasured_ones_said_so(benchmark_script):
+    reproduce = benchmark_script("reproduce")
 
     def arm(name, **metrics):
         return {"arm": name, "metrics": {k: {"values": v} for k, v in metrics.items()}}
