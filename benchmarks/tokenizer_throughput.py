@@ -62,14 +62,15 @@ def vq16_config(image_size: int = 256) -> ModelConfig:
                        downsample=16, quantizer=QuantizerConfig(kind="vq", codebook_size=16384, dim=8, cosine=True))
 
 
-def res256_operations(batch: int, infer: int, device: str, image_size: int = 256) -> dict:
-    """Name -> (closure, images per call) for the 256-px rows."""
+def res256_operations(batch: int, infer: int, device: str, image_size: int = 256,
+                      config: ModelConfig | None = None) -> dict:
+    """Name -> (closure, images per call) for the 256-px rows (``config``: another model, e.g. a tiny one)."""
     from tokenizer.discriminator import DiscriminatorConfig, build_discriminator
     from tokenizer.losses import LossConfig, TokenizerLoss
     from tokenizer.perceptual import PerceptualConfig, build_perceptual
 
     torch.manual_seed(0)
-    model = VQVAE(vq16_config(image_size)).to(device).train()
+    model = VQVAE(config or vq16_config(image_size)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
     mse = TokenizerLoss(LossConfig())

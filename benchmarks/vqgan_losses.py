@@ -46,8 +46,9 @@ ARMS = {
 
 
 def run(cmd: list[str], log: Path) -> float:
-    """Run ``cmd`` from the repository root (PYTHONPATH = this checkout), output appended to ``log``; seconds."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VQGEN_NO_PROGRESS": "1"}
+    """Run ``cmd`` from the repository root (this checkout first on PYTHONPATH), output appended to ``log``; seconds."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "VQGEN_NO_PROGRESS": "1"}
     start = time.perf_counter()
     with open(log, "a") as f:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -135,6 +136,7 @@ def main(argv=None) -> dict:
                      "trained with this same network, so their LPIPS is measured by the network they minimised"),
                  "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "platform": platform.processor() or platform.machine(),
+                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                  "load_average": os.getloadavg()},
         "rows": rows,
     }

@@ -147,7 +147,7 @@ def codebook_metrics(
     for i in range(k):
         sample = torch.cat(inputs[i]) if inputs[i] else torch.zeros(0, 1, dtype=torch.float64)
         live.append(_live_distance(model, i, counts[i]))
-        spread = float(live_code_distance(sample, torch.ones(sample.shape[0], dtype=torch.float64))) if len(sample) else 0.0
+        spread = float(live_code_distance(sample, sample.new_ones(sample.shape[0], dtype=torch.float64))) if len(sample) else 0.0
         ratio.append(live[-1] / spread if spread > 0 else float("nan"))
     sel = selection.cpu().tolist()
     weighted = lambda values: float(sum(s * v for s, v in zip(sel, values)))  # noqa: E731

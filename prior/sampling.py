@@ -111,6 +111,12 @@ def choose_tokens(logits: torch.Tensor, u: torch.Tensor, cfg: SamplingConfig) ->
     return torch.minimum(idx, last_allowed)
 
 
+_CACHE_IGNORED = (
+    "the transformer ignored the KV cache it was given (transformers < 5.24 names it past_key_values): every step "
+    "would see one token and the samples would be noise; install transformers>=5.24 as pyproject.toml requires, or "
+    "sample with use_cache=false")
+
+
 @torch.inference_mode()
 def sample_batch(prior: Prior, labels: torch.Tensor, uniforms: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Generate one batch of full sequences (B, seq_len) for class ``labels`` (B,) with ``uniforms`` (B, T-1)."""
@@ -127,6 +133,8 @@ def sample_batch(prior: Prior, labels: torch.Tensor, uniforms: torch.Tensor, cfg
     for t in range(1, vocab.seq_len):
         if cfg.use_cache:
             out = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1)
+            if t == 1 and cache.get_seq_length() != step_input.shape[1]:
+                raise RuntimeError(_CACHE_IGNORED)
         else:
             out = model(input_ids=step_input, use_cache=False, logits_to_keep=1)
         logits = out.logits[:, -1].float()  # (B or 2B, V)

@@ -104,6 +104,16 @@ def test_kv_cache_matches_full_prefix(arch, params):
     assert labels.tolist() == [0, 1, 2, 0, 1, 2]
 
 
+def test_a_transformer_that_ignores_the_cache_is_refused():
+    """transformers < 5.24 takes ``cache=`` into **kwargs and drops it: each step would see one token (noise)."""
+    prior = tiny_prior(TokenVocab((16,), (2, 2)))
+    forward = prior.transformer.forward
+    prior.transformer.forward = lambda *a, cache=None, **kw: forward(*a, **kw)  # what the old signature did
+    with pytest.raises(RuntimeError, match="ignored the KV cache"):
+        sample_tokens(prior, SamplingConfig(num_samples=2, batch_size=2))
+    assert sample_tokens(prior, SamplingConfig(num_samples=2, batch_size=2, use_cache=False))[0].shape == (2, 2, 2)
+
+
 def test_samples_independent_of_batch_size_and_split():
     v = TokenVocab((32,), (2, 3))
     prior = tiny_prior(v)
