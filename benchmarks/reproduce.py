@@ -160,8 +160,9 @@ def run_one(spec: dict) -> tuple[str, str | None]:
         t0 = time.perf_counter()
         run_experiment(cfg)
         clock = Path(spec["dir"]) / "study_seconds.json"
-        before = load_json(clock)["seconds"] if clock.is_file() else 0.0
-        save_json({"seconds": before + time.perf_counter() - t0}, clock)
+        before = load_json(clock) if clock.is_file() else {}
+        where = list(dict.fromkeys(before.get("hardware", []) + [hardware()]))  # every machine that worked on it
+        save_json({"seconds": before.get("seconds", 0.0) + time.perf_counter() - t0, "hardware": where}, clock)
         study_metrics(Path(spec["dir"]), spec["oracle"])
         return spec["name"], None
     except Exception:  # one failed run must not stop the others; it is reported at the end
@@ -303,12 +304,15 @@ def collect(args, study: str, dataset: str) -> dict | None:
             values = [(s, rec[name]) for s, rec in records if isinstance(rec.get(name), (int, float))]
             metrics[name] = {**summarize([v for _, v in values]), "seeds": [s for s, _ in values]}
         arms.append({"arm": arm, "metrics": metrics})
-    minutes = sum(load_json(Path(s["dir"]) / "study_seconds.json")["seconds"]
-                  for s in runs if (Path(s["dir"]) / "study_seconds.json").is_file()) / 60
+    clocks = [load_json(Path(s["dir"]) / "study_seconds.json") for s in runs
+              if (Path(s["dir"]) / "study_seconds.json").is_file()]
+    minutes = sum(c["seconds"] for c in clocks) / 60
+    # where the runs ran, as each recorded it (runs from before that record had only this machine)
+    machines = list(dict.fromkeys(h for c in clocks for h in c.get("hardware", [])))
     return {
         "study": study, "dataset": dataset,
         "command": study_command(args, study, dataset),
-        "hardware": hardware(),
+        "hardware": " | ".join(machines) if machines else hardware(),
         "budget": {"tokenizer_steps": args.tokenizer_steps, "batch_size": args.batch_size, "hidden": args.hidden,
                    "lr": args.lr, "max_train_images": args.max_samples, "prior_max_steps": args.prior_steps,
                    "prior_eval_every": args.prior_eval_every, "prior_patience": args.prior_patience,

@@ -11,7 +11,9 @@ Both modes use the same per-sample randomness. Exactness is reported in a form t
 count: ``greedy_identical`` (temperature 0, cached vs full-prefix tokens) and ``max_logit_diff`` (the largest
 difference between the logits of the cached step-by-step path and one full-prefix forward over the same
 sequences). ``identical_tokens`` (sampled at temperature 1) can be False where the two paths reduce in a
-different order and a draw falls on a boundary of the inverse CDF.
+different order and a draw falls on a boundary of the inverse CDF. The cache is a static one (allocated once
+per batch). ``--compile`` also times the compiled decoding step (``sample.compile``) after one compiling batch,
+and says whether its greedy tokens equal the uncompiled ones.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from transformers import StaticCache
 
 from prior.config import PriorModelConfig
 from prior.model import Prior
@@ -36,15 +38,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_sampling(prior: Prior, cfg: SamplingConfig, device: torch.device) -> tuple[float, torch.Tensor]:
-    """Seconds to draw ``cfg.num_samples`` grids (after a one-batch warm-up), and the tokens."""
+def time_sampling(prior: Prior, cfg: SamplingConfig, device: torch.device) -> tuple[float, torch.Tensor, float]:
+    """Seconds to draw ``cfg.num_samples`` grids (after a one-batch warm-up), the tokens, and the warm-up's seconds
+    (with ``cfg.compile``: the compilation)."""
     warm = SamplingConfig(**{**cfg.__dict__, "num_samples": min(cfg.batch_size, cfg.num_samples)})
+    t0 = time.perf_counter()
     sample_tokens(prior, warm)
     _sync(device)
+    t_warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     codes, _ = sample_tokens(prior, cfg)
     _sync(device)
-    return time.perf_counter() - t0, codes
+    return time.perf_counter() - t0, codes, t_warm
 
 
 @torch.inference_mode()
@@ -68,7 +73,7 @@ def cached_vs_full_logits(prior: Prior, batch: int, device: torch.device) -> flo
     forward pass: the largest absolute difference between the two sets of next-token logits."""
     model, vocab = prior.transformer, prior.vocab
     ids = vocab.condition_tokens(None, batch, device)[:, None]
-    cache = DynamicCache(config=model.config)
+    cache = StaticCache(config=model.config, max_cache_len=vocab.seq_len)
     step_logits, step_input = [], ids
     for _ in range(1, vocab.seq_len):
         logits = model(input_ids=step_input, cache=cache, use_cache=True).logits[:, -1].float()
@@ -90,6 +95,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled decoding step (sample.compile)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -99,9 +105,20 @@ def main(argv=None) -> dict:
     prior = Prior(PriorModelConfig(arch=args.arch, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd),
                   vocab).to(device).eval()
     cfg = SamplingConfig(num_samples=args.num_samples, batch_size=args.batch_size, temperature=1.0, top_k=100)
-    t_cached, cached = time_sampling(prior, cfg, device)
+    t_cached, cached, _ = time_sampling(prior, cfg, device)
+    compiled = None
+    if args.compile:
+        cfg.compile = True
+        t_compiled, _, t_compile = time_sampling(prior, cfg, device)
+        cfg.compile = False
+        greedy = SamplingConfig(num_samples=args.batch_size, batch_size=args.batch_size, temperature=0.0)
+        eager_greedy, _ = sample_tokens(prior, greedy)
+        greedy.compile = True
+        compiled = {"seconds": t_compiled, "images_per_second": args.num_samples / t_compiled,
+                    "first_batch_seconds": t_compile,
+                    "greedy_identical_to_uncompiled": bool(torch.equal(sample_tokens(prior, greedy)[0], eager_greedy))}
     cfg.use_cache = False
-    t_full, full = time_sampling(prior, cfg, device)
+    t_full, full, _ = time_sampling(prior, cfg, device)
     t_forward = time_forward(prior, args.batch_size, device)
     greedy = SamplingConfig(num_samples=args.batch_size, batch_size=args.batch_size, temperature=0.0)
     greedy_cached, _ = sample_tokens(prior, greedy)
@@ -123,6 +140,8 @@ def main(argv=None) -> dict:
         "speedup": t_full / t_cached,
         "forward_pass_seconds": t_forward,
         "cached_batch_over_forward": t_cached / batches / t_forward,
+        **({"compiled": {**compiled, "cached_batch_over_forward": compiled["seconds"] / batches / t_forward}}
+           if compiled else {}),
         "identical_tokens": bool(torch.equal(cached, full)),
         "greedy_identical": bool(torch.equal(greedy_cached, greedy_full)),
         "max_logit_diff": max_logit_diff,
@@ -135,6 +154,11 @@ def main(argv=None) -> dict:
     print(f"{'one forward, full batch':<28}{t_forward:>10.4f}")
     print(f"speed-up of the cache: {result['speedup']:.1f}x; one cached batch = "
           f"{result['cached_batch_over_forward']:.1f} full forward passes")
+    if compiled:
+        print(f"compiled decoding step: {compiled['images_per_second']:.1f} images/s, one batch = "
+              f"{result['compiled']['cached_batch_over_forward']:.2f} forward passes (compiling took "
+              f"{compiled['first_batch_seconds']:.0f} s; greedy tokens identical to uncompiled: "
+              f"{compiled['greedy_identical_to_uncompiled']})")
     print(f"exactness: greedy tokens identical {result['greedy_identical']}, max |logit difference| cached vs "
           f"full prefix {max_logit_diff:.2e}; sampled tokens identical {result['identical_tokens']}")
     if args.json:

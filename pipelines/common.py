@@ -51,6 +51,8 @@ class TrainConfig:
     num_workers: int = 0
     eval_batches: int = 0  # 0: the whole validation split
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # run the training forward through torch.compile (inductor); the first steps pay the compilation
+    compile: bool = False
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -170,6 +172,15 @@ def make_accelerator(train: TrainConfig, output_dir: str | Path, project_name: s
     if trackers:
         accelerator.init_trackers(project_name)
     return accelerator
+
+
+def training_forward(model, train: TrainConfig):
+    """What the training loop calls: the prepared model, or (``train.compile``) the same model through
+    ``torch.compile``. Only the call is compiled: checkpoints, ``unwrap_model`` and saving see the plain model,
+    and every run in a process decides for itself (Accelerate's dynamo setting is process-wide state)."""
+    import torch
+
+    return torch.compile(model) if train.compile else model
 
 
 def use_cpu_processes() -> bool:

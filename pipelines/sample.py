@@ -162,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--labels", default="", help="comma-separated class labels, cycled (default: all classes)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-cache", action="store_true", help="re-run the whole prefix each step (slow; for checks)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoding step (the first batch pays the compilation)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     try:
@@ -171,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = from_dict(SamplingConfig, {
         "num_samples": args.num_samples, "batch_size": args.batch_size, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "cfg_scale": args.cfg_scale, "labels": labels,
-        "use_cache": not args.no_cache, "seed": args.seed,
+        "use_cache": not args.no_cache, "compile": args.compile, "seed": args.seed,
     })
     return sample(args.prior, args.output_dir, cfg, args.tokenizer)
 

@@ -39,6 +39,7 @@ from pipelines.common import (
     fail_on_nonfinite,
     finish_run,
     make_accelerator,
+    training_forward,
     parse_cli,
     resume_latest,
     show_progress,
@@ -197,6 +198,7 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
         stopper = EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta)
         accelerator.register_for_checkpointing(stopper)
     raw: Prior = accelerator.unwrap_model(model)
+    forward = training_forward(model, cfg.train)
 
     start = resume_latest(accelerator, checkpoints)
     logger = MetricsLogger(out / "metrics.jsonl", accelerator, resume_step=start)
@@ -221,7 +223,7 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
         t0 = time.perf_counter()
         # Gradients are all-reduced only on the last micro-batch of an update.
         for _, batch in training.micro_batches(accelerator, [model], stream, accum):
-            output = model(batch["codes"], batch["label"] if conditional else None)
+            output = forward(batch["codes"], batch["label"] if conditional else None)
             accelerator.backward(output.loss / accum)
             loss_sum += output.loss.detach() / accum
             watch.update(output.loss, step + 1)

@@ -46,6 +46,7 @@ from pipelines.common import (
     fail_on_nonfinite,
     finish_run,
     make_accelerator,
+    training_forward,
     batch_stream,
     parse_cli,
     resume_latest,
@@ -258,6 +259,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
     # process), and checkpointed with the rest of the state
     accelerator.register_for_checkpointing(scheduler)
     raw: VQVAE = accelerator.unwrap_model(model)
+    forward = training_forward(model, cfg.train)
     raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
 
     start = resume_latest(accelerator, checkpoints)
@@ -294,7 +296,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
         d_terms: dict = {}
         for _, batch in training.micro_batches(accelerator, trained, stream, accum):
             images = batch["image"]
-            output = model(images, quantize=phase == "quantize", alpha=alpha)
+            output = forward(images, quantize=phase == "quantize", alpha=alpha)
             with accelerator.autocast():  # LPIPS is not prepared: it follows the launcher's precision here
                 gen = loss_fn.generator(
                     images, output.recon, output.quant.loss if output.quant is not None else None,

@@ -8,12 +8,13 @@ not depend on the batch size, on how many processes share the work, or on whethe
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers import StaticCache
 
 from tokenizer.errors import UserError
 
@@ -32,6 +33,12 @@ class SamplingConfig:
     ``cfg_scale`` is the classifier-free guidance scale (1 = plain conditional sampling; only for
     class-conditional priors). ``labels`` are cycled over the samples; empty means classes
     ``0, 1, 2, ...`` in turn (class-conditional) or no class (unconditional, label -1).
+
+    ``use_cache``: a static KV cache (allocated once per batch for the whole sequence, so no step allocates
+    memory that grows with the length); false re-runs the whole prefix each step (slow; for checks).
+    ``compile``: run each decoding step through ``torch.compile`` (shapes are fixed by the static cache, so it
+    compiles once per batch size; the first batch pays the compilation, a minute or two on a CPU). Where
+    compilation fails (no C++ compiler, an unsupported platform) sampling warns once and runs uncompiled.
     """
 
     num_samples: int = 64
@@ -42,6 +49,7 @@ class SamplingConfig:
     cfg_scale: float = 1.0
     labels: list[int] = field(default_factory=list)
     use_cache: bool = True
+    compile: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -111,6 +119,27 @@ def choose_tokens(logits: torch.Tensor, u: torch.Tensor, cfg: SamplingConfig) ->
     return torch.minimum(idx, last_allowed)
 
 
+def decode_step(prior: Prior) -> Callable:
+    """The prior's transformer compiled for one cached decoding step (made once per prior, then reused)."""
+    compiled = getattr(prior, "_compiled_decode", None)
+    if compiled is None:
+        compiled = torch.compile(prior.transformer, dynamic=False)
+        prior.__dict__["_compiled_decode"] = compiled  # not a submodule: stays out of state_dict and saves
+
+    def step(**kwargs):
+        if prior.__dict__.get("_compile_failed"):
+            return prior.transformer(**kwargs)
+        try:
+            return compiled(**kwargs)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: fall back to eager, which is exact
+            prior.__dict__["_compile_failed"] = True
+            warnings.warn(f"torch.compile of the decoding step failed ({type(err).__name__}: {str(err)[:200]}); "
+                          "sampling without compilation", RuntimeWarning, stacklevel=2)
+            return prior.transformer(**kwargs)
+
+    return step
+
+
 _CACHE_IGNORED = (
     "the transformer ignored the KV cache it was given (transformers < 5.24 names it past_key_values): every step "
     "would see one token and the samples would be noise; install transformers>=5.24 as pyproject.toml requires, or "
@@ -127,12 +156,13 @@ def sample_batch(prior: Prior, labels: torch.Tensor, uniforms: torch.Tensor, cfg
     ids = vocab.condition_tokens(labels.to(device), batch, device)[:, None]  # (B, 1)
     if guided:
         null = torch.full_like(ids, vocab.null_class)
-    cache = DynamicCache(config=model.config) if cfg.use_cache else None
+    cache = StaticCache(config=model.config, max_cache_len=vocab.seq_len) if cfg.use_cache else None
+    step = decode_step(prior) if cfg.use_cache and cfg.compile else model
     step_input = torch.cat([ids, null]) if guided else ids  # (B or 2B, t)
     uniforms = uniforms.to(device)
     for t in range(1, vocab.seq_len):
         if cfg.use_cache:
-            out = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1)
+            out = step(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1)
             if t == 1 and cache.get_seq_length() != step_input.shape[1]:
                 raise RuntimeError(_CACHE_IGNORED)
         else:

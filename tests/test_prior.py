@@ -219,3 +219,27 @@ def test_prior_configs_load(path):
 
     cfg = load_config(PriorRunConfig, path, ["tokens=somewhere"])
     assert cfg.model.n_embd % cfg.model.n_head == 0 and cfg.train.lr_schedule == "cosine"
+
+
+def test_compiled_decoding_gives_the_same_tokens():
+    prior = tiny_prior(TokenVocab((16,), (2, 2)))
+    cfg = SamplingConfig(num_samples=4, batch_size=4, seed=2)
+    eager, _ = sample_tokens(prior, cfg)
+    cfg.compile = True
+    assert torch.equal(sample_tokens(prior, cfg)[0], eager)
+    assert "_compiled_decode" in prior.__dict__ and not any("_compiled" in k for k in prior.state_dict())
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken(*args, **kwargs):
+        def fail(**kw):
+            raise RuntimeError("no compiler here")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    prior = tiny_prior(TokenVocab((16,), (2, 2)))
+    cfg = SamplingConfig(num_samples=3, batch_size=3, seed=1)
+    eager, _ = sample_tokens(prior, cfg)
+    cfg.compile = True
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        assert torch.equal(sample_tokens(prior, cfg)[0], eager)
