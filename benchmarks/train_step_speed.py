@@ -1,0 +1,130 @@
+"""Where a tokenizer training step's time goes on a CPU, and what each speed option buys, in one run.
+
+The papers' preset (EMA 512 x 128, 32 px, width 128, batch 64) trained as ``pipelines.train_tokenizer`` does
+(AdamW from ``tokenizer.training.make_optimizer``, gradient clipping at 1.0, MSE-only loss), in variants that
+share the data and the initial weights:
+
+- ``default``: what the trainer runs today;
+- ``channels_last``: model and images in channels-last memory format (oneDNN's preferred layout);
+- ``fused_adamw``: ``torch.optim.AdamW(fused=True)``;
+- ``compile``: the forward through ``torch.compile`` (inductor), as ``train.compile: true`` does; its
+  compilation is timed separately and not counted in the step time.
+
+Repeats are interleaved (every variant once per round), so load swings hit every variant alike; the table gives
+the median step time and its ratio to ``default`` measured in this run, and the share of a default step spent in
+convolutions (forward and backward) from the profiler::
+
+    OMP_NUM_THREADS=1 python benchmarks/train_step_speed.py --threads 1 --json benchmarks/results/train_step_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokenizer.model import ModelConfig, VQVAE  # noqa: E402
+from tokenizer.quantizers import QuantizerConfig  # noqa: E402
+from tokenizer.training import make_optimizer  # noqa: E402
+
+VARIANTS = ("default", "channels_last", "fused_adamw", "compile")
+
+
+def build(variant: str, images: torch.Tensor, tiny: bool):
+    """(step function, images) of one variant; the same initial weights for every variant."""
+    torch.manual_seed(0)
+    shape = {"hidden": 16, "res_hidden": 8} if tiny else {}
+    model = VQVAE(ModelConfig(quantizer=QuantizerConfig(kind="ema", codebook_size=64 if tiny else 512, dim=128),
+                              **shape)).train()
+    x = images
+    if variant == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        x = images.contiguous(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, lr=1e-4)
+    if variant == "fused_adamw":
+        optimizer = torch.optim.AdamW(optimizer.param_groups, lr=1e-4, fused=True)
+    forward = torch.compile(model) if variant == "compile" else model
+
+    def step() -> float:
+        out = forward(x)
+        loss = F.mse_loss(out.recon, images) + out.quant.loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def conv_share(step) -> float:
+    """Share of one step's CPU time in convolution forward and backward kernels (profiler self time)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+    return conv / total if total else 0.0
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7, help="rounds; each runs every variant --steps times")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--tiny", action="store_true", help="a tiny model (checks the script runs)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    images = torch.rand(args.batch_size, 3, 32, 32) * 2 - 1
+    variants = [v for v in args.variants.split(",") if v]
+    steps, first, first_loss = {}, {}, {}
+    for v in variants:
+        steps[v] = build(v, images, args.tiny)
+        t0 = time.perf_counter()
+        first_loss[v] = steps[v]()  # warm-up; for compile, the compilation
+        first[v] = time.perf_counter() - t0
+    times = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for v in variants:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                steps[v]()
+            times[v].append((time.perf_counter() - t0) / args.steps)
+    base = statistics.median(times[variants[0]])
+    rows = [{"variant": v, "ms_per_step": 1000 * statistics.median(times[v]),
+             "speedup_vs_" + variants[0]: base / statistics.median(times[v]),
+             "first_step_seconds": first[v], "first_loss": first_loss[v],
+             "ms_all": [1000 * t for t in times[v]]} for v in variants]
+    share = conv_share(steps[variants[0]])
+    print(f"{'variant':<16}{'ms/step':>10}{'speed-up':>10}{'first step (s)':>16}")
+    for r in rows:
+        print(f"{r['variant']:<16}{r['ms_per_step']:>10.1f}{r['speedup_vs_' + variants[0]]:>10.2f}"
+              f"{r['first_step_seconds']:>16.1f}")
+    print(f"convolutions (forward + backward): {share:.0%} of a {variants[0]} step")
+    result = {"threads": args.threads, "batch_size": args.batch_size, "repeats": args.repeats, "steps": args.steps,
+              "platform": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "load_average": os.getloadavg(), "conv_share": share, "rows": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
