@@ -28,7 +28,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import re
 import shlex
 import sys
@@ -323,15 +322,9 @@ def collect(args, study: str, dataset: str) -> dict | None:
 
 
 def hardware() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()}-core {cpu}, no GPU"
+    from pipelines.run import machine_summary
+
+    device = machine_summary() if torch.cuda.is_available() else f"{machine_summary()}, no GPU"
     return f"{device}; torch {torch.__version__}; runs single-threaded, {os.cpu_count()} at a time at most"
 
 

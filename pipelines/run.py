@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -251,6 +252,22 @@ def force_stages(run: Path, force: Sequence[str]) -> int:
     return first
 
 
+def machine_summary() -> str:
+    """'<cores>-core <CPU model>' (and the GPU when there is one): what a wall time was measured on."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{os.cpu_count()}-core {cpu}{gpu}"
+
+
 def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
     """Run the configured stages into ``cfg.output_dir``; returns the evaluation report (or {}).
 
@@ -267,7 +284,9 @@ def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
     force_stages(run, force)
     save_config(cfg, run / "experiment.yaml")
     report: dict = {}
+    seconds: dict[str, float] = {}
     for stage in cfg.stages:
+        started = time.perf_counter()
         record = check_stage_inputs(cfg, run, stage)
         if stage == "tokenizer":
             if _complete(run / "tokenizer" / "summary.json", cfg.tokenizer.train.steps):
@@ -300,6 +319,11 @@ def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
         # the record of what is there now (a trainer wrote its own already; a legacy stage is adopted)
         write_record(stage_record_path(run, stage), record if stage in ("tokenizer", "prior")
                      else expected_record(cfg, run, stage))
+        seconds[stage] = time.perf_counter() - started
+    if seconds:
+        total = sum(seconds.values())
+        print("[run] wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+              + f"; total {total:.0f} s ({total / 60:.1f} min) on {machine_summary()}")
     return report
 
 
