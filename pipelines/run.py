@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from tokenizer.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, save_config
-from tokenizer.io import load_json
+import yaml
+
+from tokenizer.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
+from tokenizer.io import atomic_path, load_json
 
 from pipelines.common import add_debug_flag, check_output_dir, entry_point
 from pipelines.encode import encode
@@ -107,6 +109,25 @@ def _apply_seed(data: dict) -> dict:
     return data
 
 
+def wired_paths(run: Path) -> dict[str, dict[str, str]]:
+    """The stage settings the runner sets inside the run folder ``run`` (never taken from a file)."""
+    return {
+        "tokenizer": {"output_dir": str(run / "tokenizer")},
+        "prior": {"output_dir": str(run / "prior"), "tokens": str(run / "tokens")},
+    }
+
+
+def save_experiment(cfg, path: Path) -> None:
+    """``experiment.yaml`` of a run, without the wired paths: ``vqgen run --config`` reruns it, also into
+    another ``output_dir``."""
+    data = to_dict(cfg)
+    for section, keys in wired_paths(Path(cfg.output_dir)).items():
+        for key in keys:
+            data[section].pop(key, None)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()):
     """Read an experiment YAML (+ ``key=value`` overrides) and wire the stage folders into the run folder.
 
@@ -123,14 +144,10 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()):
         update = parse_overrides([item])
         data = _apply_seed(merge(data, update)) if "seed" in update else merge(data, update)
     run = Path(data.get("output_dir", cls.output_dir))
-    wired = {
-        "tokenizer": {"output_dir": str(run / "tokenizer")},
-        "prior": {"output_dir": str(run / "prior"), "tokens": str(run / "tokens")},
-    }
-    for section, keys in wired.items():
+    for section, keys in wired_paths(run).items():
         given = data.get(section) or {}
         for key in keys:
-            if key in given:
+            if key in given and str(given[key]) != keys[key]:  # a run's saved experiment.yaml names its own
                 raise ConfigError(
                     f"{section}.{key} is set by the experiment runner (inside output_dir={run}); remove it"
                     + (f" from {path}" if path else "")
@@ -282,7 +299,7 @@ def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
     first_forced = min((STAGES.index(s) for s in force), default=len(STAGES))
     check_stage_configs(cfg, run, first_forced)
     force_stages(run, force)
-    save_config(cfg, run / "experiment.yaml")
+    save_experiment(cfg, run / "experiment.yaml")
     report: dict = {}
     seconds: dict[str, float] = {}
     for stage in cfg.stages:

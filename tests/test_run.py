@@ -46,11 +46,17 @@ def test_vqgen_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert report["feature_extractor"]["name"]
     phases = [json.loads(line)["phase"] for line in (run / "tokenizer" / "metrics.jsonl").read_text().splitlines()]
     assert phases[0] == "ae" and phases[-1] == "quantize"
-    # a second run finds every stage complete and redoes nothing
-    assert vqgen(["run", "--config", str(TINY), f"output_dir={run}"]) == 0
+    assert "[run] wall time: tokenizer" in out and "-core " in out
+    # a second run, from the run's own experiment.yaml, finds every stage complete and redoes nothing
+    saved = yaml.safe_load((run / "experiment.yaml").read_text())
+    assert "output_dir" not in saved["tokenizer"] and "tokens" not in saved["prior"]
+    assert vqgen(["run", "--config", str(run / "experiment.yaml")]) == 0
     out = capsys.readouterr().out
     for stage in ("tokenizer", "prior", "sample", "evaluate"):
         assert f"[run] {stage}: complete, skipped" in out
+    # the saved file also loads into another folder
+    assert load_experiment(run / "experiment.yaml", [f"output_dir={tmp_path / 'again'}"]).tokenizer.output_dir == str(
+        tmp_path / "again" / "tokenizer")
 
 
 def test_runner_owns_stage_paths(tmp_path):
