@@ -308,9 +308,12 @@ def collect(args, study: str, dataset: str) -> dict | None:
     minutes = sum(c["seconds"] for c in clocks) / 60
     # where the runs ran, as each recorded it (runs from before that record had only this machine)
     machines = list(dict.fromkeys(h for c in clocks for h in c.get("hardware", [])))
+    command = study_command(args, study, dataset)
+    if study == "deferred" and args.generation_arms and not any("gfid" in a["metrics"] for a in arms):
+        command += " --generation-arms ''"  # what ran: no generation on this data set
     return {
         "study": study, "dataset": dataset,
-        "command": study_command(args, study, dataset),
+        "command": command,
         "hardware": " | ".join(machines) if machines else hardware(),
         "budget": {"tokenizer_steps": args.tokenizer_steps, "batch_size": args.batch_size, "hidden": args.hidden,
                    "lr": args.lr, "max_train_images": args.max_samples, "prior_max_steps": args.prior_steps,
