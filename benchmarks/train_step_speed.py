@@ -62,7 +62,7 @@ def build(variant: str, images: torch.Tensor, tiny: bool):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
