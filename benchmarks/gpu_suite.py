@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import platform
 import statistics
 import sys
@@ -45,6 +44,7 @@ from prior.config import PriorModelConfig  # noqa: E402
 from prior.model import Prior  # noqa: E402
 from prior.sampling import SamplingConfig, sample_tokens  # noqa: E402
 from prior.vocab import TokenVocab  # noqa: E402
+from tokenizer.io import save_json  # noqa: E402
 from tokenizer.model import ModelConfig, VQVAE  # noqa: E402
 
 LLAMAGEN_B = {"arch": "llama", "n_layer": 12, "n_head": 12, "n_embd": 768}
@@ -178,10 +178,7 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.json)
+        save_json(result, args.json)  # atomic; makes the folder
     return result
 
 

@@ -19,7 +19,6 @@ and says whether its greedy tokens equal the uncompiled ones.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from prior.config import PriorModelConfig
 from prior.model import Prior
 from prior.sampling import SamplingConfig, sample_tokens
 from prior.vocab import TokenVocab
+from tokenizer.io import save_json
 
 
 def _sync(device: torch.device) -> None:
@@ -162,8 +162,7 @@ def main(argv=None) -> dict:
     print(f"exactness: greedy tokens identical {result['greedy_identical']}, max |logit difference| cached vs "
           f"full prefix {max_logit_diff:.2e}; sampled tokens identical {result['identical_tokens']}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        save_json(result, args.json)  # atomic; makes the folder
     return result
 
 

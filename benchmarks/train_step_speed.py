@@ -20,7 +20,6 @@ convolutions (forward and backward) from the profiler::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tokenizer.io import save_json  # noqa: E402
 from tokenizer.model import ModelConfig, VQVAE  # noqa: E402
 from tokenizer.quantizers import QuantizerConfig  # noqa: E402
 from tokenizer.training import make_optimizer  # noqa: E402
@@ -121,8 +121,7 @@ def main(argv=None) -> dict:
               "platform": platform.processor() or platform.machine(), "torch": torch.__version__,
               "load_average": os.getloadavg(), "conv_share": share, "rows": rows}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        save_json(result, args.json)  # atomic; makes the folder
     return result
 
 
