@@ -164,7 +164,7 @@ def sample_batch(prior: Prior, labels: torch.Tensor, uniforms: torch.Tensor, cfg
         if cfg.use_cache:
             out = step(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1)
             if t == 1 and cache.get_seq_length() != step_input.shape[1]:
-                raise RuntimeError(_CACHE_IGNORED)
+                raise SamplingError(_CACHE_IGNORED)
         else:
             out = model(input_ids=step_input, use_cache=False, logits_to_keep=1)
         logits = out.logits[:, -1].float()  # (B or 2B, V)

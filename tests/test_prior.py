@@ -109,7 +109,7 @@ def test_a_transformer_that_ignores_the_cache_is_refused():
     prior = tiny_prior(TokenVocab((16,), (2, 2)))
     forward = prior.transformer.forward
     prior.transformer.forward = lambda *a, cache=None, **kw: forward(*a, **kw)  # what the old signature did
-    with pytest.raises(RuntimeError, match="ignored the KV cache"):
+    with pytest.raises(SamplingError, match="ignored the KV cache"):  # a user error: one line, exit 2
         sample_tokens(prior, SamplingConfig(num_samples=2, batch_size=2))
     assert sample_tokens(prior, SamplingConfig(num_samples=2, batch_size=2, use_cache=False))[0].shape == (2, 2, 2)
 
