@@ -29,10 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
-from tokenizer.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
-from tokenizer.io import atomic_path, load_json
+from tokenizer.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, save_config, to_dict
+from tokenizer.io import load_json
 
 from pipelines.common import add_debug_flag, check_output_dir, entry_point
 from pipelines.encode import encode
@@ -124,8 +122,7 @@ def save_experiment(cfg, path: Path) -> None:
     for section, keys in wired_paths(Path(cfg.output_dir)).items():
         for key in keys:
             data[section].pop(key, None)
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    save_config(data, path)
 
 
 def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()):

@@ -121,7 +121,7 @@ def choose_tokens(logits: torch.Tensor, u: torch.Tensor, cfg: SamplingConfig) ->
 
 def decode_step(prior: Prior) -> Callable:
     """The prior's transformer compiled for one cached decoding step (made once per prior, then reused)."""
-    compiled = getattr(prior, "_compiled_decode", None)
+    compiled = prior.__dict__.get("_compiled_decode")
     if compiled is None:
         compiled = torch.compile(prior.transformer, dynamic=False)
         prior.__dict__["_compiled_decode"] = compiled  # not a submodule: stays out of state_dict and saves

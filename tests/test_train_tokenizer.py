@@ -110,7 +110,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
 
 
 def test_compiled_training_gives_the_same_losses_and_files(tmp_path, monkeypatch):
-    """train.compile (Accelerate's inductor backend): the same losses as eager up to float rounding, the same
+    """train.compile (the training forward through torch.compile): the same losses as eager up to float rounding, the same
     saved keys, and its checkpoint resumes without compilation."""
     common = ["train.steps=4", "train.checkpoint_every=2", "train.deterministic=true", "train.log_every=1"]
     train_tokenizer(tiny(tmp_path / "eager", *common))

@@ -196,6 +196,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML, atomically."""
+    """Write the resolved config (a config dataclass, or its dict) as YAML, atomically."""
+    data = cfg if isinstance(cfg, dict) else to_dict(cfg)
     with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
