@@ -10,14 +10,18 @@ one call allocates beyond what was live before it, ``benchmarks/peak_memory.py``
   PatchGAN with the adaptive weight (discriminator step included), at ``--batch-256`` images; encode / decode;
 - ``prior``: a LlamaGen-B-sized prior (llama, 12 layers, width 768, 12 heads, ~110M parameters with the
   16384-code vocabulary) on 16 x 16 = 256 tokens: training tokens/s (AdamW) at ``--prior-batch`` sequences,
-  and KV-cached sampling images/s (temperature 1, top-k 100) at ``--sample-batch``.
+  KV-cached sampling images/s (temperature 1, top-k 100) at ``--sample-batch``, eager and with the compiled
+  decoding step (``sample.compile``; the first calls pay the compilation and are not timed), and one forward
+  pass over the full sequence at the same batch (``cached batch / forward`` compares sampling with it).
+
+``--only GROUP[,GROUP]`` (``tokenizer32``, ``tokenizer256``, ``prior``) runs a subset.
 
 Everything runs under ``--precision`` autocast (bf16 by default, as ``accelerate launch --mixed_precision bf16``)::
 
     python benchmarks/gpu_suite.py --json benchmarks/results/gpu_suite_h100.json
 
-``--tiny`` shrinks every size so the whole suite runs on a CPU in seconds (the test does this); its numbers mean
-nothing beyond "the suite works".
+``--tiny`` shrinks every size and leaves out the compiled sampling row, so the whole suite runs on a CPU in
+seconds (the test does this); its numbers mean nothing beyond "the suite works".
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmark modules
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's library
@@ -97,7 +102,7 @@ def tokenizer32_ops(batch: int, device: torch.device, tiny: bool) -> dict:
 
 
 def prior_ops(shape: dict, codebook: int, grid: int, train_batch: int, sample_batch: int,
-              device: torch.device) -> tuple[dict, int]:
+              device: torch.device, compiled: bool = True) -> tuple[dict, int]:
     """A prior of ``shape``: one AdamW training step (tokens) and one cached sampling batch (images)."""
     torch.manual_seed(0)
     vocab = TokenVocab((codebook,), (grid, grid))
@@ -112,13 +117,26 @@ def prior_ops(shape: dict, codebook: int, grid: int, train_batch: int, sample_ba
         optimizer.zero_grad(set_to_none=True)
 
     sampling = SamplingConfig(num_samples=sample_batch, batch_size=sample_batch, temperature=1.0, top_k=100)
+    full = torch.randint(0, codebook, (sample_batch, grid, grid), device=device)
 
-    def sample_batch_fn():
+    def sampler(compile_step: bool):
+        cfg = dataclasses.replace(sampling, compile=compile_step)
+
+        def fn():
+            prior.eval()
+            sample_tokens(prior, cfg)
+        return fn
+
+    @torch.no_grad()
+    def forward():
         prior.eval()
-        sample_tokens(prior, sampling)
+        prior(full)
 
     ops = {"train step": (train_step, train_batch * grid * grid),  # tokens predicted (the class/BOS token is given)
-           "sample (KV cache)": (sample_batch_fn, sample_batch)}
+           "sample (KV cache)": (sampler(False), sample_batch)}
+    if compiled:  # left out by --tiny: compiling costs half a minute on a CPU, and tests/test_sampling checks it
+        ops["sample (KV cache, compiled decoding step)"] = (sampler(True), sample_batch)
+    ops["forward, full sequence (no grad)"] = (forward, sample_batch)
     return ops, prior.num_parameters
 
 
@@ -135,6 +153,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks the suite runs (CPU test)")
+    parser.add_argument("--only", default="tokenizer32,tokenizer256,prior",
+                        help="comma-separated groups to run: tokenizer32, tokenizer256, prior")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.tiny:
@@ -150,29 +170,45 @@ def main(argv=None) -> dict:
     res, grid, codebook = (32, 2, 64) if args.tiny else (256, 16, 16384)
     shape = TINY_PRIOR if args.tiny else LLAMAGEN_B
 
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
+    unknown = only - {"tokenizer32", "tokenizer256", "prior"}
+    if unknown:
+        parser.error(f"--only: unknown group(s) {sorted(unknown)}; choose from tokenizer32, tokenizer256, prior")
     groups: dict[str, dict] = {}
+    params = None
     with autocast:
-        groups["tokenizer 32px"] = tokenizer32_ops(args.batch_32, device, args.tiny)
-        vq16 = vq16_config(res)
-        if args.tiny:
-            vq16 = dataclasses.replace(vq16, hidden=16, channel_mult=[1, 1, 2], downsample=4, num_res_layers=1,
-                                       quantizer=dataclasses.replace(vq16.quantizer, codebook_size=64))
-        groups[f"tokenizer {res}px (vq16)"] = res256_operations(args.batch_256, args.infer_256, device.type, res, vq16)
-        prior, params = prior_ops(shape, codebook, grid, args.prior_batch, args.sample_batch, device)
-        groups[f"prior {params / 1e6:.0f}M, {grid * grid} tokens"] = prior
+        if "tokenizer32" in only:
+            groups["tokenizer 32px"] = tokenizer32_ops(args.batch_32, device, args.tiny)
+        if "tokenizer256" in only:
+            vq16 = vq16_config(res)
+            if args.tiny:
+                vq16 = dataclasses.replace(vq16, hidden=16, channel_mult=[1, 1, 2], downsample=4, num_res_layers=1,
+                                           quantizer=dataclasses.replace(vq16.quantizer, codebook_size=64))
+            groups[f"tokenizer {res}px (vq16)"] = res256_operations(args.batch_256, args.infer_256, device.type,
+                                                                    res, vq16)
+        if "prior" in only:
+            prior, params = prior_ops(shape, codebook, grid, args.prior_batch, args.sample_batch, device,
+                                      compiled=not args.tiny)
+            groups[f"prior {params / 1e6:.0f}M, {grid * grid} tokens"] = prior
         rows = []
         for group, ops in groups.items():
             for name, (fn, items) in ops.items():
                 row = {"group": group, "operation": name, **measure(fn, items, device, args.warmup, args.repeats)}
                 row["unit"] = "tokens" if name == "train step" and group.startswith("prior") else "images"
                 rows.append(row)
+                if name == "forward, full sequence (no grad)":  # sampling in units of this forward pass
+                    for other in rows:
+                        if other["group"] == group and other["operation"].startswith("sample"):
+                            other["cached_batch_over_forward"] = other["seconds_per_call"] / row["seconds_per_call"]
                 print(f"{group:<28} {name:<54} {row['per_second']:>12.1f} {row['unit']}/s "
                       f"{row['peak_mb']:>9.0f} MiB peak", flush=True)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "precision": args.precision, "tiny": args.tiny,
+        "torch": torch.__version__, "transformers": transformers.__version__, "precision": args.precision,
+        "tiny": args.tiny,
         "sizes": {"batch_32": args.batch_32, "batch_256": args.batch_256, "infer_256": args.infer_256,
                   "prior": {**shape, "parameters": params, "codebook": codebook, "tokens": grid * grid},
+                  "groups": sorted(only),
                   "prior_batch": args.prior_batch, "sample_batch": args.sample_batch,
                   "warmup": args.warmup, "repeats": args.repeats},
         "rows": rows,

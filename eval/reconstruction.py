@@ -39,10 +39,10 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    """The 1-D normalised Gaussian (size,); the 2-D window is its outer product, applied as two 1-D passes."""
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return torch.outer(g, g)  # (size, size)
+    return g / g.sum()
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = DATA_RANGE, window: int = 11,
@@ -52,11 +52,12 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = DATA_RANGE, windo
     size = min(window, x.shape[-1], x.shape[-2])
     size = size if size % 2 == 1 else size - 1
     c = x.shape[1]
-    kernel = _gaussian_window(size, sigma).to(x.device).expand(c, 1, size, size)  # depthwise (C, 1, k, k)
+    g = _gaussian_window(size, sigma).to(x.device)
+    rows, cols = g.view(1, 1, 1, size).expand(c, -1, -1, -1), g.view(1, 1, size, 1).expand(c, -1, -1, -1)
     x, y = x.double(), y.double()
 
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kernel, groups=c)  # (B, C, H-k+1, W-k+1)
+    def blur(t: torch.Tensor) -> torch.Tensor:  # the separable 2-D Gaussian: size/2 times fewer operations
+        return F.conv2d(F.conv2d(t, rows, groups=c), cols, groups=c)  # (B, C, H-k+1, W-k+1)
 
     mu_x, mu_y = blur(x), blur(y)
     var_x = blur(x * x) - mu_x**2
