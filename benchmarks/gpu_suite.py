@@ -212,6 +212,8 @@ def main(argv=None) -> dict:
                   "prior_batch": args.prior_batch, "sample_batch": args.sample_batch,
                   "warmup": args.warmup, "repeats": args.repeats},
         "rows": rows,
+        "command": " ".join(["python", "benchmarks/gpu_suite.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date": time.strftime("%Y-%m-%d"),
     }
     if args.json:
         save_json(result, args.json)  # atomic; makes the folder
