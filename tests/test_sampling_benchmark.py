@@ -14,3 +14,6 @@ def test_sampling_benchmark_reports_greedy_identity_and_logit_difference(benchma
     assert result["greedy_identical"] is True
     assert 0 <= result["max_logit_diff"] < 1e-3
     assert result["speedup"] > 0 and result["cached_batch_over_forward"] > 0
+    # the minimal decoder (the benchmark's floor) does the same computation: the same greedy codes
+    assert result["minimal_decoder"]["greedy_identical_to_sampler"] is True
+    assert result["minimal_decoder"]["batch_over_forward"] > 0
