@@ -17,8 +17,8 @@ and says whether its greedy tokens equal the uncompiled ones.
 
 For GPT-2, ``minimal_decoder`` times a reference that does only what cached decoding cannot avoid: per step and
 layer the same weights' matrix products, a write of one key and value into a preallocated cache and attention over
-the filled prefix only, no ``transformers`` forward and no masks (greedy, so its tokens are checked against ours).
-It is the floor for ``cached_batch_over_forward`` on the machine at hand, not a sampler vqgen uses.
+the filled prefix only, no ``transformers`` forward and no attention masks (greedy, so its tokens are checked
+against ours). It is the floor for ``cached_batch_over_forward`` on the machine at hand, not a sampler vqgen uses.
 """
 
 from __future__ import annotations
