@@ -12,8 +12,13 @@ for every claim and data set:
   Otherwise ``inconclusive`` (including fewer than two values on a side).
 - Margins (the smallest effect of interest): 5% of the baseline's mean for unbounded metrics (MSE,
   perplexity, FID, distances), 0.05 absolute for fractions in [0, 1] (usage, recall, coverage, shares).
-- Over several data sets: ``reproduces`` if every data set reproduces, ``does not reproduce`` if at least
-  one does not and none reproduces, else ``inconclusive`` (the data sets disagree or lack power).
+- Multiple comparisons: the tests of one study form a family declared before the runs (the claims of
+  ``benchmarks/reproduce.py``); their p values are adjusted by Holm's step-down method (``holm``), and the
+  verdicts use the adjusted p (``p_adjusted``), shown next to the raw one. The equivalence rule keeps the
+  95% interval.
+- Over several data sets (and over several baselines of one claim): the verdict they all share, else
+  ``inconclusive``. The rule is symmetric: one data set that reproduces and one that is inconclusive give
+  ``inconclusive``, exactly as one that does not reproduce and one that is inconclusive do.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Sequence
 
 from scipy import stats as _st
 
-__all__ = ["VERDICTS", "combine_verdicts", "compare_arms", "default_margin", "summarize"]
+__all__ = ["VERDICTS", "combine_verdicts", "compare_arms", "default_margin", "holm", "summarize", "verdict"]
 
 VERDICTS = ("reproduces", "does not reproduce", "inconclusive")
 FRACTION_MARGIN = 0.05
@@ -70,20 +75,43 @@ def compare_arms(claimed: Sequence[float], baseline: Sequence[float], lower_is_b
         df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
         half = float(_st.t.ppf(1 - ALPHA / 2, df)) * se
         out.update(ci=[effect - half, effect + half], p=float(2 * _st.t.sf(abs(effect) / se, df)))
-    lo, hi = out["ci"]
-    if out["p"] < ALPHA and effect > 0:
-        out["verdict"] = "reproduces"
-    elif (out["p"] < ALPHA and effect < 0) or (-margin < lo and hi < margin):
-        out["verdict"] = "does not reproduce"
+    out["verdict"] = verdict(out)
+    return out
+
+
+def verdict(result: dict, p: float | None = None) -> str:
+    """The verdict of one comparison (``effect``, ``ci``, ``margin``) at p value ``p`` (default: its own ``p``)."""
+    p = result["p"] if p is None else p
+    if p is None or result["ci"] is None:
+        return "inconclusive"
+    lo, hi = result["ci"]
+    margin = result["margin"]
+    if p < ALPHA and result["effect"] > 0:
+        return "reproduces"
+    if (p < ALPHA and result["effect"] < 0) or (-margin < lo and hi < margin):
+        return "does not reproduce"
+    return "inconclusive"
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p values (None: a test that could not be run, left out).
+
+    Sorted ascending, the i-th smallest of m gets ``max_{j <= i} min(1, (m - j + 1) p_(j))``; the order of the
+    input is kept.
+    """
+    present = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    m = len(present)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
     return out
 
 
 def combine_verdicts(verdicts: Sequence[str]) -> str:
-    """One verdict over data sets (see the module docstring)."""
+    """One verdict over data sets or baselines: the one they all share, else ``inconclusive`` (symmetric)."""
     if not verdicts:
         return "inconclusive"
-    if all(v == "reproduces" for v in verdicts):
-        return "reproduces"
-    if "reproduces" not in verdicts and "does not reproduce" in verdicts:
-        return "does not reproduce"
-    return "inconclusive"
+    first = verdicts[0]
+    return first if all(v == first for v in verdicts) else "inconclusive"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipelines.stages import STAGE_RECORD, write_record
+from pipelines.stages import STAGE_RECORD, code_change, read_record, with_provenance, write_record
 from tokenizer.config import load_config, save_config
 from tokenizer.errors import CorruptFileError, UserError
 from tokenizer.io import atomic_path, check_safetensors, load_json, save_json
@@ -425,13 +425,21 @@ def finish_run(accelerator, model, summary: dict, output_dir: str | Path, card: 
     return summary
 
 
-def write_run_config(cfg: Any, output_dir: str | Path, accelerator, record: dict | None = None) -> None:
-    """Save the resolved config as ``config.yaml`` and the stage record (``pipelines.stages``), main process."""
+def write_run_config(cfg: Any, output_dir: str | Path, accelerator, record: dict | None = None,
+                     resuming: bool = False) -> None:
+    """Save the resolved config as ``config.yaml`` and the stage record (``pipelines.stages``) with this process's
+    provenance, main process. ``resuming``: the run continues a checkpoint, whose record's code is kept in the
+    history when it differs (with a warning)."""
     if accelerator.is_main_process:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(output_dir) / "config.yaml")
         if record is not None:
-            write_record(Path(output_dir) / STAGE_RECORD, record)
+            path = Path(output_dir) / STAGE_RECORD
+            previous = read_record(path) if resuming else None
+            change = code_change(previous)
+            if change:
+                warn(accelerator, change)
+            write_record(path, with_provenance(record, previous))
 
 
 def show_progress(accelerator) -> bool:

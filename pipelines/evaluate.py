@@ -65,6 +65,7 @@ from eval.report import write_comparison, write_report
 from pipelines.common import add_debug_flag, check_output_dir, entry_point
 from tokenizer.config import from_dict, load_config, read_yaml
 from tokenizer.errors import UserError
+from tokenizer.provenance import provenance
 from tokenizer.io import load_safetensors
 from tokenizer.data import SPLITS, DataConfig, build_dataset, make_dataloader
 from tokenizer.model import VQVAE, tokenizer_fingerprint
@@ -311,6 +312,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
         "feature_spaces": feature_spaces,
         "timing_seconds": {k: round(v, 3) for k, v in timing.items()},
         "notes": notes,
+        "provenance": provenance(),
     }
     write_report(report, figures, out, title=f"vqgen report: {run.name}")
     return report

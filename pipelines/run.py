@@ -31,6 +31,7 @@ from typing import Sequence
 
 from tokenizer.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, save_config, to_dict
 from tokenizer.io import load_json
+from tokenizer.provenance import machine_summary, provenance
 
 from pipelines.common import add_debug_flag, check_output_dir, entry_point
 from pipelines.encode import encode
@@ -45,6 +46,7 @@ from pipelines.stages import (
     read_record,
     record_changes,
     remove_path,
+    with_provenance,
     write_record,
 )
 from pipelines.train_prior import PriorRunConfig, prior_stage_record, train_prior
@@ -266,20 +268,20 @@ def force_stages(run: Path, force: Sequence[str]) -> int:
     return first
 
 
-def machine_summary() -> str:
-    """'<cores>-core <CPU model>' (and the GPU when there is one): what a wall time was measured on."""
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{os.cpu_count()}-core {cpu}{gpu}"
+def write_stage_record(cfg, run: Path, stage: str, record: dict, ran: bool) -> None:
+    """The record of what ``stage``'s folder holds now. A trainer that ran wrote its own (with its provenance and
+    any earlier code it continued); a stage computed now gets this process's provenance; a reused stage keeps
+    the provenance it was made with (a folder from before provenance was recorded gets none)."""
+    path = stage_record_path(run, stage)
+    if ran and stage in ("tokenizer", "prior"):
+        return
+    new = record if stage in ("tokenizer", "prior") else expected_record(cfg, run, stage)
+    if ran:
+        new = with_provenance(new)
+    else:
+        old = read_record(path) or {}
+        new = {**new, **{k: old[k] for k in ("provenance", "provenance_history") if k in old}}
+    write_record(path, new)
 
 
 def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
@@ -302,24 +304,31 @@ def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
     for stage in cfg.stages:
         started = time.perf_counter()
         record = check_stage_inputs(cfg, run, stage)
+        ran = True  # whether this stage computed its output now (else it is reused, with its provenance)
         if stage == "tokenizer":
             if _complete(run / "tokenizer" / "summary.json", cfg.tokenizer.train.steps):
                 print("[run] tokenizer: complete, skipped")
+                ran = False
             else:
                 print("[run] tokenizer: training")
                 train_tokenizer(cfg.tokenizer)
         elif stage == "encode":
             print("[run] encode")
+            meta = run / "tokens" / "meta.json"
+            before = file_inputs({"meta": meta})
             encode(run / "tokenizer", run / "tokens", cfg.encode.splits, batch_size=cfg.encode.batch_size)
+            ran = file_inputs({"meta": meta}) != before
         elif stage == "prior":
             if _complete(run / "prior" / "summary.json", cfg.prior.train.steps):
                 print("[run] prior: complete, skipped")
+                ran = False
             else:
                 print("[run] prior: training")
                 train_prior(cfg.prior)
         elif stage == "sample":
             if (run / "samples" / "meta.json").is_file():
                 print("[run] sample: complete, skipped")
+                ran = False
             else:
                 print("[run] sample")
                 sample(run / "prior" / "model", run / "samples", cfg.sample, tokenizer_dir=run / "tokenizer" / "model")
@@ -327,12 +336,11 @@ def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
             if (run / "report.json").is_file():
                 print("[run] evaluate: complete, skipped")
                 report = json.loads((run / "report.json").read_text())
+                ran = False
             else:
                 print("[run] evaluate")
                 report = evaluate_run(run, cfg.evaluate)
-        # the record of what is there now (a trainer wrote its own already; a legacy stage is adopted)
-        write_record(stage_record_path(run, stage), record if stage in ("tokenizer", "prior")
-                     else expected_record(cfg, run, stage))
+        write_stage_record(cfg, run, stage, record, ran)
         seconds[stage] = time.perf_counter() - started
     if seconds:
         total = sum(seconds.values())

@@ -37,6 +37,7 @@ from prior.sampling import SamplingConfig, SamplingError, sample_tokens
 from tokenizer.config import from_dict
 from tokenizer.data import denormalize, save_image_grid
 from tokenizer.errors import MissingFileError
+from tokenizer.provenance import provenance
 from tokenizer.io import atomic_path, file_fingerprint, save_json
 from tokenizer.model import VQVAE
 
@@ -131,6 +132,7 @@ def sample(
         "tokenizer": prior.tokenizer,
         "tokens_seconds": t_tokens,
         "images_per_second": len(indices) / seconds * accelerator.num_processes if seconds > 0 else None,
+        "provenance": provenance(),
     }
     if accelerator.is_main_process:
         order = torch.cat([p[0] for p in parts]).argsort()

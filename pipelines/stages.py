@@ -32,6 +32,7 @@ from typing import Any
 from tokenizer.config import ConfigError, from_dict, read_yaml, to_dict
 from tokenizer.errors import UserError
 from tokenizer.io import file_fingerprint, load_json, save_json
+from tokenizer.provenance import describe, provenance, same_code
 
 STAGE_RECORD = "vqgen_stage.json"
 RECORD_FORMAT = 1
@@ -83,6 +84,36 @@ def make_record(stage: str, config: Any, inputs: dict[str, str] | None = None) -
     """The record of ``stage`` made with ``config`` (a dataclass or a dict) from ``inputs`` (name -> sha256)."""
     return {"format": RECORD_FORMAT, "stage": stage,
             "config": config if isinstance(config, dict) else to_dict(config), "inputs": dict(inputs or {})}
+
+
+def with_provenance(record: dict, previous: dict | None = None) -> dict:
+    """``record`` with this process's ``provenance`` (commit, dirty flag, code fingerprint, versions, machine).
+
+    ``previous`` is the record of the same stage that this process continues (a resumed checkpoint): the code
+    that made its earlier part is kept in ``provenance_history`` when it differs from today's, so a stage
+    trained by two versions of the code says so.
+    """
+    current = provenance()
+    out = {**record, "provenance": current}
+    if previous:
+        history = list(previous.get("provenance_history") or [])
+        old = previous.get("provenance")
+        if old is not None and not same_code(old, current) and old not in history:
+            history.append(old)
+        if history:
+            out["provenance_history"] = history
+    return out
+
+
+def code_change(previous: dict | None) -> str | None:
+    """A warning when a stage begun by other code is continued now (None when the code is the same)."""
+    if not previous:
+        return None
+    old = previous.get("provenance")
+    if old is None or same_code(old, provenance()):
+        return None
+    return (f"continuing a {previous.get('stage', 'stage')} begun by {describe(old)} with {describe(provenance())}; "
+            "its record lists both")
 
 
 def read_record(path: str | Path) -> dict | None:

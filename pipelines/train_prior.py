@@ -179,7 +179,7 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
         **extra,
     )
-    write_run_config(cfg, out, accelerator, stage_record)
+    write_run_config(cfg, out, accelerator, stage_record, resuming=bool(checkpoints.all()))
     train_ds = TokenDataset(cfg.tokens, "train")
     val_split = "validation" if "validation" in meta["splits"] else "train"
     if val_split == "train":

@@ -51,6 +51,7 @@ from pipelines.common import (
     parse_cli,
     resume_latest,
     show_progress,
+    warn,
     write_run_config,
 )
 from pipelines.stages import STAGE_RECORD, check_record, make_record
@@ -132,6 +133,24 @@ class TokenizerRunConfig:
             raise ValueError(
                 f"schedule.ae_steps ({self.schedule.ae_steps}) must be smaller than train.steps ({self.train.steps})"
             )
+
+
+def quantized_steps(cfg: TokenizerRunConfig) -> int:
+    """Optimizer steps of the quantized phase: what the quantizer's temperature schedule counts."""
+    return cfg.train.steps - (cfg.schedule.ae_steps if cfg.schedule.mode == "deferred" else 0)
+
+
+def schedule_warning(cfg: TokenizerRunConfig, quantizer) -> str | None:
+    """A warning when the quantizer's temperature schedule is longer than the quantized phase (it would stop
+    part of the way, at a temperature the configuration does not name)."""
+    schedule = quantizer.schedule()
+    steps = quantized_steps(cfg)
+    if schedule is None or schedule[1] <= steps:
+        return None
+    name, length = schedule
+    return (f"model.quantizer.{name}={length} is longer than the {steps} quantized steps of this run, so the "
+            f"temperature ends at {quantizer.tau_at(steps):.4g}, not at its end value; set "
+            f"model.quantizer.{name}={steps} to run the whole schedule")
 
 
 def phase_at(step: int, schedule: ScheduleConfig) -> tuple[str, float]:
@@ -233,10 +252,13 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
         # the quantizer is idle in the continuous phase, so DDP must tolerate unused parameters
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    write_run_config(cfg, out, accelerator, stage_record)
+    write_run_config(cfg, out, accelerator, stage_record, resuming=bool(checkpoints.all()))
     train_ds = build_dataset(cfg.data, "train")
     val_ds = build_dataset(cfg.data, "validation")
     model = VQVAE(cfg.model)
+    long_schedule = schedule_warning(cfg, model.quantizer)
+    if long_schedule:
+        warn(accelerator, long_schedule)
     optimizer, scheduler = build_optimizer(model, cfg.train)
     perceptual, perceptual_info = build_perceptual(cfg.loss.perceptual) if cfg.loss.uses_perceptual else (None, None)
     loss_fn = TokenizerLoss(cfg.loss, perceptual).to(accelerator.device)  # frozen; rebuilt from the config, never saved

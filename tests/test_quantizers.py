@@ -395,3 +395,35 @@ def test_view_granularity_share_counts_channels_per_position():
     rows = (torch.arange(16)[:, None] * 8 + torch.arange(8)[None]) // 16  # (C, L)
     expected = F.one_hot(choice[:, rows], 4).float().mean(1)  # (B, L, K)
     torch.testing.assert_close(share.reshape(2, 8, 4), expected)
+
+
+def test_relative_dead_code_threshold_means_the_same_for_any_codebook_size():
+    """dead_code_relative: the threshold is a fraction of the uniform share sum(counts) / K, so a code used a tenth
+    as often as the others is dead in a codebook of 8 and of 64 alike; live codes are left alone."""
+    for size in (8, 64):
+        q = make("ema", codebook_size=size, dead_code_threshold=0.25, dead_code_relative=True, dead_code_window=1)
+        q.train()
+        counts = torch.full((size,), 10.0)
+        counts[:2] = 1.0  # two rarely used codes: below 0.25 x the uniform share (about 10)
+        q.cluster_size.copy_(counts)
+        before = q.embed.clone()
+        level = q.dead_code_level(q.usage_counts())
+        assert level == pytest.approx(0.25 * float(counts.sum()) / size)
+        assert q.reset_dead_codes(torch.randn(16, DIM)) == 2
+        assert not torch.equal(q.embed[:2], before[:2]) and torch.equal(q.embed[2:], before[2:])
+        assert q.cluster_size[:2].tolist() == pytest.approx([level, level])  # re-seeded codes start at the level
+
+
+def test_adaptive_resets_dead_codes_in_every_branch():
+    """Each codebook of the ladder re-seeds its own dead codes from the inputs in its own projected space."""
+    q = make("adaptive", capacity=64, ladder_dims=[8, 4, 2], dead_code_threshold=0.5, dead_code_relative=True,
+             dead_code_window=2, decay=0.5)
+    q.init_codebook(torch.randn(256, DIM))
+    q.train()
+    z = torch.full((4, 5, DIM), 2.0) + 0.01 * torch.randn(4, 5, DIM)  # one cluster: most codes go unused
+    for _ in range(2):
+        q(z)
+    for p_in, vq in zip(q.proj_in, q.quantizers):
+        projected = p_in(z.reshape(-1, DIM)).detach()
+        reseeded = (vq.embed[:, None] == projected[None]).all(-1).any(1)
+        assert vq._resets == 1 and int(reseeded.sum()) >= vq.config.codebook_size // 2

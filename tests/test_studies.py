@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eval.codebook import codebook_metrics, tokenizer_details
-from eval.studies import combine_verdicts, compare_arms, default_margin, summarize
+from eval.studies import combine_verdicts, compare_arms, default_margin, holm, summarize, verdict
 from tokenizer.model import ModelConfig, VQVAE
 from tokenizer.quantizers import QuantizerConfig, spec_of
 
@@ -81,8 +81,21 @@ def test_summarize_and_verdict_rules():
     assert compare_arms([1.0], [2.0, 2.1], True, 0.1)["verdict"] == "inconclusive"  # one seed: no test
     assert default_margin([0.3, 0.5], fraction=True) == 0.05
     assert combine_verdicts(["reproduces", "reproduces"]) == "reproduces"
-    assert combine_verdicts(["does not reproduce", "inconclusive"]) == "does not reproduce"
+    # symmetric: one decisive data set next to an inconclusive one decides nothing, in either direction
+    assert combine_verdicts(["does not reproduce", "inconclusive"]) == "inconclusive"
+    assert combine_verdicts(["reproduces", "inconclusive"]) == "inconclusive"
+    assert combine_verdicts(["does not reproduce", "does not reproduce"]) == "does not reproduce"
     assert combine_verdicts(["reproduces", "does not reproduce"]) == "inconclusive"
+
+
+def test_holm_adjustment_and_verdicts_at_the_adjusted_p():
+    # sorted 0.005, 0.01, 0.03, 0.04 of m = 4: 4 x 0.005, 3 x 0.01, max(2 x 0.03, ...), max(1 x 0.04, 0.06)
+    assert holm([0.01, 0.04, None, 0.03, 0.005]) == pytest.approx([0.03, 0.06, None, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1, never below the raw p
+    assert holm([]) == [] and holm([None]) == [None]
+    result = compare_arms([1.0, 1.1, 0.9], [1.3, 1.4, 1.2], lower_is_better=True, margin=0.01)
+    assert result["verdict"] == "reproduces" and 0.005 < result["p"] < 0.05
+    assert verdict(result, min(1.0, 10 * result["p"])) == "inconclusive"  # significant alone, not in a family of 10
 
 
 def test_study_plan_same_budget_for_every_arm_and_a_command_that_reruns_it(benchmark_script):
@@ -97,10 +110,12 @@ def test_study_plan_same_budget_for_every_arm_and_a_command_that_reruns_it(bench
     args = reproduce.parse_args(["--study", "deferred", "--dataset", "mnist", "--tokenizer-steps", "100",
                                  "--override", "evaluate.k=3"])
     runs = reproduce.study_runs(args, "deferred", "mnist")
-    assert {r["arm"] for r in runs} == {"early_random", "early_kmeans", "early_deadcode", "deferred", "deferred_soft"}
-    assert sorted(r["seed"] for r in runs) == [0] * 5 + [1] * 5 + [2] * 5 and len({r["dir"] for r in runs}) == 15
+    assert {r["arm"] for r in runs} == {"early_random", "early_kmeans", "early_deadcode", "deferred", "deferred_soft",
+                                        "deferred_deadcode"}
+    assert sorted(r["seed"] for r in runs) == sorted(list(range(5)) * 6) and len({r["dir"] for r in runs}) == 30
+    # generation: the four arms of the claim, every seed (5 on MNIST)
     assert sorted((r["arm"], r["seed"]) for r in runs if r["generation"]) == [
-        (a, s) for a in ("deferred", "early_kmeans", "early_random") for s in (0, 1)]
+        (a, s) for a in ("deferred", "deferred_deadcode", "early_deadcode", "early_kmeans") for s in range(5)]
     for r in runs:
         assert "tokenizer.train.steps=100" in r["overrides"] and r["overrides"][-1] == "evaluate.k=3"
         ae = [int(o.split("=")[1]) for o in r["overrides"] if o.startswith("tokenizer.schedule.ae_steps=")]
@@ -116,7 +131,7 @@ def test_deferred_claims_from_seed_values_and_unmeasured_ones_said_so(benchmark_
     study = {"study": "deferred", "dataset": "mnist", "arms": [
         arm("early_random", recon_mse=[3.0, 3.1, 3.2], perplexity=[9.0, 10.0, 11.0], live_code_distance_ratio=[1.0, 1.01, 0.99]),
         arm("early_kmeans", recon_mse=[3.0, 3.1, 2.9], perplexity=[14.0, 15.0, 13.0], live_code_distance_ratio=[1.0, 1.01, 0.99]),
-        arm("early_deadcode", recon_mse=[2.0, 2.1, 1.9], perplexity=[400.0, 401.0, 402.0]),
+        arm("early_deadcode", recon_mse=[2.0, 2.01, 1.99], perplexity=[400.0, 401.0, 402.0]),
         arm("deferred", recon_mse=[2.0, 2.02, 1.98], perplexity=[300.0, 310.0, 305.0], live_code_distance_ratio=[1.0, 1.01, 0.99]),
     ]}
     found = reproduce.claims([study])
@@ -127,9 +142,35 @@ def test_deferred_claims_from_seed_values_and_unmeasured_ones_said_so(benchmark_
 
     assert verdict("fewer codes in use") == "reproduces"
     assert verdict("spread less") == "does not reproduce"  # the same ratio in every arm
-    assert verdict("reconstructs better") == "reproduces"
-    # equal MSE (within the margin) and fewer codes than dead-code reset: not a win
-    assert verdict("usual fix for dead codes") == "does not reproduce"
-    generation = [c for c in reproduce.claims([study]) if "generate" in c["claim"]]
-    assert len(generation) == 2 and all(c["verdict"] == "inconclusive" and c["evidence"].startswith("not measured")
+    assert verdict("reconstructs better than early quantization (test MSE)") == "reproduces"
+    # equal MSE (within the margin) and fewer codes than dead-code reset: judged separately, neither a win
+    assert verdict("reconstructs better than early quantization with dead-code reset") == "does not reproduce"
+    assert verdict("uses more codes than early quantization with dead-code reset") == "does not reproduce"
+    generation = [c for c in found if "generate" in c["claim"]]
+    assert len(generation) == 4 and all(c["verdict"] == "inconclusive" and c["evidence"].startswith("not measured")
                                         for c in generation)
+    # one family for the study: every test's p is Holm-adjusted over all of them, never below the raw p
+    tests = [t for c in found for t in c["tests"]]
+    assert len(tests) == 8 and all(t["p_adjusted"] >= t["p"] for t in tests)
+    assert all("Holm p=" in c["evidence"] for c in found if c["tests"])
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_faithful_tau_schedule_spans_the_quantized_phase_at_any_budget(benchmark_script, dataset):
+    """The authors' tau = (20000 - m) + 1 counts quantized steps m: every annealing arm's schedule must end with
+    the quantized phase (it used to be scaled to all steps, so tau stopped at 2,001 instead of ~2)."""
+    reproduce = benchmark_script("reproduce")
+    for steps in (2000, 300):
+        args = reproduce.parse_args(["--tokenizer-steps", str(steps)])
+        annealing = 0
+        for run in reproduce.study_runs(args, "adaptive", dataset):
+            from pipelines.run import load_experiment
+
+            cfg = load_experiment(run["config"], run["overrides"]).tokenizer
+            q = cfg.model.quantizer
+            if q.kind != "adaptive" or q.selector_tau_start == q.selector_tau_end:
+                continue
+            annealing += 1
+            assert q.selector_tau_steps == cfg.train.steps - cfg.schedule.ae_steps, run["name"]
+            assert (q.selector_tau_start, q.selector_tau_end) == (20001, 1)
+        assert annealing == 2 * 3  # adaptive_faithful and adaptive_faithful_scores, 3 seeds each

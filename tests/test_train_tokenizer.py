@@ -188,3 +188,22 @@ def test_mixed_precision_from_the_launcher(tmp_path):
                    29564, 1, precision="bf16")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 5 and 0 < summary["recon_mse"] < 1
+
+
+def test_selector_temperature_reaches_its_end_over_the_quantized_steps(tmp_path, capsys):
+    """tau counts optimizer steps of the quantized phase: with selector_tau_steps = steps - ae_steps the last step
+    trains at the schedule's last value before the end and the saved quantizer holds the end value; a longer
+    schedule is warned about, naming the temperature it stops at."""
+    ladder = ["model.quantizer.kind=adaptive", "model.quantizer.codebook_size=512", "model.quantizer.capacity=32",
+              "model.quantizer.ladder_dims=[8,4,2,1]", "model.quantizer.selector_tau_start=101",
+              "model.quantizer.selector_tau_end=1", "schedule.mode=deferred", "schedule.ae_steps=2",
+              "schedule.kmeans_batches=2", "train.steps=6"]
+    train_tokenizer(tiny(tmp_path / "ok", *ladder, "model.quantizer.selector_tau_steps=4"))
+    taus = [r["tau"] for r in read_metrics(tmp_path / "ok") if r.get("tau") is not None]
+    assert taus == pytest.approx([101, 76, 51, 26])  # quantized steps m = 0..3: 101 - 25 m
+    model = VQVAE.from_pretrained(tmp_path / "ok" / "model")
+    assert int(model.quantizer.num_steps) == 4 and float(model.quantizer.tau()) == pytest.approx(1.0)
+    assert "warning" not in capsys.readouterr().err
+    train_tokenizer(tiny(tmp_path / "long", *ladder, "model.quantizer.selector_tau_steps=40"))
+    err = capsys.readouterr().err
+    assert "selector_tau_steps=40 is longer than the 4 quantized steps" in err and "ends at 91" in err

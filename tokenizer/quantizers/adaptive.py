@@ -27,7 +27,8 @@ projection         ``linear`` both ways            ``conv``: 1x1 conv down to D_
 selector_heads     4                               2
 tau schedule       linear ``selector_tau_start``   ``tau = (20000 - m) + 1`` at step m: linear from
                    -> ``selector_tau_end`` over    ~2e4 to 1 over the run (set ``selector_tau_steps``
-                   ``selector_tau_steps``          to the run's steps to scale it)
+                   ``selector_tau_steps``          to the run's quantized steps: the schedule counts
+                                                   optimizer steps of the quantized phase only)
 ================== ============================== =================================================
 
 Deliberate differences from the authors' code in both settings: the EMA codebooks start from the
@@ -89,7 +90,7 @@ def _validate_ladder(cfg: QuantizerConfig, fail) -> None:
     "adaptive",
     fields=("beta", "decay", "eps", "capacity", "ladder_dims", "granularity", "selector_heads", "selector_logits",
             "selector_eval_noise", "projection", "selector_tau_start", "selector_tau_end", "selector_tau_steps",
-            "dead_code_threshold", "dead_code_window", "kmeans_iters", "kmeans_seed"),
+            "dead_code_threshold", "dead_code_relative", "dead_code_window", "kmeans_iters", "kmeans_seed"),
     capabilities=Capabilities(learned_codebook=True, kmeans_init=True, dead_code_reset=True, codebook_selection=True),
     validate=_validate_ladder,
 )
@@ -143,6 +144,13 @@ class AdaptiveQuantizer(Quantizer):
     @property
     def per_image_codebook(self) -> bool:
         return self.config.granularity == "image"
+
+    def schedule(self) -> tuple[str, int]:
+        return "selector_tau_steps", self.config.selector_tau_steps
+
+    def tau_at(self, step: int) -> float:
+        cfg = self.config
+        return float(linear_tau(torch.tensor(step), cfg.selector_tau_start, cfg.selector_tau_end, cfg.selector_tau_steps))
 
     def tau(self) -> torch.Tensor:
         """Current selector temperature, a pure function of ``num_steps``."""

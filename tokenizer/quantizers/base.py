@@ -78,12 +78,15 @@ class QuantizerConfig:
     projection: str = "linear"  # adaptive: "linear" both ways | "conv" (1x1 down, 3x3 back, authors')
     selector_tau_start: float = 2e4  # adaptive selector temperature schedule (linear)
     selector_tau_end: float = 1.0
-    selector_tau_steps: int = 20000
+    selector_tau_steps: int = 20000  # optimizer steps of the quantized phase (deferred: steps - ae_steps)
     levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # fsq: values per latent channel (paper: 2^10)
     entropy_weight: float = 0.1  # lfq: weight of the entropy penalty (MAGVIT-v2)
     entropy_gamma: float = 1.0  # lfq: weight of the codebook-entropy term inside the penalty
     entropy_temperature: float = 0.01  # lfq: temperature of the soft assignment the entropies are taken of
     dead_code_threshold: float = 0.0  # 0 = off; codes whose EMA usage count is below this are re-seeded
+    # false: the threshold is an EMA count; true: a fraction of the uniform share (sum of counts / codes), the
+    # same rule for codebooks of any size (with 2,048 inputs per step and 512 codes, 0.25 equals a count of 1)
+    dead_code_relative: bool = False
     dead_code_window: int = 100  # training steps between dead-code checks
     kmeans_iters: int = 10  # Lloyd iterations of init_codebook
     kmeans_seed: int = 0
@@ -151,6 +154,8 @@ class QuantizerConfig:
                  f"{self.entropy_weight}, {self.entropy_gamma} and {self.entropy_temperature}")
         if self.dead_code_threshold < 0:
             fail(f"dead_code_threshold must be >= 0 (0 turns the reset off), got {self.dead_code_threshold}")
+        if self.dead_code_relative and not self.dead_code_threshold:
+            fail("dead_code_relative=true needs dead_code_threshold > 0 (e.g. 0.25 of the uniform share)")
         if self.dead_code_window < 1:
             fail(f"dead_code_window must be >= 1 step, got {self.dead_code_window}")
         if self.kmeans_iters < 0:
@@ -346,6 +351,14 @@ class Quantizer(nn.Module):
         """The codebooks as (N_i, D_i) tensors (detached)."""
         raise NotImplementedError
 
+    def schedule(self) -> tuple[str, int] | None:
+        """(config field, length in optimizer steps) of the temperature schedule; None without one."""
+        return None
+
+    def tau_at(self, step: int) -> float | None:
+        """The temperature after ``step`` optimizer steps of the quantized phase (None without a schedule)."""
+        return None
+
     @torch.no_grad()
     def step_schedule(self) -> None:
         """Advance the temperature schedule by one optimizer step (no-op for quantizers without one).
@@ -380,7 +393,9 @@ class SingleCodebookQuantizer(Quantizer):
 
     With ``dead_code_threshold > 0`` every ``dead_code_window`` training forward passes the codes whose
     EMA usage count (decay ``decay``, counts summed over processes) is below the threshold are re-seeded
-    from the current batch's inputs gathered from all processes. Rank 0 draws the replacements (with a
+    from the current batch's inputs gathered from all processes. With ``dead_code_relative`` the threshold is
+    a fraction of the uniform share ``sum(counts) / K`` (a code used a quarter as often as if all codes were
+    used equally, for 0.25), so one setting means the same for a codebook of 512 or of 65,536 codes. Rank 0 draws the replacements (with a
     generator seeded by ``kmeans_seed`` and the number of resets so far) and broadcasts the codebook state,
     so every replica holds the same codebook. This check syncs with the host, once per window.
 
@@ -435,9 +450,16 @@ class SingleCodebookQuantizer(Quantizer):
         """Every tensor a reset may change (broadcast from rank 0 afterwards)."""
         raise NotImplementedError
 
-    def _reseed(self, dead: torch.Tensor, samples: torch.Tensor) -> None:
-        """Give the codes ``dead`` (n,) int64 the new values ``samples`` (n, dim)."""
+    def _reseed(self, dead: torch.Tensor, samples: torch.Tensor, count: float) -> None:
+        """Give the codes ``dead`` (n,) int64 the new values ``samples`` (n, dim) and the usage count ``count``."""
         raise NotImplementedError
+
+    def dead_code_level(self, counts: torch.Tensor) -> float:
+        """The EMA usage count below which a code is dead: the threshold, or its share of ``sum(counts) / K``."""
+        threshold = self.config.dead_code_threshold
+        if self.config.dead_code_relative:
+            threshold *= float(counts.sum()) / counts.numel()
+        return threshold
 
     @torch.no_grad()
     def _maybe_reset_dead_codes(self, flat: torch.Tensor) -> None:
@@ -457,7 +479,9 @@ class SingleCodebookQuantizer(Quantizer):
         Every process must call it (collectives). Returns the number of codes re-seeded.
         """
         candidates = all_gather_cat(recent.detach().float().contiguous())  # (sum_r M_r, dim)
-        dead = (self.usage_counts() < self.config.dead_code_threshold).nonzero().squeeze(1)  # (n,)
+        counts = self.usage_counts()  # (K,), identical on every process (summed over them)
+        level = self.dead_code_level(counts)
+        dead = (counts < level).nonzero().squeeze(1)  # (n,)
         num_dead = torch.tensor([dead.numel()], device=recent.device)
         broadcast_(num_dead, src=0)
         if int(num_dead) == 0:
@@ -471,7 +495,7 @@ class SingleCodebookQuantizer(Quantizer):
                 rows = torch.randperm(candidates.shape[0], generator=generator, device=candidates.device)[:n]
             else:
                 rows = torch.randint(candidates.shape[0], (n,), generator=generator, device=candidates.device)
-            self._reseed(dead, candidates[rows])
+            self._reseed(dead, candidates[rows], level)
         for t in self._state_tensors():
             broadcast_(t.data, src=0)
         return int(num_dead)

@@ -15,8 +15,8 @@ from .registry import Capabilities, register_quantizer
 
 @register_quantizer(
     "ema",
-    fields=("codebook_size", "beta", "decay", "eps", "rotation_trick", "dead_code_threshold", "dead_code_window",
-            "kmeans_iters", "kmeans_seed"),
+    fields=("codebook_size", "beta", "decay", "eps", "rotation_trick", "dead_code_threshold", "dead_code_relative",
+            "dead_code_window", "kmeans_iters", "kmeans_seed"),
     capabilities=Capabilities(learned_codebook=True, kmeans_init=True, dead_code_reset=True),
 )
 class EMAQuantizer(SingleCodebookQuantizer):
@@ -90,8 +90,7 @@ class EMAQuantizer(SingleCodebookQuantizer):
     def _state_tensors(self) -> list[torch.Tensor]:
         return [self.embed, self.cluster_size, self.embed_avg]
 
-    def _reseed(self, dead: torch.Tensor, samples: torch.Tensor) -> None:
-        threshold = self.config.dead_code_threshold
+    def _reseed(self, dead: torch.Tensor, samples: torch.Tensor, count: float) -> None:
         self.embed[dead] = samples
-        self.embed_avg[dead] = samples * threshold
-        self.cluster_size[dead] = threshold
+        self.embed_avg[dead] = samples * count
+        self.cluster_size[dead] = count

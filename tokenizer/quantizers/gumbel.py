@@ -37,7 +37,7 @@ def gumbel_softmax(logits: torch.Tensor, tau: torch.Tensor, hard: bool) -> torch
 @register_quantizer(
     "gumbel",
     fields=("codebook_size", "decay", "kl_weight", "straight_through", "tau_start", "tau_end", "tau_anneal_steps",
-            "dead_code_threshold", "dead_code_window", "kmeans_iters", "kmeans_seed"),
+            "dead_code_threshold", "dead_code_relative", "dead_code_window", "kmeans_iters", "kmeans_seed"),
     # codes come from learned logits, not from the nearest entry: a trainer does not k-means-initialise it
     capabilities=Capabilities(learned_codebook=True, kmeans_init=False, dead_code_reset=True),
 )
@@ -58,6 +58,13 @@ class GumbelQuantizer(SingleCodebookQuantizer):
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
         if self.dead_code_enabled:
             self.register_buffer("usage_ema", torch.ones(cfg.codebook_size))
+
+    def schedule(self) -> tuple[str, int]:
+        return "tau_anneal_steps", self.config.tau_anneal_steps
+
+    def tau_at(self, step: int) -> float:
+        cfg = self.config
+        return float(exponential_tau(torch.tensor(step), cfg.tau_start, cfg.tau_end, cfg.tau_anneal_steps))
 
     def tau(self) -> torch.Tensor:
         """Current temperature, a pure function of ``num_steps``."""
@@ -111,6 +118,6 @@ class GumbelQuantizer(SingleCodebookQuantizer):
     def _state_tensors(self) -> list[torch.Tensor]:
         return [self.embed, self.proj.weight, self.proj.bias, self.usage_ema]
 
-    def _reseed(self, dead: torch.Tensor, samples: torch.Tensor) -> None:
+    def _reseed(self, dead: torch.Tensor, samples: torch.Tensor, count: float) -> None:
         self._set_codes(dead, samples)
-        self.usage_ema[dead] = self.config.dead_code_threshold
+        self.usage_ema[dead] = count

@@ -16,8 +16,8 @@ from .registry import Capabilities, register_quantizer
 
 @register_quantizer(
     "vq",
-    fields=("codebook_size", "beta", "decay", "cosine", "rotation_trick", "dead_code_threshold", "dead_code_window",
-            "kmeans_iters", "kmeans_seed"),
+    fields=("codebook_size", "beta", "decay", "cosine", "rotation_trick", "dead_code_threshold", "dead_code_relative",
+            "dead_code_window", "kmeans_iters", "kmeans_seed"),
     capabilities=Capabilities(learned_codebook=True, kmeans_init=True, dead_code_reset=True),
 )
 class VQQuantizer(SingleCodebookQuantizer):
@@ -78,6 +78,6 @@ class VQQuantizer(SingleCodebookQuantizer):
     def _state_tensors(self) -> list[torch.Tensor]:
         return [self.codebook, self.usage_ema]
 
-    def _reseed(self, dead: torch.Tensor, samples: torch.Tensor) -> None:
+    def _reseed(self, dead: torch.Tensor, samples: torch.Tensor, count: float) -> None:
         self.codebook.data[dead] = samples
-        self.usage_ema[dead] = self.config.dead_code_threshold
+        self.usage_ema[dead] = count
