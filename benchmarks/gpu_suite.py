@@ -45,12 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from peak_memory import peak_mb  # noqa: E402
 from tokenizer_throughput import PRESETS, res256_operations, vq16_config  # noqa: E402
 
-from prior.config import PriorModelConfig  # noqa: E402
-from prior.model import Prior  # noqa: E402
-from prior.sampling import SamplingConfig, sample_tokens  # noqa: E402
-from prior.vocab import TokenVocab  # noqa: E402
-from tokenizer.io import save_json  # noqa: E402
-from tokenizer.model import ModelConfig, VQVAE  # noqa: E402
+from vqgen.prior.config import PriorModelConfig  # noqa: E402
+from vqgen.prior.model import Prior  # noqa: E402
+from vqgen.prior.sampling import SamplingConfig, sample_tokens  # noqa: E402
+from vqgen.prior.vocab import TokenVocab  # noqa: E402
+from vqgen.core.io import save_json  # noqa: E402
+from vqgen.tokenizer.model import ModelConfig, VQVAE  # noqa: E402
 
 LLAMAGEN_B = {"arch": "llama", "n_layer": 12, "n_head": 12, "n_embd": 768}
 TINY_PRIOR = {"arch": "llama", "n_layer": 2, "n_head": 2, "n_embd": 32}

@@ -29,10 +29,10 @@ from transformers.activations import ACT2FN
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prior.config import PriorModelConfig  # noqa: E402
-from prior.model import Prior  # noqa: E402
-from prior.vocab import TokenVocab  # noqa: E402
-from tokenizer.io import save_json  # noqa: E402
+from vqgen.prior.config import PriorModelConfig  # noqa: E402
+from vqgen.prior.model import Prior  # noqa: E402
+from vqgen.prior.vocab import TokenVocab  # noqa: E402
+from vqgen.core.io import save_json  # noqa: E402
 
 VARIANTS = ("gelu", "gelu_new", "gelu_pytorch_tanh")
 BASELINE = "gelu_new"

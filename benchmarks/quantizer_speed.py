@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from peak_memory import peak_mb, pin_mmap_threshold  # benchmarks/peak_memory.py
-from tokenizer.quantizers import QuantizerConfig, build_quantizer
+from vqgen.tokenizer.quantizers import QuantizerConfig, build_quantizer
 
 
 def interleaved_times(fns: list, repeats: int, device: torch.device) -> list[list[float]]:

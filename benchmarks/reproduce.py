@@ -40,8 +40,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from eval.studies import combine_verdicts, compare_arms, default_margin, holm, summarize, verdict  # noqa: E402
-from tokenizer.io import load_json, save_json  # noqa: E402
+from vqgen.eval.studies import combine_verdicts, compare_arms, default_margin, holm, summarize, verdict  # noqa: E402
+from vqgen.core.io import load_json, save_json  # noqa: E402
 
 STUDIES = ("adaptive", "deferred", "quantizers")
 DATASETS = ("mnist", "cifar10")
@@ -83,7 +83,7 @@ def scaled_overrides(cfg, steps: int) -> list[str]:
     """Step-valued settings scaled from the experiment's own ``train.steps`` to ``steps`` (e.g. the authors'
     tau schedule over 20k steps becomes the same schedule over the shorter run). Only settings in use are
     touched: schedule lengths that are set, and quantizer fields the arm's kind reads."""
-    from tokenizer.quantizers.registry import spec_of
+    from vqgen.tokenizer.quantizers.registry import spec_of
 
     ratio = steps / cfg.tokenizer.train.steps
     quantizer_fields = spec_of(cfg.tokenizer.model.quantizer.kind).fields
@@ -103,7 +103,7 @@ def scaled_overrides(cfg, steps: int) -> list[str]:
 
 def study_runs(args, study: str, dataset: str) -> list[dict]:
     """Every run of one study on one data set: name, arm, seed, the experiment file and its overrides."""
-    from pipelines.run import expand_sweep, load_experiment
+    from vqgen.pipelines.run import expand_sweep, load_experiment
 
     sweep = REPO / "configs" / "experiments" / f"study_{study}_{dataset}.yaml"
     expanded, _ = expand_sweep(sweep)
@@ -130,10 +130,10 @@ def study_runs(args, study: str, dataset: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- one run
 def study_metrics(run_dir: Path, oracle: bool, batch_size: int = 250) -> dict:
     """Codebook metrics of the run's tokenizer on the whole test split (cached with its fingerprint)."""
-    from eval.codebook import codebook_metrics
-    from tokenizer.config import from_dict, read_yaml
-    from tokenizer.data import DataConfig, build_dataset, make_dataloader
-    from tokenizer.model import VQVAE, tokenizer_fingerprint
+    from vqgen.eval.codebook import codebook_metrics
+    from vqgen.core.config import from_dict, read_yaml
+    from vqgen.tokenizer.data import DataConfig, build_dataset, make_dataloader
+    from vqgen.tokenizer.model import VQVAE, tokenizer_fingerprint
 
     tok = run_dir / "tokenizer"
     path = run_dir / "study_metrics.json"
@@ -155,7 +155,7 @@ def run_one(spec: dict) -> tuple[str, str | None]:
     torch.set_num_threads(1)
     os.environ.setdefault("VQGEN_NO_PROGRESS", "1")
     try:
-        from pipelines.run import load_experiment, run_experiment
+        from vqgen.pipelines.run import load_experiment, run_experiment
 
         cfg = load_experiment(spec["config"], spec["overrides"])
         t0 = time.perf_counter()
@@ -172,8 +172,8 @@ def run_one(spec: dict) -> tuple[str, str | None]:
 
 def prepare_feature_spaces(spec: dict) -> None:
     """Train and cache the evaluation feature extractors once, before parallel runs could race for them."""
-    from eval.fid import load_feature_space
-    from pipelines.run import load_experiment
+    from vqgen.eval.fid import load_feature_space
+    from vqgen.pipelines.run import load_experiment
 
     cfg = load_experiment(spec["config"], spec["overrides"])
     ev = cfg.evaluate
@@ -207,7 +207,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def ladder_of(run_dir: Path) -> list[tuple[int, int]]:
     """(N, D) of each codebook of the run's tokenizer."""
-    from tokenizer.config import read_yaml
+    from vqgen.core.config import read_yaml
 
     q = read_yaml(run_dir / "tokenizer" / "config.yaml")["model"]["quantizer"]
     if q["kind"] == "adaptive":
@@ -291,7 +291,7 @@ def run_record(spec: dict) -> dict | None:
 def final_temperature(run_dir: Path) -> dict:
     """``tau_last_step`` (the temperature of the last training step, from ``metrics.jsonl``) and ``tau_end`` (what
     the configured schedule reaches after the quantized phase) of a run whose quantizer anneals one."""
-    from tokenizer.config import read_yaml
+    from vqgen.core.config import read_yaml
 
     rows = [r for r in read_jsonl(run_dir / "tokenizer" / "metrics.jsonl") if r.get("tau") is not None]
     if not rows:
@@ -404,7 +404,7 @@ def collect(args, study: str, dataset: str) -> dict | None:
 
 
 def hardware() -> str:
-    from tokenizer.provenance import machine_summary
+    from vqgen.core.provenance import machine_summary
 
     device = machine_summary() if torch.cuda.is_available() else f"{machine_summary()}, no GPU"
     return f"{device}; torch {torch.__version__}; runs single-threaded, {os.cpu_count()} at a time at most"

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from transformers import StaticCache
 
-from prior.config import PriorModelConfig
-from prior.model import Prior
-from prior.sampling import SamplingConfig, sample_tokens
-from prior.vocab import TokenVocab
-from tokenizer.io import save_json
+from vqgen.prior.config import PriorModelConfig
+from vqgen.prior.model import Prior
+from vqgen.prior.sampling import SamplingConfig, sample_tokens
+from vqgen.prior.vocab import TokenVocab
+from vqgen.core.io import save_json
 
 
 def _sync(device: torch.device) -> None:

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from peak_memory import peak_mb, pin_mmap_threshold  # benchmarks/peak_memory.py
-from tokenizer.model import ModelConfig, VQVAE
-from tokenizer.quantizers import QuantizerConfig
+from vqgen.tokenizer.model import ModelConfig, VQVAE
+from vqgen.tokenizer.quantizers import QuantizerConfig
 
 PRESETS = {
     "ema 512x128": QuantizerConfig(kind="ema", codebook_size=512, dim=128),
@@ -65,9 +65,9 @@ def vq16_config(image_size: int = 256) -> ModelConfig:
 def res256_operations(batch: int, infer: int, device: str, image_size: int = 256,
                       config: ModelConfig | None = None) -> dict:
     """Name -> (closure, images per call) for the 256-px rows (``config``: another model, e.g. a tiny one)."""
-    from tokenizer.discriminator import DiscriminatorConfig, build_discriminator
-    from tokenizer.losses import LossConfig, TokenizerLoss
-    from tokenizer.perceptual import PerceptualConfig, build_perceptual
+    from vqgen.tokenizer.discriminator import DiscriminatorConfig, build_discriminator
+    from vqgen.tokenizer.losses import LossConfig, TokenizerLoss
+    from vqgen.tokenizer.perceptual import PerceptualConfig, build_perceptual
 
     torch.manual_seed(0)
     model = VQVAE(config or vq16_config(image_size)).to(device).train()

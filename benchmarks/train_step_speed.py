@@ -32,10 +32,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenizer.io import save_json  # noqa: E402
-from tokenizer.model import ModelConfig, VQVAE  # noqa: E402
-from tokenizer.quantizers import QuantizerConfig  # noqa: E402
-from tokenizer.training import make_optimizer  # noqa: E402
+from vqgen.core.io import save_json  # noqa: E402
+from vqgen.tokenizer.model import ModelConfig, VQVAE  # noqa: E402
+from vqgen.tokenizer.quantizers import QuantizerConfig  # noqa: E402
+from vqgen.core.training import make_optimizer  # noqa: E402
 
 VARIANTS = ("default", "channels_last", "fused_adamw", "compile")
 

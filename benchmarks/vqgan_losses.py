@@ -60,10 +60,10 @@ def run(cmd: list[str], log: Path) -> float:
 @torch.no_grad()
 def lpips_of_run(run_dir: Path, perceptual_overrides: list[str], num_images: int, batch_size: int = 100) -> dict:
     """Mean LPIPS between test images and their reconstructions, with the arms' perceptual network."""
-    from tokenizer.config import from_dict, load_config, read_yaml
-    from tokenizer.data import DataConfig, build_dataset, make_dataloader
-    from tokenizer.model import VQVAE
-    from tokenizer.perceptual import PerceptualConfig, build_perceptual
+    from vqgen.core.config import from_dict, load_config, read_yaml
+    from vqgen.tokenizer.data import DataConfig, build_dataset, make_dataloader
+    from vqgen.tokenizer.model import VQVAE
+    from vqgen.tokenizer.perceptual import PerceptualConfig, build_perceptual
 
     model = VQVAE.from_pretrained(run_dir / "tokenizer" / "model")
     data_cfg = from_dict(DataConfig, read_yaml(run_dir / "tokenizer" / "config.yaml")["data"], prefix="data.")
@@ -104,10 +104,10 @@ def main(argv=None) -> dict:
         log = out / f"{arm}.log"
         train_s = None
         if not (run_dir / "tokenizer" / "summary.json").is_file():
-            train_s = run([sys.executable, "-m", "pipelines.train_tokenizer", "--config", args.config,
+            train_s = run([sys.executable, "-m", "vqgen.pipelines.train_tokenizer", "--config", args.config,
                            "--output-dir", str(run_dir / "tokenizer"), *overrides], log)
         if not (run_dir / "report.json").is_file():
-            run([sys.executable, "-m", "pipelines.evaluate", "--run", str(run_dir), f"num_images={args.num_images}"], log)
+            run([sys.executable, "-m", "vqgen.pipelines.evaluate", "--run", str(run_dir), f"num_images={args.num_images}"], log)
         report = json.loads((run_dir / "report.json").read_text())
         summary = json.loads((run_dir / "tokenizer" / "summary.json").read_text())
         spaces = report.get("feature_spaces", {})

@@ -29,8 +29,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from tokenizer.model import VQVAE
-from tokenizer.stats import code_distance, live_code_distance, perplexity_from_counts
+from vqgen.tokenizer.model import VQVAE
+from vqgen.tokenizer.stats import code_distance, live_code_distance, perplexity_from_counts
 
 __all__ = ["all_code_distance", "codebook_metrics", "tokenizer_details"]
 

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch_fidelity import register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from tokenizer import training
-from tokenizer.config import to_dict
+from vqgen.core import training
+from vqgen.core.config import to_dict
 
 from .features import (
     BackboneFeatureExtractor,
@@ -293,7 +293,7 @@ def train_contrastive(data_cfg, cfg: ContrastiveConfig | None = None, device: st
 
     Returns ``(backbone, meta)``; ``meta`` is the JSON-able description stored next to the weights.
     """
-    from tokenizer.data import build_dataset
+    from vqgen.tokenizer.data import build_dataset
 
     cfg = cfg or ContrastiveConfig()
     train = build_dataset(data_cfg, "train")
@@ -344,7 +344,7 @@ class ContrastiveFeatureExtractor(BackboneFeatureExtractor):
     :func:`offline_contrastive`, with its ``meta.json`` beside it.
     """
 
-    trained_by = "eval.contrastive.offline_contrastive(data_cfg)"
+    trained_by = "vqgen.eval.contrastive.offline_contrastive(data_cfg)"
 
     @staticmethod
     def get_provided_features_list():

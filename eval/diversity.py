@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from tokenizer.layout import CodebookLayout
+from vqgen.tokenizer.layout import CodebookLayout
 
 __all__ = [
     "LatentMoments",

@@ -40,9 +40,9 @@ from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from tokenizer import training
-from tokenizer.config import to_dict
-from tokenizer.io import atomic_path, load_json, save_json
+from vqgen.core import training
+from vqgen.core.config import to_dict
+from vqgen.core.io import atomic_path, load_json, save_json
 
 __all__ = [
     "BackboneFeatureExtractor",
@@ -165,7 +165,7 @@ def _batch_targets(task: str, batch: dict, generator: torch.Generator) -> tuple[
 
 
 def _accuracy(model: FeatureClassifier, dataset, task: str, cfg: ClassifierConfig, device: torch.device) -> dict:
-    from tokenizer.data import make_dataloader
+    from vqgen.tokenizer.data import make_dataloader
 
     n = min(len(dataset), cfg.max_test_images)
     subset = torch.utils.data.Subset(dataset, range(n))
@@ -207,7 +207,7 @@ def make_optimizer(params, lr: float, steps: int, weight_decay: float = 1e-4):
 def held_out_split(data_cfg, train):
     """(dataset, split name) to measure an extractor on: ``test``, else ``validation``, else ``train``
     itself (stated in the split name, so a report never passes train accuracy off as test accuracy)."""
-    from tokenizer.data import build_dataset
+    from vqgen.tokenizer.data import build_dataset
 
     for split in ("test", "validation"):
         try:
@@ -224,7 +224,7 @@ def train_classifier(data_cfg, cfg: ClassifierConfig | None = None, device: str 
 
     Returns ``(model, meta)``; ``meta`` is the JSON-able description stored next to the weights.
     """
-    from tokenizer.data import build_dataset, make_dataloader
+    from vqgen.tokenizer.data import build_dataset, make_dataloader
 
     cfg = cfg or ClassifierConfig()
     cfg.validate()
@@ -335,7 +335,7 @@ class BackboneFeatureExtractor(FeatureExtractorBase):
     other sizes are resized to the backbone's.
     """
 
-    trained_by = "eval.features.offline_classifier(data_cfg)"  # named in the error messages
+    trained_by = "vqgen.eval.features.offline_classifier(data_cfg)"  # named in the error messages
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)

@@ -31,7 +31,7 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
-from tokenizer.io import atomic_path, file_fingerprint
+from vqgen.core.io import atomic_path, file_fingerprint
 
 from .contrastive import CONTRASTIVE_EXTRACTOR_NAME, ContrastiveConfig, offline_contrastive
 from .features import CLASSIFIER_EXTRACTOR_NAME, ClassifierConfig, cache_root, offline_classifier

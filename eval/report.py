@@ -12,7 +12,7 @@ import html
 import math
 from pathlib import Path
 
-from tokenizer.io import atomic_path, save_json
+from vqgen.core.io import atomic_path, save_json
 
 __all__ = ["flatten", "format_value", "write_comparison", "write_report"]
 

@@ -1,7 +1,7 @@
 """The ``vqgen`` command: one subcommand per stage, plus ``run`` for a whole experiment.
 
-``vqgen train-tokenizer ARGS`` is the same as ``python -m pipelines.train_tokenizer ARGS``; under
-``accelerate launch`` use the ``-m pipelines.<stage>`` form.
+``vqgen train-tokenizer ARGS`` is the same as ``python -m vqgen.pipelines.train_tokenizer ARGS``; under
+``accelerate launch`` use the ``-m vqgen.pipelines.<stage>`` form.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import sys
 from typing import Sequence
 
 STAGES = {
-    "train-tokenizer": ("pipelines.train_tokenizer", "train a VQ-VAE tokenizer (stage 1)"),
-    "encode": ("pipelines.encode", "turn a data set into token ids with a trained tokenizer"),
-    "train-prior": ("pipelines.train_prior", "train a GPT prior on token ids (stage 2)"),
-    "sample": ("pipelines.sample", "sample images from a prior"),
-    "evaluate": ("pipelines.evaluate", "reconstruction, FID, diversity and shrinkage reports"),
-    "run": ("pipelines.run", "run an experiment end to end (resumable stage by stage)"),
+    "train-tokenizer": ("vqgen.pipelines.train_tokenizer", "train a VQ-VAE tokenizer (stage 1)"),
+    "encode": ("vqgen.pipelines.encode", "turn a data set into token ids with a trained tokenizer"),
+    "train-prior": ("vqgen.pipelines.train_prior", "train a GPT prior on token ids (stage 2)"),
+    "sample": ("vqgen.pipelines.sample", "sample images from a prior"),
+    "evaluate": ("vqgen.pipelines.evaluate", "reconstruction, FID, diversity and shrinkage reports"),
+    "run": ("vqgen.pipelines.run", "run an experiment end to end (resumable stage by stage)"),
 }
 
 

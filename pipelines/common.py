@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipelines.stages import STAGE_RECORD, code_change, read_record, with_provenance, write_record
-from tokenizer.config import load_config, save_config
-from tokenizer.errors import CorruptFileError, UserError
-from tokenizer.io import atomic_path, check_safetensors, load_json, save_json
-from tokenizer.training import NonFiniteLossError  # noqa: F401  (raised here, defined with the training skeleton)
+from vqgen.pipelines.stages import STAGE_RECORD, code_change, read_record, with_provenance, write_record
+from vqgen.core.config import load_config, save_config
+from vqgen.core.errors import CorruptFileError, UserError
+from vqgen.core.io import atomic_path, check_safetensors, load_json, save_json
+from vqgen.core.training import NonFiniteLossError  # noqa: F401  (raised here, defined with the training skeleton)
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 

@@ -1,9 +1,9 @@
 """Encode a data set into token ids with a trained tokenizer (input of the prior, stage 2).
 
-Runs as ``python -m pipelines.encode`` and under ``accelerate launch [--multi_gpu --num_processes N] -m``:
+Runs as ``python -m vqgen.pipelines.encode`` and under ``accelerate launch [--multi_gpu --num_processes N] -m``:
 every process encodes its shard, the main process gathers the ids in data order and writes them::
 
-    python -m pipelines.encode --tokenizer-run RUN/tokenizer --output-dir RUN/tokens --splits train,validation
+    python -m vqgen.pipelines.encode --tokenizer-run RUN/tokenizer --output-dir RUN/tokens --splits train,validation
 
 The data comes from the tokenizer run's ``config.yaml`` (its ``data`` section), the tokenizer from
 ``RUN/tokenizer/model``. Output layout: see ``prior.data``. A split already encoded with the same
@@ -21,14 +21,14 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.common import add_debug_flag, check_output_dir, entry_point, show_progress, use_cpu_processes
-from prior.data import TOKENS_FORMAT, TOKENS_META, TokenDataError, save_token_split, split_file
-from prior.model import tokenizer_record
-from tokenizer.config import ConfigError, from_dict, read_yaml, to_dict
-from tokenizer.data import SPLITS, DataConfig, build_dataset, make_dataloader
-from tokenizer.errors import MissingFileError
-from tokenizer.io import load_json, save_json
-from tokenizer.model import VQVAE
+from vqgen.pipelines.common import add_debug_flag, check_output_dir, entry_point, show_progress, use_cpu_processes
+from vqgen.prior.data import TOKENS_FORMAT, TOKENS_META, TokenDataError, save_token_split, split_file
+from vqgen.prior.model import tokenizer_record
+from vqgen.core.config import ConfigError, from_dict, read_yaml, to_dict
+from vqgen.tokenizer.data import SPLITS, DataConfig, build_dataset, make_dataloader
+from vqgen.core.errors import MissingFileError
+from vqgen.core.io import load_json, save_json
+from vqgen.tokenizer.model import VQVAE
 
 
 def tokenizer_data_config(tokenizer_run: Path) -> DataConfig:

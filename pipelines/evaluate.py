@@ -1,9 +1,9 @@
 """Evaluate a run: reconstruction, FID-type metrics, diversity and shrinkage, as ``report.json`` + ``report.html``.
 
-    python -m pipelines.evaluate --run RUN                        # writes RUN/report.{json,md,html}
-    python -m pipelines.evaluate --run RUN_A --run RUN_B --output DIR   # plus DIR/comparison.{json,md,html}
-    python -m pipelines.evaluate --run RUN --extractor inception --weights-path pt_inception.pth
-    python -m pipelines.evaluate --run RUN extractor=contrastive extra_extractors=[offline]
+    python -m vqgen.pipelines.evaluate --run RUN                        # writes RUN/report.{json,md,html}
+    python -m vqgen.pipelines.evaluate --run RUN_A --run RUN_B --output DIR   # plus DIR/comparison.{json,md,html}
+    python -m vqgen.pipelines.evaluate --run RUN --extractor inception --weights-path pt_inception.pth
+    python -m vqgen.pipelines.evaluate --run RUN extractor=contrastive extra_extractors=[offline]
 
 FID-type metrics are computed in the primary feature space (``extractor``; its numbers keep their places,
 ``tokenizer.rfid``, ``generation.fid``, ...) and in every space of ``extra_extractors`` (by default also the
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.contrastive import ContrastiveConfig
-from eval.diversity import (
+from vqgen.eval.contrastive import ContrastiveConfig
+from vqgen.eval.diversity import (
     code_histogram,
     mean_pairwise_distance,
     mode_coverage,
@@ -40,8 +40,8 @@ from eval.diversity import (
     token_statistics,
     usage,
 )
-from eval.features import ClassifierConfig
-from eval.fid import (
+from vqgen.eval.features import ClassifierConfig
+from vqgen.eval.fid import (
     EXTRACTORS,
     FeatureExtractorError,
     FeatureSpace,
@@ -51,7 +51,7 @@ from eval.fid import (
     load_feature_space,
     reference_key,
 )
-from eval.plots import (
+from vqgen.eval.plots import (
     plot_code_usage,
     plot_comparison,
     plot_per_image,
@@ -60,15 +60,15 @@ from eval.plots import (
     plot_training_curves,
     save_grids,
 )
-from eval.reconstruction import SplitPass, tokenizer_pass
-from eval.report import write_comparison, write_report
-from pipelines.common import add_debug_flag, check_output_dir, entry_point
-from tokenizer.config import from_dict, load_config, read_yaml
-from tokenizer.errors import UserError
-from tokenizer.provenance import provenance
-from tokenizer.io import load_safetensors
-from tokenizer.data import SPLITS, DataConfig, build_dataset, make_dataloader
-from tokenizer.model import VQVAE, tokenizer_fingerprint
+from vqgen.eval.reconstruction import SplitPass, tokenizer_pass
+from vqgen.eval.report import write_comparison, write_report
+from vqgen.pipelines.common import add_debug_flag, check_output_dir, entry_point
+from vqgen.core.config import from_dict, load_config, read_yaml
+from vqgen.core.errors import UserError
+from vqgen.core.provenance import provenance
+from vqgen.core.io import load_safetensors
+from vqgen.tokenizer.data import SPLITS, DataConfig, build_dataset, make_dataloader
+from vqgen.tokenizer.model import VQVAE, tokenizer_fingerprint
 
 
 class EvalError(UserError, ValueError):

@@ -1,7 +1,7 @@
 """Run an experiment end to end: train tokenizer -> encode -> train prior -> sample -> evaluate.
 
     vqgen run --config configs/experiments/quickstart.yaml
-    python -m pipelines.run --config configs/experiments/quickstart.yaml prior.train.steps=100 sample.num_samples=200
+    python -m vqgen.pipelines.run --config configs/experiments/quickstart.yaml prior.train.steps=100 sample.num_samples=200
     vqgen run --config A.yaml --config B.yaml --compare-dir runs/a_vs_b   # several, plus a comparison
     vqgen run --config configs/experiments/sweep_mnist_deferred.yaml      # a sweep file (see expand_sweep)
     vqgen run --config configs/experiments/quickstart.yaml --force prior  # redo the prior and what follows
@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from tokenizer.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, save_config, to_dict
-from tokenizer.io import load_json
-from tokenizer.provenance import machine_summary, provenance
+from vqgen.core.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, save_config, to_dict
+from vqgen.core.io import load_json
+from vqgen.core.provenance import machine_summary, provenance
 
-from pipelines.common import add_debug_flag, check_output_dir, entry_point
-from pipelines.encode import encode
-from pipelines.evaluate import EvalConfig, compare_runs, evaluate_run
-from pipelines.sample import sample
-from pipelines.stages import (
+from vqgen.pipelines.common import add_debug_flag, check_output_dir, entry_point
+from vqgen.pipelines.encode import encode
+from vqgen.pipelines.evaluate import EvalConfig, compare_runs, evaluate_run
+from vqgen.pipelines.sample import sample
+from vqgen.pipelines.stages import (
     STAGE_RECORD,
     StaleStageError,
     file_inputs,
@@ -49,9 +49,9 @@ from pipelines.stages import (
     with_provenance,
     write_record,
 )
-from pipelines.train_prior import PriorRunConfig, prior_stage_record, train_prior
-from pipelines.train_tokenizer import TokenizerRunConfig, train_tokenizer
-from prior.sampling import SamplingConfig
+from vqgen.pipelines.train_prior import PriorRunConfig, prior_stage_record, train_prior
+from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, train_tokenizer
+from vqgen.prior.sampling import SamplingConfig
 
 STAGES = ("tokenizer", "encode", "prior", "sample", "evaluate")
 SECTIONS = ("tokenizer", "encode", "prior", "sample", "evaluate")  # may be inline mappings or YAML file paths

@@ -1,9 +1,9 @@
 """Sample images from a trained prior and its tokenizer.
 
-Runs as ``python -m pipelines.sample`` and under ``accelerate launch [--multi_gpu --num_processes N] -m``
+Runs as ``python -m vqgen.pipelines.sample`` and under ``accelerate launch [--multi_gpu --num_processes N] -m``
 (each process samples a contiguous share of the sample indices; the main process merges)::
 
-    python -m pipelines.sample --prior RUN/prior/model --output-dir RUN/samples --num-samples 1000 \
+    python -m vqgen.pipelines.sample --prior RUN/prior/model --output-dir RUN/samples --num-samples 1000 \
         --temperature 1.0 --top-k 100 --cfg-scale 2.0
 
 Output (``eval`` reads these names)::
@@ -31,15 +31,15 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pipelines.common import add_debug_flag, check_output_dir, die, entry_point, show_progress, use_cpu_processes
-from prior.model import Prior, check_tokenizer
-from prior.sampling import SamplingConfig, SamplingError, sample_tokens
-from tokenizer.config import from_dict
-from tokenizer.data import denormalize, save_image_grid
-from tokenizer.errors import MissingFileError
-from tokenizer.provenance import provenance
-from tokenizer.io import atomic_path, file_fingerprint, save_json
-from tokenizer.model import VQVAE
+from vqgen.pipelines.common import add_debug_flag, check_output_dir, die, entry_point, show_progress, use_cpu_processes
+from vqgen.prior.model import Prior, check_tokenizer
+from vqgen.prior.sampling import SamplingConfig, SamplingError, sample_tokens
+from vqgen.core.config import from_dict
+from vqgen.tokenizer.data import denormalize, save_image_grid
+from vqgen.core.errors import MissingFileError
+from vqgen.core.provenance import provenance
+from vqgen.core.io import atomic_path, file_fingerprint, save_json
+from vqgen.tokenizer.model import VQVAE
 
 GRID_SAMPLES = 64
 

@@ -29,10 +29,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tokenizer.config import ConfigError, from_dict, read_yaml, to_dict
-from tokenizer.errors import UserError
-from tokenizer.io import file_fingerprint, load_json, save_json
-from tokenizer.provenance import describe, provenance, same_code
+from vqgen.core.config import ConfigError, from_dict, read_yaml, to_dict
+from vqgen.core.errors import UserError
+from vqgen.core.io import file_fingerprint, load_json, save_json
+from vqgen.core.provenance import describe, provenance, same_code
 
 STAGE_RECORD = "vqgen_stage.json"
 RECORD_FORMAT = 1

@@ -1,9 +1,9 @@
 """Stage 2: train the GPT prior on encoded tokens.
 
-Runs unchanged as ``python -m pipelines.train_prior``, ``accelerate launch -m pipelines.train_prior`` and
-``accelerate launch --multi_gpu --num_processes N -m pipelines.train_prior``::
+Runs unchanged as ``python -m vqgen.pipelines.train_prior``, ``accelerate launch -m vqgen.pipelines.train_prior`` and
+``accelerate launch --multi_gpu --num_processes N -m vqgen.pipelines.train_prior``::
 
-    python -m pipelines.train_prior --config configs/prior/synthetic_cond.yaml --output-dir RUN/prior tokens=RUN/tokens
+    python -m vqgen.pipelines.train_prior --config configs/prior/synthetic_cond.yaml --output-dir RUN/prior tokens=RUN/tokens
 
 Writes ``RUN/prior/``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step_*``, ``model/`` (the prior,
 with the record of its tokenizer) and ``summary.json`` (``val_nll`` in nats per token of the saved model,
@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.common import (
+from vqgen.pipelines.common import (
     CheckpointManager,
     EarlyStopping,
     MetricsLogger,
@@ -45,13 +45,13 @@ from pipelines.common import (
     show_progress,
     write_run_config,
 )
-from pipelines.stages import STAGE_RECORD, check_record, file_inputs, make_record
-from prior.config import PriorModelConfig
-from prior.data import TokenDataError, TokenDataset, read_token_meta, token_layout
-from prior.model import Prior
-from prior.vocab import TokenVocab
-from tokenizer import training
-from tokenizer.data import make_dataloader
+from vqgen.pipelines.stages import STAGE_RECORD, check_record, file_inputs, make_record
+from vqgen.prior.config import PriorModelConfig
+from vqgen.prior.data import TokenDataError, TokenDataset, read_token_meta, token_layout
+from vqgen.prior.model import Prior
+from vqgen.prior.vocab import TokenVocab
+from vqgen.core import training
+from vqgen.tokenizer.data import make_dataloader
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Stage 1: train a VQ-VAE tokenizer, the usual way or with deferred quantization.
 
-Runs unchanged as ``python -m pipelines.train_tokenizer``, ``accelerate launch -m pipelines.train_tokenizer``
-and ``accelerate launch --multi_gpu --num_processes N -m pipelines.train_tokenizer``::
+Runs unchanged as ``python -m vqgen.pipelines.train_tokenizer``, ``accelerate launch -m vqgen.pipelines.train_tokenizer``
+and ``accelerate launch --multi_gpu --num_processes N -m vqgen.pipelines.train_tokenizer``::
 
-    python -m pipelines.train_tokenizer --config configs/tokenizer/synthetic_ema.yaml --output-dir runs/tok
+    python -m vqgen.pipelines.train_tokenizer --config configs/tokenizer/synthetic_ema.yaml --output-dir runs/tok
 
 Schedules (``schedule.mode``):
 - ``early``: quantize from step 0; the codebook starts random (``schedule.init=random``) or from k-means on
@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.common import (
+from vqgen.pipelines.common import (
     CheckpointManager,
     MetricsLogger,
     TrainConfig,
@@ -54,16 +54,16 @@ from pipelines.common import (
     warn,
     write_run_config,
 )
-from pipelines.stages import STAGE_RECORD, check_record, make_record
-from tokenizer import training
-from tokenizer.data import DataConfig, build_dataset, make_dataloader
-from tokenizer.discriminator import build_discriminator
-from tokenizer.losses import LossConfig, TokenizerLoss
-from tokenizer.model import ModelConfig, VQVAE
-from tokenizer.perceptual import build_perceptual
-from tokenizer.quantizers import registered_kinds, spec_of
-from eval.codebook import all_code_distance, codebook_metrics
-from tokenizer.stats import code_counts, live_code_distance
+from vqgen.pipelines.stages import STAGE_RECORD, check_record, make_record
+from vqgen.core import training
+from vqgen.tokenizer.data import DataConfig, build_dataset, make_dataloader
+from vqgen.tokenizer.discriminator import build_discriminator
+from vqgen.tokenizer.losses import LossConfig, TokenizerLoss
+from vqgen.tokenizer.model import ModelConfig, VQVAE
+from vqgen.tokenizer.perceptual import build_perceptual
+from vqgen.tokenizer.quantizers import registered_kinds, spec_of
+from vqgen.eval.codebook import all_code_distance, codebook_metrics
+from vqgen.tokenizer.stats import code_counts, live_code_distance
 
 
 @dataclass

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from tokenizer.errors import UserError
-from tokenizer.io import atomic_path, load_json, load_safetensors
-from tokenizer.layout import CodebookLayout
+from vqgen.core.errors import UserError
+from vqgen.core.io import atomic_path, load_json, load_safetensors
+from vqgen.tokenizer.layout import CodebookLayout
 
 TOKENS_META = "meta.json"
 TOKENS_FORMAT = 1
@@ -58,7 +58,7 @@ def read_token_meta(directory: str | Path) -> dict:
     if not path.is_file():
         raise TokenDataError(
             f"{directory} holds no encoded tokens (no {TOKENS_META}); run "
-            f"`python -m pipelines.encode --tokenizer-run RUN/tokenizer --output-dir {directory}` first"
+            f"`python -m vqgen.pipelines.encode --tokenizer-run RUN/tokenizer --output-dir {directory}` first"
         )
     meta = load_json(path)
     if meta.get("format") != TOKENS_FORMAT:

@@ -18,10 +18,10 @@ from huggingface_hub import ModelHubMixin
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from tokenizer.config import from_dict
-from tokenizer.hub import CARD_TEMPLATE, LIBRARY_NAME, card_kwargs, hub_folder, is_hub_id
-from tokenizer.errors import CorruptFileError, MissingFileError, UserError
-from tokenizer.io import atomic_path, check_safetensors, file_fingerprint, load_json, save_json
+from vqgen.core.config import from_dict
+from vqgen.core.hub import CARD_TEMPLATE, LIBRARY_NAME, card_kwargs, hub_folder, is_hub_id
+from vqgen.core.errors import CorruptFileError, MissingFileError, UserError
+from vqgen.core.io import atomic_path, check_safetensors, file_fingerprint, load_json, save_json
 
 from .config import PriorModelConfig
 from .vocab import TokenVocab
@@ -50,7 +50,7 @@ class PriorOutput:
 
 def tokenizer_record(tokenizer_dir: str | Path) -> dict:
     """Identity of a saved tokenizer: its path, its fingerprint and the sha256 of each defining file."""
-    from tokenizer.model import tokenizer_fingerprint  # late import: the prior library needs no model code
+    from vqgen.tokenizer.model import tokenizer_fingerprint  # late import: the prior library needs no model code
 
     tokenizer_dir = Path(tokenizer_dir)
     missing = [name for name in TOKENIZER_FILES if not (tokenizer_dir / name).is_file()]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import StaticCache
 
-from tokenizer.errors import UserError
+from vqgen.core.errors import UserError
 
 from .model import Prior
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenizer.errors import UserError
-from tokenizer.layout import CodebookLayout
+from vqgen.core.errors import UserError
+from vqgen.tokenizer.layout import CodebookLayout
 
 
 class VocabError(UserError, ValueError):

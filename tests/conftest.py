@@ -32,7 +32,7 @@ def tiny_run(tmp_path_factory):
     """
     from pathlib import Path
 
-    from pipelines.run import load_experiment, run_experiment
+    from vqgen.pipelines.run import load_experiment, run_experiment
 
     run = tmp_path_factory.mktemp("tiny_run") / "run"
     tiny = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny.yaml"

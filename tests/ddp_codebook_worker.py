@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from tokenizer.quantizers import KINDS, QuantizerConfig, build_quantizer, spec_of
+from vqgen.tokenizer.quantizers import KINDS, QuantizerConfig, build_quantizer, spec_of
 
 DIM = 8
 # kinds with a k-means-initialisable, EMA-tracked codebook that dead-code resets re-seed

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from tokenizer.config import ConfigError, from_dict, load_config, parse_overrides, save_config, to_dict
-from tokenizer.io import atomic_path
+from vqgen.core.config import ConfigError, from_dict, load_config, parse_overrides, save_config, to_dict
+from vqgen.core.io import atomic_path
 
 
 @dataclass

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenizer.config import ConfigError, from_dict
-from tokenizer.data import (
+from vqgen.core.config import ConfigError, from_dict
+from vqgen.tokenizer.data import (
     COLOUR_NAMES,
     GRID,
     LUMA,

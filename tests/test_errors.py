@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pipelines import cli, encode, evaluate, run, sample, train_prior, train_tokenizer
-from tokenizer.errors import UserError
+from vqgen.pipelines import cli, encode, evaluate, run, sample, train_prior, train_tokenizer
+from vqgen.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 TOK = str(REPO / "configs" / "tokenizer" / "tiny.yaml")
@@ -193,9 +193,9 @@ CASES: list[Case] = [
 @pytest.fixture(autouse=True)
 def _hub_unreachable(monkeypatch):
     """Every hub look-up fails fast, as on a machine without network (whatever this machine has)."""
-    import tokenizer.data
+    import vqgen.tokenizer.data as data
 
-    monkeypatch.setattr(tokenizer.data, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: False)
 
 
 def _argv(template: list[str], fields: dict) -> list[str]:
@@ -237,8 +237,8 @@ def test_unknown_vqgen_command_exits_2(capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["-m", "pipelines.cli", "train-tokenizer", "--config", "{tmp}"], "is a folder"),
-    (["-m", "pipelines.sample", "--prior", "{tmp}/none", "--output-dir", "{tmp}/s"], "not a saved prior"),
+    (["-m", "vqgen.pipelines.cli", "train-tokenizer", "--config", "{tmp}"], "is a folder"),
+    (["-m", "vqgen.pipelines.sample", "--prior", "{tmp}/none", "--output-dir", "{tmp}/s"], "not a saved prior"),
 ])
 def test_a_user_sees_one_line(tmp_path, argv, words):
     """As a real process: stderr is exactly one line and the exit code is 2."""
@@ -251,7 +251,7 @@ def test_a_user_sees_one_line(tmp_path, argv, words):
 
 def test_channel_conversion_is_logged_once(tmp_path, caplog):
     """An image folder of RGBA images read as grey says so, once."""
-    import tokenizer.data as data
+    import vqgen.tokenizer.data as data
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -269,8 +269,8 @@ def test_channel_conversion_is_logged_once(tmp_path, caplog):
 
 def test_truncated_model_file_is_named(tmp_path, tiny_run):
     """Loading a truncated model.safetensors names the file, from the library too."""
-    from tokenizer.errors import CorruptFileError
-    from tokenizer.model import VQVAE
+    from vqgen.core.errors import CorruptFileError
+    from vqgen.tokenizer.model import VQVAE
 
     model = copy(tiny_run / "tokenizer" / "model", tmp_path / "model")
     truncate(model / "model.safetensors")

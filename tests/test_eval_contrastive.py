@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-import eval.contrastive as contrastive
-from eval.contrastive import (
+import vqgen.eval.contrastive as contrastive
+from vqgen.eval.contrastive import (
     ContrastiveConfig,
     augment,
     fit_contrastive,
@@ -18,8 +18,8 @@ from eval.contrastive import (
     nt_xent,
     offline_contrastive,
 )
-from eval.fid import fid_from_features, images_to_uint8, load_feature_space
-from tokenizer.data import DataConfig, build_dataset
+from vqgen.eval.fid import fid_from_features, images_to_uint8, load_feature_space
+from vqgen.tokenizer.data import DataConfig, build_dataset
 
 TINY_DATA = DataConfig(image_size=16, num_train=256, num_validation=0, num_test=96)
 TINY = ContrastiveConfig(width=8, feature_dim=16, projection_dim=8, steps=30, batch_size=32)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch_fidelity
 
-from eval.diversity import (
+from vqgen.eval.diversity import (
     LatentMoments,
     code_histogram,
     histogram_divergence,
@@ -20,9 +20,9 @@ from eval.diversity import (
     spread_stats,
     usage,
 )
-from eval.features import ClassifierConfig, classifier_task, offline_classifier
-from tokenizer.layout import CodebookLayout
-from eval.fid import (
+from vqgen.eval.features import ClassifierConfig, classifier_task, offline_classifier
+from vqgen.tokenizer.layout import CodebookLayout
+from vqgen.eval.fid import (
     FeatureExtractorError,
     cached_reference,
     fid_from_features,
@@ -32,9 +32,9 @@ from eval.fid import (
     precision_recall,
     reference_key,
 )
-from eval.prdc import knn_radii, prdc
-from eval.reconstruction import ReconstructionMeter, psnr, ssim
-from tokenizer.data import DataConfig, build_dataset
+from vqgen.eval.prdc import knn_radii, prdc
+from vqgen.eval.reconstruction import ReconstructionMeter, psnr, ssim
+from vqgen.tokenizer.data import DataConfig, build_dataset
 
 TINY_DATA = DataConfig(image_size=16, num_train=256, num_validation=0, num_test=96)
 TINY_CLASSIFIER = ClassifierConfig(width=8, feature_dim=16, max_steps=30, batch_size=32)

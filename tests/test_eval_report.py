@@ -13,12 +13,12 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from eval.report import format_value
-from pipelines.evaluate import EvalConfig, evaluate_run, main
-from tokenizer.config import to_dict
-from tokenizer.data import DataConfig
-from tokenizer.model import ModelConfig, VQVAE, tokenizer_fingerprint
-from tokenizer.quantizers import QuantizerConfig
+from vqgen.eval.report import format_value
+from vqgen.pipelines.evaluate import EvalConfig, evaluate_run, main
+from vqgen.core.config import to_dict
+from vqgen.tokenizer.data import DataConfig
+from vqgen.tokenizer.model import ModelConfig, VQVAE, tokenizer_fingerprint
+from vqgen.tokenizer.quantizers import QuantizerConfig
 
 TINY_DATA = DataConfig(image_size=16, num_train=192, num_validation=0, num_test=48)
 FAST = ["num_images=40", "batch_size=16", "kid_subsets=5", "kid_subset_size=10", "k=3", "device=cpu",
@@ -131,13 +131,13 @@ def test_report_of_a_tiny_run(tmp_path):
 
 
 def _classifier():
-    from eval.features import ClassifierConfig
+    from vqgen.eval.features import ClassifierConfig
 
     return ClassifierConfig(width=8, feature_dim=16, max_steps=20, batch_size=32)
 
 
 def _contrastive():
-    from eval.contrastive import ContrastiveConfig
+    from vqgen.eval.contrastive import ContrastiveConfig
 
     return ContrastiveConfig(width=8, feature_dim=16, projection_dim=8, steps=10, batch_size=32)
 
@@ -198,9 +198,9 @@ def test_bad_run_folder_exits_with_one_message(tmp_path, capsys):
 
 @pytest.mark.parametrize("kind,dim", [("vq", 1), ("gumbel", 8)])
 def test_codebook_report_and_projection_for_other_quantizers(tmp_path, kind, dim):
-    from eval.plots import plot_projection
-    from eval.reconstruction import tokenizer_pass
-    from pipelines.evaluate import codebook_report
+    from vqgen.eval.plots import plot_projection
+    from vqgen.eval.reconstruction import tokenizer_pass
+    from vqgen.pipelines.evaluate import codebook_report
 
     torch.manual_seed(0)
     model = VQVAE(ModelConfig(image_size=16, in_channels=3, hidden=16, res_hidden=8, num_res_layers=1, downsample=4,
@@ -218,8 +218,8 @@ def test_codebook_report_and_projection_for_other_quantizers(tmp_path, kind, dim
 
 @pytest.mark.parametrize("kind,settings", [("fsq", dict(dim=3, levels=[5, 4, 3])), ("lfq", dict(dim=4, codebook_size=16))])
 def test_codebook_report_of_an_implicit_codebook_covers_the_used_codes(tmp_path, kind, settings):
-    from eval.reconstruction import tokenizer_pass
-    from pipelines.evaluate import codebook_report
+    from vqgen.eval.reconstruction import tokenizer_pass
+    from vqgen.pipelines.evaluate import codebook_report
 
     torch.manual_seed(0)
     model = VQVAE(ModelConfig(image_size=16, in_channels=3, hidden=16, res_hidden=8, num_res_layers=1, downsample=4,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenizer.kmeans import MAX_SEEDING_ROUNDS, distributed_kmeans, kmeans
+from vqgen.tokenizer.kmeans import MAX_SEEDING_ROUNDS, distributed_kmeans, kmeans
 
 
 def blobs(k: int, dim: int, per: int = 40, spread: float = 0.05, seed: int = 0):

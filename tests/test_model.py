@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tokenizer.config import ConfigError, from_dict
-from tokenizer.model import ModelConfig, VQVAE
-from tokenizer.quantizers import QuantizerConfig
+from vqgen.core.config import ConfigError, from_dict
+from vqgen.tokenizer.model import ModelConfig, VQVAE
+from vqgen.tokenizer.quantizers import QuantizerConfig
 
 KINDS = {
     "vq": QuantizerConfig(kind="vq", codebook_size=16, dim=8),

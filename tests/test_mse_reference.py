@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.train_tokenizer import TokenizerRunConfig, train_tokenizer
-from tokenizer.config import load_config
+from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, train_tokenizer
+from vqgen.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "tokenizer"

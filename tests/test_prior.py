@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from prior.config import PriorModelConfig
-from prior.model import Prior
-from prior.sampling import SamplingConfig, SamplingError, filter_logits, sample_tokens
-from prior.vocab import TokenVocab, VocabError
-from tokenizer.layout import CodebookLayout
+from vqgen.prior.config import PriorModelConfig
+from vqgen.prior.model import Prior
+from vqgen.prior.sampling import SamplingConfig, SamplingError, filter_logits, sample_tokens
+from vqgen.prior.vocab import TokenVocab, VocabError
+from vqgen.tokenizer.layout import CodebookLayout
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32)
 
@@ -203,7 +203,7 @@ def test_forward_nll_matches_loss_and_shapes():
 
 
 def test_model_config_errors():
-    from tokenizer.config import ConfigError, from_dict
+    from vqgen.core.config import ConfigError, from_dict
 
     with pytest.raises(ConfigError, match="divisible"):
         from_dict(PriorModelConfig, {"n_embd": 30, "n_head": 4})
@@ -214,8 +214,8 @@ def test_model_config_errors():
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "prior").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_prior_configs_load(path):
-    from pipelines.train_prior import PriorRunConfig
-    from tokenizer.config import load_config
+    from vqgen.pipelines.train_prior import PriorRunConfig
+    from vqgen.core.config import load_config
 
     cfg = load_config(PriorRunConfig, path, ["tokens=somewhere"])
     assert cfg.model.n_embd % cfg.model.n_head == 0 and cfg.train.lr_schedule == "cosine"

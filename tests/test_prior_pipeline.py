@@ -18,19 +18,19 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipelines.encode import encode
-from pipelines.encode import main as encode_main
-from pipelines.sample import sample
-from pipelines.sample import main as sample_main
-from pipelines.train_prior import PriorRunConfig, train_prior
-from pipelines.train_prior import main as train_prior_main
-from prior.data import TokenDataError, TokenDataset, load_token_split, read_token_meta
-from prior.model import Prior, TokenizerMismatchError
-from prior.sampling import SamplingConfig
-from tokenizer.config import ConfigError, load_config
-from tokenizer.data import DataConfig, build_dataset, denormalize
-from tokenizer.model import ModelConfig, VQVAE
-from tokenizer.quantizers.base import QuantizerConfig
+from vqgen.pipelines.encode import encode
+from vqgen.pipelines.encode import main as encode_main
+from vqgen.pipelines.sample import sample
+from vqgen.pipelines.sample import main as sample_main
+from vqgen.pipelines.train_prior import PriorRunConfig, train_prior
+from vqgen.pipelines.train_prior import main as train_prior_main
+from vqgen.prior.data import TokenDataError, TokenDataset, load_token_split, read_token_meta
+from vqgen.prior.model import Prior, TokenizerMismatchError
+from vqgen.prior.sampling import SamplingConfig
+from vqgen.core.config import ConfigError, load_config
+from vqgen.tokenizer.data import DataConfig, build_dataset, denormalize
+from vqgen.tokenizer.model import ModelConfig, VQVAE
+from vqgen.tokenizer.quantizers.base import QuantizerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRIOR = REPO / "configs" / "prior" / "tiny.yaml"
@@ -107,10 +107,10 @@ def test_encode_cli_errors(tmp_path, capsys):
 
 def test_train_prior_user_errors_are_one_line(tmp_path, capsys):
     cfg = load_config(PriorRunConfig, TINY_PRIOR, [f"tokens={tmp_path / 'none'}", f"output_dir={tmp_path / 'p'}"])
-    with pytest.raises(TokenDataError, match="pipelines.encode"):
+    with pytest.raises(TokenDataError, match="vqgen.pipelines.encode"):
         train_prior(cfg)
     for args, expected in ((["model.arch=mamba"], "arch"), ([], "tokens is not set"),
-                           ([f"tokens={tmp_path / 'none'}"], "pipelines.encode")):
+                           ([f"tokens={tmp_path / 'none'}"], "vqgen.pipelines.encode")):
         with pytest.raises(SystemExit):
             train_prior_main(["--config", str(TINY_PRIOR), "--output-dir", str(tmp_path / "p"), *args])
         assert expected in capsys.readouterr().err
@@ -289,13 +289,13 @@ def accelerate_launch(args: list[str], nproc: int, port: int) -> None:
 
 def test_two_processes_encode_train_sample(run, tmp_path):
     """Encode, train and sample under ``accelerate launch --multi_gpu --num_processes 2`` (gloo on CPU)."""
-    accelerate_launch(["-m", "pipelines.encode", "--tokenizer-run", str(run / "tokenizer"), "--output-dir",
+    accelerate_launch(["-m", "vqgen.pipelines.encode", "--tokenizer-run", str(run / "tokenizer"), "--output-dir",
                        str(tmp_path / "tokens"), "--splits", "train,validation", "--batch-size", "24"], 2, 29611)
     for split in ("train", "validation"):  # same ids in the same order as the one-process encoding
         assert torch.equal(load_token_split(tmp_path / "tokens", split)[0], load_token_split(run / "tokens", split)[0])
     # with early stopping that must trigger at the second evaluation: every process stops at step 4 (a process
     # that went on alone would wait forever in the next collective)
-    accelerate_launch(["-m", "pipelines.train_prior", "--config", str(TINY_PRIOR_COND), "--output-dir",
+    accelerate_launch(["-m", "vqgen.pipelines.train_prior", "--config", str(TINY_PRIOR_COND), "--output-dir",
                        str(tmp_path / "prior"), f"tokens={tmp_path / 'tokens'}", "train.steps=6",
                        "train.batch_size=8", "train.checkpoint_every=3", "train.eval_every=2",
                        "train.early_stopping_patience=1", "train.early_stopping_min_delta=100"], 2, 29612)
@@ -307,7 +307,7 @@ def test_two_processes_encode_train_sample(run, tmp_path):
     for ckpt in checkpoints:  # both processes' RNG states written before the folder was renamed
         record = json.loads((ckpt / "vqgen_state.json").read_text())["files"]
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(record), sorted(record)
-    accelerate_launch(["-m", "pipelines.sample", "--prior", str(tmp_path / "prior" / "model"), "--output-dir",
+    accelerate_launch(["-m", "vqgen.pipelines.sample", "--prior", str(tmp_path / "prior" / "model"), "--output-dir",
                        str(tmp_path / "s2"), "--num-samples", "7", "--batch-size", "3", "--cfg-scale", "1.5"], 2, 29613)
     # each sample depends only on its index: one process gives the same tokens as two
     sample(tmp_path / "prior" / "model", tmp_path / "s1", SamplingConfig(num_samples=7, batch_size=5, cfg_scale=1.5))

@@ -25,9 +25,9 @@ def test_prior_step_variants_differ_only_in_the_activation(benchmark_script, tmp
 def test_the_prior_builds_gpt2_with_the_exact_gelu():
     from transformers.activations import GELUActivation
 
-    from prior.config import PriorModelConfig
-    from prior.model import Prior
-    from prior.vocab import TokenVocab
+    from vqgen.prior.config import PriorModelConfig
+    from vqgen.prior.model import Prior
+    from vqgen.prior.vocab import TokenVocab
 
     prior = Prior(PriorModelConfig(arch="gpt2", n_layer=1, n_head=2, n_embd=32), TokenVocab((16,), (2, 2)))
     assert prior.transformer.config.activation_function == "gelu"

@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.codebook import codebook_metrics
-from pipelines.cli import main as vqgen
-from pipelines.train_tokenizer import TokenizerRunConfig
-from prior.model import Prior
-from prior.vocab import TokenVocab
+from vqgen.eval.codebook import codebook_metrics
+from vqgen.pipelines.cli import main as vqgen
+from vqgen.pipelines.train_tokenizer import TokenizerRunConfig
+from vqgen.prior.model import Prior
+from vqgen.prior.vocab import TokenVocab
 from safetensors.torch import load_file
-from tokenizer.config import ConfigError, load_config
-from tokenizer.model import ModelConfig, VQVAE
-from tokenizer.quantizers import (
+from vqgen.core.config import ConfigError, load_config
+from vqgen.tokenizer.model import ModelConfig, VQVAE
+from vqgen.tokenizer.quantizers import (
     KINDS,
     Capabilities,
     Quantizer,
@@ -30,10 +30,10 @@ from tokenizer.quantizers import (
     register_quantizer,
     spec_of,
 )
-from tokenizer.quantizers import registry
-from tokenizer.quantizers.base import rotation_trick, straight_through
-from tokenizer.quantizers.lfq import lfq_entropies
-from tokenizer.stats import live_code_distance
+from vqgen.tokenizer.quantizers import registry
+from vqgen.tokenizer.quantizers.base import rotation_trick, straight_through
+from vqgen.tokenizer.quantizers.lfq import lfq_entropies
+from vqgen.tokenizer.stats import live_code_distance
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -339,7 +339,7 @@ def test_tokenizer_prior_samples_and_report_for_each_new_quantizer(tmp_path, mon
 
 
 def test_tiny_configs_of_each_kind_train_from_the_command_line(tmp_path, monkeypatch):
-    from pipelines.train_tokenizer import main as train_main
+    from vqgen.pipelines.train_tokenizer import main as train_main
 
     monkeypatch.setenv("VQGEN_NO_PROGRESS", "1")
     runs = [(f"tiny_{k}.yaml", []) for k in ("fsq", "lfq", "simvq")]
@@ -352,7 +352,7 @@ def test_tiny_configs_of_each_kind_train_from_the_command_line(tmp_path, monkeyp
 
 
 def test_layouts_of_token_folders_written_before_the_layout_are_read(tmp_path):
-    from prior.data import token_layout
+    from vqgen.prior.data import token_layout
 
     old = {"vocab_info": {"kind": "adaptive", "codebook_size": 12, "codebook_sizes": [4, 8],
                           "codebook_offsets": [0, 4], "granularity": "image", "grid": [2, 2], "image_size": 8,

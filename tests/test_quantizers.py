@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenizer.config import ConfigError, from_dict
-from tokenizer.quantizers import (
+from vqgen.core.config import ConfigError, from_dict
+from vqgen.tokenizer.quantizers import (
     AdaptiveQuantizer,
     KINDS,
     QuantizerConfig,
     QuantizerConfigError,
     build_quantizer,
 )
-from tokenizer.search import nearest_code, nearest_scalar
+from vqgen.tokenizer.search import nearest_code, nearest_scalar
 
 DIM = 8
 # the tiny settings of each kind (a config holds only the fields its kind reads)
@@ -319,7 +319,7 @@ def test_bad_configurations_raise_one_clear_error(changes, match):
 
 
 def test_hard_gumbel_softmax_is_one_hot_with_soft_gradients():
-    from tokenizer.quantizers.gumbel import gumbel_softmax
+    from vqgen.tokenizer.quantizers.gumbel import gumbel_softmax
 
     logits = torch.randn(20, 6, requires_grad=True)
     y = gumbel_softmax(logits, torch.tensor(0.5), hard=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tokenizer.quantizers import KINDS, spec_of
+from vqgen.tokenizer.quantizers import KINDS, spec_of
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("kmeans", "ema", "reset")

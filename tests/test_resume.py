@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.common import MetricsLogger
-from pipelines.train_tokenizer import TokenizerRunConfig, train_tokenizer
-from tokenizer.config import load_config
-from tokenizer.errors import CorruptFileError
-from tokenizer.quantizers import QuantizerConfig, build_quantizer
-from tokenizer.quantizers.gumbel import exponential_tau
+from vqgen.pipelines.common import MetricsLogger
+from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, train_tokenizer
+from vqgen.core.config import load_config
+from vqgen.core.errors import CorruptFileError
+from vqgen.tokenizer.quantizers import QuantizerConfig, build_quantizer
+from vqgen.tokenizer.quantizers.gumbel import exponential_tau
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tokenizer" / "tiny.yaml"
@@ -37,7 +37,7 @@ def assert_identical(a: dict, b: dict) -> None:
 
 def test_kill_9_and_rerun_is_bit_identical_with_dead_code_resets(kill_and_resume):
     """A user's kill -9 in the middle of training, then the same command: the same weights, bit for bit."""
-    command = [sys.executable, "-m", "pipelines.train_tokenizer", "--config", str(TINY), "train.steps=24",
+    command = [sys.executable, "-m", "vqgen.pipelines.train_tokenizer", "--config", str(TINY), "train.steps=24",
                "train.checkpoint_every=2", "train.log_every=4", "train.deterministic=true", *DEAD_CODES]
     full_run, part_run = kill_and_resume(command, kill_at="step_00000008")
     full = weights(full_run)

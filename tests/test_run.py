@@ -13,10 +13,10 @@ import yaml
 from safetensors.torch import load_file
 from PIL import Image
 
-from pipelines.cli import main as vqgen
-from pipelines.run import _complete, expand_sweep, load_experiment
-from pipelines.run import main as vqgen_main
-from tokenizer.config import ConfigError
+from vqgen.pipelines.cli import main as vqgen
+from vqgen.pipelines.run import _complete, expand_sweep, load_experiment
+from vqgen.pipelines.run import main as vqgen_main
+from vqgen.core.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "experiments" / "tiny.yaml"
@@ -238,9 +238,9 @@ def test_the_module_docstring_examples_load():
     """Every override shown in pipelines/run.py's docstring is one that works."""
     import shlex
 
-    import pipelines.run
+    import vqgen.pipelines.run as run_module
 
-    examples = [shlex.split(line.split("#")[0]) for line in pipelines.run.__doc__.splitlines()
+    examples = [shlex.split(line.split("#")[0]) for line in run_module.__doc__.splitlines()
                 if "--config configs/experiments/quickstart.yaml" in line]
     assert any("=" in arg for words in examples for arg in words)
     for words in examples:

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.evaluate import EvalConfig
-from pipelines.run import expand_sweep, load_experiment
-from pipelines.train_prior import PriorRunConfig
-from pipelines.train_tokenizer import TokenizerRunConfig
-from tokenizer.config import load_config
-from tokenizer.model import VQVAE
+from vqgen.pipelines.evaluate import EvalConfig
+from vqgen.pipelines.run import expand_sweep, load_experiment
+from vqgen.pipelines.train_prior import PriorRunConfig
+from vqgen.pipelines.train_tokenizer import TokenizerRunConfig
+from vqgen.core.config import load_config
+from vqgen.tokenizer.model import VQVAE
 
 REPO = Path(__file__).resolve().parents[1]
 

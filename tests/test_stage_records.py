@@ -11,11 +11,11 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipelines.run import load_experiment, run_experiment
-from pipelines.run import main as vqgen_run
-from pipelines.stages import STAGE_RECORD, IGNORED, StaleStageError, changes
-from pipelines.train_prior import PriorRunConfig, train_prior
-from tokenizer.config import load_config
+from vqgen.pipelines.run import load_experiment, run_experiment
+from vqgen.pipelines.run import main as vqgen_run
+from vqgen.pipelines.stages import STAGE_RECORD, IGNORED, StaleStageError, changes
+from vqgen.pipelines.train_prior import PriorRunConfig, train_prior
+from vqgen.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "experiments" / "tiny.yaml")

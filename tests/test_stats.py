@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from tokenizer.distributed import all_gather_cat, all_reduce_, broadcast_, is_dist
-from tokenizer.quantizers import QuantizerConfig, build_quantizer
-from tokenizer.stats import (
+from vqgen.core.distributed import all_gather_cat, all_reduce_, broadcast_, is_dist
+from vqgen.tokenizer.quantizers import QuantizerConfig, build_quantizer
+from vqgen.tokenizer.stats import (
     CodeUsage,
     batch_stats,
     code_distance,

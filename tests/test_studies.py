@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from eval.codebook import codebook_metrics, tokenizer_details
-from eval.studies import combine_verdicts, compare_arms, default_margin, holm, summarize, verdict
-from tokenizer.model import ModelConfig, VQVAE
-from tokenizer.quantizers import QuantizerConfig, spec_of
+from vqgen.eval.codebook import codebook_metrics, tokenizer_details
+from vqgen.eval.studies import combine_verdicts, compare_arms, default_margin, holm, summarize, verdict
+from vqgen.tokenizer.model import ModelConfig, VQVAE
+from vqgen.tokenizer.quantizers import QuantizerConfig, spec_of
 
 
 def tiny_model(**quantizer) -> VQVAE:
@@ -164,7 +164,7 @@ def test_faithful_tau_schedule_spans_the_quantized_phase_at_any_budget(benchmark
         args = reproduce.parse_args(["--tokenizer-steps", str(steps)])
         annealing = 0
         for run in reproduce.study_runs(args, "adaptive", dataset):
-            from pipelines.run import load_experiment
+            from vqgen.pipelines.run import load_experiment
 
             cfg = load_experiment(run["config"], run["overrides"]).tokenizer
             q = cfg.model.quantizer

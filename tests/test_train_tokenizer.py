@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.common import NonFiniteLossError
-from pipelines.train_tokenizer import TokenizerRunConfig, main, train_tokenizer
-from tokenizer.config import ConfigError, load_config
-from tokenizer.model import VQVAE
+from vqgen.pipelines.common import NonFiniteLossError
+from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, main, train_tokenizer
+from vqgen.core.config import ConfigError, load_config
+from vqgen.tokenizer.model import VQVAE
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tokenizer" / "tiny.yaml"
@@ -162,7 +162,7 @@ def run_accelerate(args: list[str], port: int, nproc: int, precision: str = "no"
 
 
 def test_two_processes_identical_replicas_and_match_one_process(tmp_path):
-    base = ["-m", "pipelines.train_tokenizer", "--config", str(TINY), "train.steps=4", "train.deterministic=true",
+    base = ["-m", "vqgen.pipelines.train_tokenizer", "--config", str(TINY), "train.steps=4", "train.deterministic=true",
             "model.quantizer.kind=ema", "train.lr_schedule=cosine", "train.warmup_steps=1"]
     deferred = ["schedule.mode=deferred", "schedule.ae_steps=2", "schedule.kmeans_batches=2"]
     # deferred: k-means on vectors gathered from both processes, computed once and broadcast
@@ -183,7 +183,7 @@ def test_two_processes_identical_replicas_and_match_one_process(tmp_path):
 
 
 def test_mixed_precision_from_the_launcher(tmp_path):
-    run_accelerate(["-m", "pipelines.train_tokenizer", "--config", str(TINY), "--output-dir", str(tmp_path),
+    run_accelerate(["-m", "vqgen.pipelines.train_tokenizer", "--config", str(TINY), "--output-dir", str(tmp_path),
                     *QUANTIZERS["adaptive"]],
                    29564, 1, precision="bf16")
     summary = json.loads((tmp_path / "summary.json").read_text())

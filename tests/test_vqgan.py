@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from pipelines.train_tokenizer import TokenizerRunConfig, train_tokenizer
-from tokenizer.config import ConfigError, load_config
-from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
-from tokenizer.errors import UserError
-from tokenizer.losses import LossConfig, TokenizerLoss, adaptive_weight, discriminator_loss
-from tokenizer.model import ModelConfig, VQVAE
-from tokenizer.quantizers import QuantizerConfig, registered_kinds
+from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, train_tokenizer
+from vqgen.core.config import ConfigError, load_config
+from vqgen.tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
+from vqgen.core.errors import UserError
+from vqgen.tokenizer.losses import LossConfig, TokenizerLoss, adaptive_weight, discriminator_loss
+from vqgen.tokenizer.model import ModelConfig, VQVAE
+from vqgen.tokenizer.quantizers import QuantizerConfig, registered_kinds
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_CONFIGS = REPO / "configs" / "tokenizer"
@@ -104,8 +104,8 @@ def _fake_vgg16_file(path: Path) -> Path:
 
 
 def test_lpips_trunk_from_a_local_file_and_clear_error_without_one(tmp_path, monkeypatch):
-    from tokenizer import perceptual
-    from tokenizer.perceptual import PerceptualConfig, PerceptualWeightsError, build_perceptual
+    from vqgen.tokenizer import perceptual
+    from vqgen.tokenizer.perceptual import PerceptualConfig, PerceptualWeightsError, build_perceptual
 
     weights_file = _fake_vgg16_file(tmp_path / "vgg16-397923af.pth")
     net, info = build_perceptual(PerceptualConfig(weights_path=str(weights_file)))
@@ -131,7 +131,7 @@ def test_lpips_trunk_from_a_local_file_and_clear_error_without_one(tmp_path, mon
 def test_missing_lpips_weights_is_one_line_from_the_cli(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "VQGEN_NO_PROGRESS": "1", "TORCH_HOME": str(tmp_path / "torch"),
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pipelines.train_tokenizer", "--config", str(TINY), "--output-dir",
+    proc = subprocess.run([sys.executable, "-m", "vqgen.pipelines.train_tokenizer", "--config", str(TINY), "--output-dir",
                            str(tmp_path / "run"), "loss.perceptual_weight=1",
                            f"loss.perceptual.weights_path={tmp_path / 'nope.pth'}"],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -215,7 +215,7 @@ def test_gan_needs_images_the_discriminator_can_see(tmp_path):
 
 def test_kill_9_and_rerun_is_bit_identical_with_the_gan(tmp_path, kill_and_resume):
     """kill -9 mid-run (GAN on, gradient accumulation), the same command again: both models bit-identical."""
-    command = [sys.executable, "-m", "pipelines.train_tokenizer", "--config", str(TINY), "train.steps=12",
+    command = [sys.executable, "-m", "vqgen.pipelines.train_tokenizer", "--config", str(TINY), "train.steps=12",
                "train.checkpoint_every=2", "train.log_every=2", "train.deterministic=true", "train.grad_accum=2",
                "train.batch_size=4", *GAN, "loss.disc_loss=non_saturating"]
     kill_and_resume(command, kill_at="step_00000006")
@@ -241,7 +241,7 @@ def run_accelerate(args: list[str], port: int, nproc: int, precision: str = "no"
 
 def test_two_processes_keep_tokenizer_and_discriminator_replicas_identical(tmp_path):
     """gloo on the CPU: perceptual + GAN with the adaptive weight, gradient accumulation, deferred quantization."""
-    run_accelerate(["-m", "pipelines.train_tokenizer", "--config", str(TINY_VQGAN), "--output-dir", str(tmp_path),
+    run_accelerate(["-m", "vqgen.pipelines.train_tokenizer", "--config", str(TINY_VQGAN), "--output-dir", str(tmp_path),
                     "train.steps=5", "train.batch_size=4", "train.grad_accum=2", "train.deterministic=true",
                     "schedule.mode=deferred", "schedule.ae_steps=2", "schedule.kmeans_batches=1",
                     "loss.disc_start=null"], 29571, 2)
@@ -254,7 +254,7 @@ def test_two_processes_keep_tokenizer_and_discriminator_replicas_identical(tmp_p
 
 
 def test_gan_under_bf16_mixed_precision(tmp_path):
-    run_accelerate(["-m", "pipelines.train_tokenizer", "--config", str(TINY), "--output-dir", str(tmp_path), *GAN],
+    run_accelerate(["-m", "vqgen.pipelines.train_tokenizer", "--config", str(TINY), "--output-dir", str(tmp_path), *GAN],
                    29572, 1, precision="bf16")
     rows = read_metrics(tmp_path)
     assert all(r["disc_loss"] is not None and r["adaptive_weight"] is not None for r in rows if r["step"] > 2)
@@ -284,7 +284,7 @@ def test_vqgan_config_errors():
 
 
 def test_encode_decode_run_in_bounded_chunks(monkeypatch):
-    from tokenizer import model as model_module
+    from vqgen.tokenizer import model as model_module
 
     torch.manual_seed(0)
     model = VQVAE(ModelConfig(image_size=16, hidden=8, res_hidden=4, num_res_layers=1,
@@ -303,7 +303,7 @@ def test_encode_decode_run_in_bounded_chunks(monkeypatch):
 
 def test_models_saved_before_the_hub_mixin_still_load():
     """tests/data/legacy_* were written by the code before this change (config.json format_version 1)."""
-    from prior.model import Prior
+    from vqgen.prior.model import Prior
 
     tok = VQVAE.from_pretrained(DATA / "legacy_tokenizer")
     io = torch.load(DATA / "legacy_tokenizer_io.pt", weights_only=True)
@@ -316,7 +316,7 @@ def test_models_saved_before_the_hub_mixin_still_load():
 def test_hub_mixin_round_trip_with_model_card(tmp_path):
     from huggingface_hub import ModelHubMixin
 
-    from prior.model import Prior
+    from vqgen.prior.model import Prior
 
     tok = VQVAE.from_pretrained(DATA / "legacy_tokenizer")
     assert isinstance(tok, ModelHubMixin)

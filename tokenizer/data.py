@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .config import ConfigError
+from vqgen.core.config import ConfigError
 
 SPLITS = ("train", "validation", "test")
 SOURCES = ("synthetic", "hf")

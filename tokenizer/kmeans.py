@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .distributed import all_gather_cat, broadcast_, rank
+from vqgen.core.distributed import all_gather_cat, broadcast_, rank
 from .search import DEFAULT_CHUNK_ELEMENTS, nearest
 
 # One center per round (exact k-means++) up to this many centers; beyond it each round draws several

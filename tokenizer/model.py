@@ -32,10 +32,10 @@ from huggingface_hub import ModelHubMixin
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import ConfigError, from_dict, to_dict
-from .errors import CorruptFileError, MissingFileError
-from .hub import CARD_TEMPLATE, LIBRARY_NAME, card_kwargs, hub_folder, is_hub_id
-from .io import atomic_path, file_fingerprint, load_json, load_safetensors
+from vqgen.core.config import ConfigError, from_dict, to_dict
+from vqgen.core.errors import CorruptFileError, MissingFileError
+from vqgen.core.hub import CARD_TEMPLATE, LIBRARY_NAME, card_kwargs, hub_folder, is_hub_id
+from vqgen.core.io import atomic_path, file_fingerprint, load_json, load_safetensors
 from .layout import CodebookLayout
 from .quantizers import Quantizer, QuantizerConfig, QuantizerOutput, build_quantizer
 

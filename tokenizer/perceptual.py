@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
-from .io import file_fingerprint
+from vqgen.core.errors import UserError
+from vqgen.core.io import file_fingerprint
 
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
@@ -62,7 +62,7 @@ def _download_reachable(timeout: float = 3.0) -> bool:
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    from .errors import CorruptFileError, MissingFileError
+    from vqgen.core.errors import CorruptFileError, MissingFileError
 
     if not path.is_file():
         raise MissingFileError(f"perceptual.weights_path {path} does not exist; give torchvision's {VGG16_FILE}")
@@ -78,7 +78,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 def _trunk_state(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """torchvision VGG16 keys ``features.<i>.<weight|bias>`` -> lpips' ``slice<k>.<i>.<weight|bias>``."""
-    from .errors import CorruptFileError
+    from vqgen.core.errors import CorruptFileError
 
     out = {}
     for key, value in state.items():

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .distributed import all_reduce_
+from vqgen.core.distributed import all_reduce_
 from .layout import codebook_of
 from .search import DEFAULT_CHUNK_ELEMENTS
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import ConfigError
-from ..distributed import all_gather_cat, all_reduce_, broadcast_, rank
+from vqgen.core.config import ConfigError
+from vqgen.core.distributed import all_gather_cat, all_reduce_, broadcast_, rank
 from ..stats import code_counts
 from .registry import Capabilities, QuantizerSpec, kinds_using, registered_kinds, spec_of
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..distributed import all_reduce_
+from vqgen.core.distributed import all_reduce_
 from ..kmeans import distributed_kmeans
 from ..search import nearest
 from ..stats import batch_stats

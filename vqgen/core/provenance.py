@@ -22,24 +22,37 @@ import platform
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]  # the folder holding vqgen's packages
-PACKAGES = ("tokenizer", "prior", "pipelines", "eval")
-GIT_PATHS = (*PACKAGES, "benchmarks")  # what "dirty" looks at (results are made by these)
+GIT_PATHS = ("vqgen", "tokenizer", "prior", "pipelines", "eval", "benchmarks")  # what "dirty" looks at
+PACKAGES = ("vqgen.core", "vqgen.tokenizer", "vqgen.prior", "vqgen.pipelines", "vqgen.eval")
 DISTRIBUTIONS = ("torch", "transformers", "accelerate", "torch-fidelity", "datasets", "numpy", "safetensors", "vqgen")
 
 
-def code_fingerprint(root: Path = ROOT) -> str:
-    """sha256 over the relative path and bytes of every ``.py`` file of vqgen's packages, in sorted order."""
+def package_dirs() -> dict[str, Path]:
+    """Where each of vqgen's packages is loaded from (a source checkout's folders, or site-packages)."""
+    import importlib
+
+    return {name: Path(importlib.import_module(name).__file__).resolve().parent for name in PACKAGES}
+
+
+def code_fingerprint() -> str:
+    """sha256 over the package-relative path and bytes of every ``.py`` file of vqgen's packages, sorted, so the
+    same code gives the same fingerprint in a checkout and installed."""
     digest = hashlib.sha256()
-    for package in PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode() + b"\0")
+    for name, folder in package_dirs().items():
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(f"{name}/{path.relative_to(folder).as_posix()}".encode() + b"\0")
             digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
-def git_state(root: Path = ROOT) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout at ``root``; (None, None) when it is not a git checkout."""
+def checkout_root() -> Path:
+    """The folder holding ``tokenizer/`` (and, in a checkout, ``.git``)."""
+    return package_dirs()["vqgen.tokenizer"].parent
+
+
+def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout at ``root`` (default: vqgen's); (None, None) when it is not a git checkout."""
+    root = checkout_root() if root is None else root
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
                               timeout=30).stdout
