@@ -13,12 +13,14 @@ TOKENIZER_COLUMNS = [("recon_mse", "test MSE"), ("psnr", "PSNR"), ("perplexity",
                      ("live_code_distance_ratio", "live distance ratio"), ("live_code_distance", "live distance"),
                      ("code_distance", "all-code distance"), ("images_per_second", "images/s")]
 ADAPTIVE_COLUMNS = [("oracle_mse", "oracle MSE"), ("selection_entropy", "selection entropy (nats)"),
+                    ("tau_last_step", "selector tau at the last step"), ("tau_end", "selector tau after training"),
                     ("early_large_n_share", "early large-N share"), ("selector_grad_rms_median", "selector grad RMS (Adam eps 1e-8)")]
 GENERATION_COLUMNS = [("gfid", "gFID (classifier)"), ("recall", "recall (classifier)"),
                       ("coverage", "coverage (classifier)"), ("gfid_label_free", "gFID (label-free)"),
                       ("recall_label_free", "recall (label-free)"), ("coverage_label_free", "coverage (label-free)"),
                       ("mode_coverage", "mode coverage"), ("prior_val_nll", "prior val NLL"),
-                      ("prior_best_step", "prior best step")]
+                      ("prior_best_step", "prior best step"),
+                      ("label_free_knn_accuracy", "label-free space: its k-NN check (accuracy)")]
 
 
 def _fmt(x) -> str:
@@ -80,29 +82,45 @@ def budget_line(study: dict) -> str:
             + (f" Overrides for every run: {', '.join(b['overrides'])}." if b.get("overrides") else ""))
 
 
+def provenance_line(study: dict) -> str:
+    """The code the runs were made by (one commit, or a warning that they mix several) and their packages."""
+    commits = study.get("commits") or []
+    versions = next((p.get("versions") for p in (study.get("provenance") or {}).values() if p.get("versions")), None)
+    packages = ", ".join(f"{k} {v}" for k, v in (versions or {}).items() if v) or "not recorded"
+    if study.get("mixed_commits"):
+        return (f"**Mixed code**: the runs of this table were made by {', '.join(commits) or 'unrecorded code'} "
+                f"(built with --allow-mixed-commits). Packages: {packages}.")
+    return f"Every run made by commit `{commits[0]}` (clean). Packages: {packages}."
+
+
 def markdown(results: dict, figures: dict[str, list[str]]) -> str:
     lines = [
         "# Results: the papers' claims, several seeds, CPU-sized runs",
         "",
-        "Produced by `benchmarks/reproduce.py` (raw numbers: `results.json` beside this file). Every cell is "
-        "mean +- sample std over seeds, followed by every seed's value. Verdicts follow fixed rules "
-        "(`eval/studies.py`): Welch's t-test at 0.05 and its 95% interval; *does not reproduce* when the effect "
-        "is significantly opposite or the whole interval lies within the margin of equivalence (5% of the "
-        "baseline, or 0.05 for fractions); otherwise *inconclusive*. The runs are far shorter than the papers' "
-        "(the budget is stated per study): a verdict holds for this budget.",
+        "Produced by `benchmarks/reproduce.py` (raw numbers, per-run provenance: `results.json` beside this file). "
+        "Every cell is mean +- sample std over seeds, followed by every seed's value. Verdicts follow fixed rules "
+        "(`eval/studies.py`), declared before the runs: Welch's t-test and its 95% interval per comparison; the "
+        "comparisons of one study form one family whose p values are adjusted by Holm's method, and a verdict uses "
+        "the adjusted p (both are shown): *reproduces* when it is below 0.05 in the claimed direction, *does not "
+        "reproduce* when it is below 0.05 the other way or the whole interval lies within the margin of equivalence "
+        "(5% of the baseline, or 0.05 for fractions); otherwise *inconclusive*. Over data sets (and over the "
+        "baselines of one claim) the verdict is the one they all share, else *inconclusive*. The runs are far "
+        "shorter than the papers' (the budget is stated per study): a verdict holds for this budget.",
         "",
         "## Verdicts",
         "",
-        "| claim | verdict | evidence |",
-        "|---|---|---|",
+        "| claim | family | verdict | per data set | evidence |",
+        "|---|---|---|---|---|",
     ]
     for c in results["claims"]:
-        lines.append(f"| {c['claim']} | **{c['verdict']}** | {c['evidence'].replace('|', '/')} |")
+        per = ", ".join(f"{d}: {v}" for d, v in (c.get("per_dataset") or {}).items()) or "-"
+        lines.append(f"| {c['claim']} | {c.get('family', '-')} | **{c['verdict']}** | {per} | "
+                     f"{c['evidence'].replace('|', '/')} |")
     lines.append("")
     for s in results["studies"]:
         title = {"adaptive": "Adaptive vs fixed (N, D) at W = 65536", "deferred": "Early vs deferred quantization",
                  "quantizers": "The quantizer family, early vs deferred"}
-        lines += [f"## {title[s['study']]}: {s['dataset']}", "", budget_line(s), ""]
+        lines += [f"## {title[s['study']]}: {s['dataset']}", "", budget_line(s), "", provenance_line(s), ""]
         lines += table(s, TOKENIZER_COLUMNS) + [""]
         if s["study"] == "adaptive":
             lines += table(s, ADAPTIVE_COLUMNS) + [""]

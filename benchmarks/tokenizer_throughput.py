@@ -1,8 +1,9 @@
 """Tokenizer training throughput (images/s) of the papers' preset, and the 256-px VQGAN preset's cost.
 
-Papers' preset (32x32 RGB, batch 64): times full optimizer steps (forward, quantizer update, backward, Adam) of
-``ema`` (N = 512, D = 128) and ``adaptive`` (the W = 65536 ladder of 8 codebooks) in one run, interleaved,
-median over repeats, and reports the ratio adaptive/fixed.
+Papers' preset (32x32 RGB, batch 64): times full optimizer steps of the tokenizer stage's own task (forward,
+quantizer update, backward, clipping, AdamW: ``TokenizerTask`` under the trainer, MSE-only loss) of ``ema``
+(N = 512, D = 128) and ``adaptive`` (the W = 65536 ladder of 8 codebooks) in one run, interleaved, median over
+repeats, and reports the ratio adaptive/fixed.
 
 256-px rows (``--res256``): the VQ-16-like preset of ``configs/tokenizer/imagenet256_vqgan.yaml`` (vqgan
 architecture, 16x downsampling, VQ 16384 x 8): a training step with the MSE-only loss and one with the full VQGAN
@@ -29,10 +30,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
-import torch.nn.functional as F
 
 from peak_memory import peak_mb, pin_mmap_threshold  # benchmarks/peak_memory.py
-from vqgen.tokenizer.model import ModelConfig, VQVAE
+from vqgen.core.trainer import TrainConfig, task_step
+from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, TokenizerTask
+from vqgen.tokenizer.data import DataConfig
+from vqgen.tokenizer.losses import LossConfig
+from vqgen.tokenizer.model import ModelConfig
 from vqgen.tokenizer.quantizers import QuantizerConfig
 
 PRESETS = {
@@ -41,16 +45,25 @@ PRESETS = {
 }
 
 
-def time_steps(model: VQVAE, optimizer, images: torch.Tensor, steps: int) -> float:
-    """Seconds for ``steps`` training steps on ``images``."""
+def tokenizer_step(model: ModelConfig, images: torch.Tensor, loss: LossConfig | None = None):
+    """One optimizer update of the tokenizer stage's own task (``TokenizerTask`` under the trainer: AdamW with
+    clipping at 1.0, the configured loss, the discriminator's step once a GAN is on) on ``images``, as a callable;
+    ``step.trainer`` holds the models."""
+    n, size = images.shape[0], images.shape[-1]
+    cfg = TokenizerRunConfig(
+        data=DataConfig(source="synthetic", image_size=size, channels=3, num_train=n, num_validation=n, num_test=n),
+        model=model, loss=loss or LossConfig(), train=TrainConfig(lr=1e-4, batch_size=n, trackers=[]),
+    )
+    return task_step(TokenizerTask(cfg), cfg.train, {"image": images})
+
+
+def time_steps(step, images: torch.Tensor, steps: int) -> float:
+    """Seconds for ``steps`` training steps."""
     if images.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(images)
-        (F.mse_loss(out.recon, images) + out.quant.loss).backward()  # the MSE-only objective
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step()
     if images.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -65,38 +78,16 @@ def vq16_config(image_size: int = 256) -> ModelConfig:
 def res256_operations(batch: int, infer: int, device: str, image_size: int = 256,
                       config: ModelConfig | None = None) -> dict:
     """Name -> (closure, images per call) for the 256-px rows (``config``: another model, e.g. a tiny one)."""
-    from vqgen.tokenizer.discriminator import DiscriminatorConfig, build_discriminator
-    from vqgen.tokenizer.losses import LossConfig, TokenizerLoss
-    from vqgen.tokenizer.perceptual import PerceptualConfig, build_perceptual
+    from vqgen.tokenizer.perceptual import PerceptualConfig
 
     torch.manual_seed(0)
-    model = VQVAE(config or vq16_config(image_size)).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
-    mse = TokenizerLoss(LossConfig())
+    model_cfg = config or vq16_config(image_size)
+    train_mse = tokenizer_step(model_cfg, images)
     gan_cfg = LossConfig(perceptual_weight=1.0, perceptual=PerceptualConfig(pretrained=False), disc_weight=0.5,
                          disc_start=0)
-    gan = TokenizerLoss(gan_cfg, build_perceptual(gan_cfg.perceptual)[0].to(device))
-    disc = build_discriminator(3, DiscriminatorConfig(), seed=1).to(device).train()
-    disc_opt = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
-
-    def train_mse() -> None:
-        out = model(images)
-        mse.generator(images, out.recon, out.quant.loss).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def train_vqgan() -> None:
-        out = model(images)
-        net = disc.discriminator
-        fake = torch.func.functional_call(net, {k: p.detach() for k, p in net.named_parameters()}, (out.recon,))
-        gan.generator(images, out.recon, out.quant.loss, logits_fake=fake, last_layer=model.last_layer()).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        real_logits, fake_logits = disc(images, out.recon.detach())
-        gan.discriminator(real_logits, fake_logits)[0].backward()
-        disc_opt.step()
-        disc_opt.zero_grad(set_to_none=True)
+    train_vqgan = tokenizer_step(model_cfg, images, gan_cfg)
+    model = train_mse.trainer.unwrap(train_mse.trainer.main)
 
     many = torch.rand(infer, 3, image_size, image_size, device=device) * 2 - 1
     ids = model.encode(many[:1]).expand(infer, -1, -1).contiguous()
@@ -171,14 +162,12 @@ def main(argv=None) -> list[dict]:
     images = torch.rand(args.batch_size, 3, 32, 32, device=device) * 2 - 1
     setups = {}
     for name, qcfg in PRESETS.items():
-        model = VQVAE(ModelConfig(quantizer=qcfg)).to(device).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        time_steps(model, optimizer, images, 2)  # warm-up
-        setups[name] = (model, optimizer)
+        setups[name] = tokenizer_step(ModelConfig(quantizer=qcfg), images)
+        time_steps(setups[name], images, 2)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in setups}
     for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-        for name, (model, optimizer) in setups.items():
-            times[name].append(time_steps(model, optimizer, images, args.steps))
+        for name, step in setups.items():
+            times[name].append(time_steps(step, images, args.steps))
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -1,12 +1,12 @@
 """Where a tokenizer training step's time goes on a CPU, and what each speed option buys, in one run.
 
-The papers' preset (EMA 512 x 128, 32 px, width 128, batch 64) trained as ``pipelines.train_tokenizer`` does
-(AdamW from ``tokenizer.training.make_optimizer``, gradient clipping at 1.0, MSE-only loss), in variants that
-share the data and the initial weights:
+The papers' preset (EMA 512 x 128, 32 px, width 128, batch 64), one optimizer update of the tokenizer stage's own
+task (``TokenizerTask`` under ``vqgen.core.trainer``: AdamW, gradient clipping at 1.0, MSE-only loss), in variants
+that share the data and the initial weights:
 
 - ``default``: what the trainer runs today;
 - ``channels_last``: model and images in channels-last memory format (oneDNN's preferred layout);
-- ``fused_adamw``: ``torch.optim.AdamW(fused=True)``;
+- ``fused_adamw``: ``train.fused_optimizer: true`` (``torch.optim.AdamW(fused=True)``);
 - ``compile``: the forward through ``torch.compile`` (inductor), as ``train.compile: true`` does; its
   compilation is timed separately and not counted in the step time.
 
@@ -28,42 +28,34 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vqgen.core.io import save_json  # noqa: E402
-from vqgen.tokenizer.model import ModelConfig, VQVAE  # noqa: E402
+from vqgen.core.trainer import TrainConfig, task_step  # noqa: E402
+from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, TokenizerTask  # noqa: E402
+from vqgen.tokenizer.data import DataConfig  # noqa: E402
+from vqgen.tokenizer.model import ModelConfig  # noqa: E402
 from vqgen.tokenizer.quantizers import QuantizerConfig  # noqa: E402
-from vqgen.core.training import make_optimizer  # noqa: E402
 
 VARIANTS = ("default", "channels_last", "fused_adamw", "compile")
 
 
 def build(variant: str, images: torch.Tensor, tiny: bool):
-    """(step function, images) of one variant; the same initial weights for every variant."""
-    torch.manual_seed(0)
+    """The step function of one variant: the tokenizer stage's own step (``TokenizerTask`` under the trainer:
+    AdamW, clipping at 1.0, MSE-only loss); the same initial weights for every variant."""
     shape = {"hidden": 16, "res_hidden": 8} if tiny else {}
-    model = VQVAE(ModelConfig(quantizer=QuantizerConfig(kind="ema", codebook_size=64 if tiny else 512, dim=128),
-                              **shape)).train()
-    x = images
+    n = images.shape[0]
+    cfg = TokenizerRunConfig(
+        data=DataConfig(source="synthetic", image_size=32, channels=3, num_train=n, num_validation=n, num_test=n),
+        model=ModelConfig(quantizer=QuantizerConfig(kind="ema", codebook_size=64 if tiny else 512, dim=128), **shape),
+        train=TrainConfig(lr=1e-4, batch_size=n, trackers=[], compile=variant == "compile",
+                          fused_optimizer=variant == "fused_adamw"),
+    )
+    step = task_step(TokenizerTask(cfg), cfg.train, {"image": images})
     if variant == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
-        x = images.contiguous(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, lr=1e-4)
-    if variant == "fused_adamw":
-        optimizer = torch.optim.AdamW(optimizer.param_groups, lr=1e-4, fused=True)
-    forward = torch.compile(model) if variant == "compile" else model
-
-    def step() -> float:
-        out = forward(x)
-        loss = F.mse_loss(out.recon, images) + out.quant.loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
+        step.trainer.unwrap(step.trainer.main).to(memory_format=torch.channels_last)
+        step.batch["image"] = images.contiguous(memory_format=torch.channels_last)
     return step
 
 
@@ -97,7 +89,8 @@ def main(argv=None) -> dict:
     for v in variants:
         steps[v] = build(v, images, args.tiny)
         t0 = time.perf_counter()
-        first_loss[v] = steps[v]()  # warm-up; for compile, the compilation
+        steps[v]()  # warm-up; for compile, the compilation
+        first_loss[v] = float(steps[v].trainer.last_values["loss"])
         first[v] = time.perf_counter() - t0
     times = {v: [] for v in variants}
     for _ in range(args.repeats):

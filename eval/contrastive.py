@@ -38,14 +38,15 @@ import torch.nn.functional as F
 from torch_fidelity import register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from vqgen.core import training
 from vqgen.core.config import to_dict
+from vqgen.core.trainer import Task, Trainer
 
 from .features import (
     BackboneFeatureExtractor,
     FeatureClassifier,
     backbone_architecture,
     cached_model,
+    extractor_train_config,
     held_out_split,
     make_optimizer,
     to_model_input,
@@ -213,51 +214,75 @@ class ContrastiveFit:
     train_indices: torch.Tensor  # (N,) their indices in the train split
 
 
+class ContrastiveTask(Task):
+    """The label-free extractor as a trainer task: two augmented views of each image, NT-Xent on their
+    projections. Batches are drawn from a seeded permutation of the in-memory images (the remainder of an epoch
+    dropped); the same generator draws the augmentations."""
+
+    name = "contrastive"
+
+    def __init__(self, train, cfg: ContrastiveConfig):
+        self.train, self.cfg = train, cfg
+        self.hint = f"lower contrastive.lr ({cfg.lr})"
+
+    def setup(self, trainer: Trainer) -> None:
+        cfg = self.cfg
+        # after the trainer's seeding: reading the images draws a loader seed from the global generator
+        self.images, self.indices = load_images(self.train, cfg.max_train_images, cfg.seed)  # (N, C, H, W) uint8
+        if self.images.shape[0] < 2:
+            raise ValueError(f"the contrastive extractor needs at least 2 train images, got {self.images.shape[0]}")
+        self.arch = backbone_architecture(self.images[0], [], cfg.width, cfg.feature_dim)
+        model = ContrastiveNet(self.arch, cfg.projection_dim)
+        optimizer, schedule = make_optimizer(model.parameters(), cfg.lr, cfg.steps, cfg.weight_decay)
+        model, optimizer = trainer.prepare(model, optimizer)
+        trainer.add_trained("contrastive", model, optimizer, schedule, clip=False)
+        self.model = model
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def batches(self, trainer: Trainer, samples_seen: int):
+        n, batch_size = self.images.shape[0], trainer.cfg.batch_size
+        order, pos = torch.randperm(n, generator=self.generator), 0
+        while True:
+            if pos + batch_size > n:  # next epoch: a fresh permutation, the remainder dropped
+                order, pos = torch.randperm(n, generator=self.generator), 0
+            yield _to_float(self.images[order[pos:pos + batch_size]])  # (B, C, H, W)
+            pos += batch_size
+
+    def batch_size(self, batch) -> int:
+        return batch.shape[0]
+
+    def micro_step(self, trainer: Trainer, batch, step: int) -> dict:
+        x = batch.to(trainer.device)
+        views = torch.cat([augment(x, self.generator, self.cfg), augment(x, self.generator, self.cfg)])  # (2B, ...)
+        _, z = self.model(views)
+        loss = nt_xent(z, self.cfg.temperature)
+        trainer.backward(loss)
+        self.last_loss = loss.detach()
+        return {"loss": loss}
+
+    def finish(self, trainer: Trainer, step: int) -> dict:
+        return {"final_train_loss": float(self.last_loss)}
+
+
 def fit_contrastive(train, cfg: ContrastiveConfig | None = None, device: str | torch.device = "cpu") -> ContrastiveFit:
-    """Train a :class:`ContrastiveNet` on the images of ``train``; labels are never read (only
-    ``train[i]["image"]`` and ``len(train)``)."""
+    """Train a :class:`ContrastiveNet` on the images of ``train`` (through :class:`vqgen.core.trainer.Trainer`, in
+    memory); labels are never read (only ``train[i]["image"]`` and ``len(train)``)."""
     cfg = cfg or ContrastiveConfig()
     cfg.validate()
-    device = torch.device(device)
-    torch.manual_seed(cfg.seed)
-    images, indices = load_images(train, cfg.max_train_images, cfg.seed)  # (N, C, H, W) uint8
-    n = images.shape[0]
-    if n < 2:
-        raise ValueError(f"the contrastive extractor needs at least 2 train images, got {n}")
-    arch = backbone_architecture(images[0], [], cfg.width, cfg.feature_dim)
-    model = ContrastiveNet(arch, cfg.projection_dim).to(device)
-    opt, sched = make_optimizer(model.parameters(), cfg.lr, cfg.steps, cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batch_size = min(cfg.batch_size, n)
-    order, pos = torch.randperm(n, generator=gen), 0
-    start, last_loss = time.perf_counter(), torch.tensor(float("nan"))
-    watch = training.NonFiniteWatch(device)  # no host sync per step
-    model.train()
-    for step in range(1, cfg.steps + 1):
-        if pos + batch_size > n:  # next epoch: a fresh permutation, the remainder dropped
-            order, pos = torch.randperm(n, generator=gen), 0
-        x = _to_float(images[order[pos:pos + batch_size]]).to(device)  # (B, C, H, W)
-        pos += batch_size
-        views = torch.cat([augment(x, gen, cfg), augment(x, gen, cfg)])  # (2B, C, H, W)
-        _, z = model(views)
-        loss = nt_xent(z, cfg.temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        last_loss = loss.detach()
-        watch.update(last_loss, step)
+    n = min(len(train), cfg.max_train_images)
+    task = ContrastiveTask(train, cfg)
+    trainer = Trainer(task, extractor_train_config(cfg.steps, max(1, min(cfg.batch_size, n)), cfg.lr, cfg.seed))
+    start = time.perf_counter()
+    last_loss = trainer.fit()["final_train_loss"]
     train_seconds = time.perf_counter() - start
-    watch.raise_if_bad("the contrastive extractor's loss", f"lower contrastive.lr ({cfg.lr})")
-    last_loss = float(last_loss)
     info = {
-        "architecture": arch,
+        "architecture": task.arch,
         "train_steps": cfg.steps,
         "train_seconds": round(train_seconds, 2),
         "final_train_loss": last_loss,
         "num_train_images": n,
     }
-    return ContrastiveFit(model.backbone.cpu().eval(), info, images, indices)
+    return ContrastiveFit(trainer.unwrap(task.model).backbone.cpu().eval(), info, task.images, task.indices)
 
 
 def _features(backbone: FeatureClassifier, images: torch.Tensor, device: torch.device,

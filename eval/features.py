@@ -42,6 +42,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from vqgen.core import training
 from vqgen.core.config import to_dict
+from vqgen.core.trainer import Task, TrainConfig, Trainer
 from vqgen.core.io import atomic_path, load_json, save_json
 
 __all__ = [
@@ -219,8 +220,58 @@ def held_out_split(data_cfg, train):
     return train, "train"
 
 
+class ClassifierTask(Task):
+    """The offline classifier as a trainer task: the data's labels (or factors, or rotations) as heads."""
+
+    name = "classifier"
+
+    def __init__(self, train, cfg: ClassifierConfig):
+        self.train, self.cfg = train, cfg
+        self.hint = f"lower the classifier's lr (classifier.lr={cfg.lr})"
+
+    def setup(self, trainer: Trainer) -> None:
+        from vqgen.tokenizer.data import make_dataloader
+
+        cfg = self.cfg
+        self.task, self.heads = classifier_task(self.train)
+        self.arch = backbone_architecture(self.train[0]["image"], [n for _, n in self.heads], cfg.width,
+                                          cfg.feature_dim)
+        model = FeatureClassifier(**self.arch)
+        optimizer, schedule = make_optimizer(model.parameters(), cfg.lr, trainer.cfg.steps)
+        model, optimizer = trainer.prepare(model, optimizer)
+        trainer.add_trained("classifier", model, optimizer, schedule, clip=False)
+        self.model = model
+        self.loader = make_dataloader(self.train, batch_size=trainer.cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                      drop_last=True)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def batches(self, trainer: Trainer, samples_seen: int):
+        while True:  # epoch after epoch of the seeded loader
+            yield from self.loader
+
+    def micro_step(self, trainer: Trainer, batch, step: int) -> dict:
+        x, y = _batch_targets(self.task, batch, self.generator)
+        _, logits = self.model(x.to(trainer.device))
+        y = y.to(trainer.device)
+        loss = sum(F.cross_entropy(lg, y[:, i]) for i, lg in enumerate(logits)) / len(logits)
+        trainer.backward(loss)
+        self.last_loss = loss.detach()
+        return {"loss": loss}
+
+    def finish(self, trainer: Trainer, step: int) -> dict:
+        return {"final_train_loss": float(self.last_loss)}
+
+
+def extractor_train_config(steps: int, batch_size: int, lr: float, seed: int) -> TrainConfig:
+    """The trainer settings of a cached feature extractor: no clipping, no files, a log at the end (its own
+    optimizer and schedule are built by its task)."""
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, max_grad_norm=0.0, log_every=steps,
+                       checkpoint_every=steps, seed=seed, trackers=[])
+
+
 def train_classifier(data_cfg, cfg: ClassifierConfig | None = None, device: str | torch.device = "cpu"):
-    """Train the offline classifier on ``data_cfg``'s train split and measure it on its test split.
+    """Train the offline classifier on ``data_cfg``'s train split (through :class:`vqgen.core.trainer.Trainer`,
+    in memory) and measure it on its test split.
 
     Returns ``(model, meta)``; ``meta`` is the JSON-able description stored next to the weights.
     """
@@ -228,43 +279,23 @@ def train_classifier(data_cfg, cfg: ClassifierConfig | None = None, device: str 
 
     cfg = cfg or ClassifierConfig()
     cfg.validate()
-    device = torch.device(device)
-    torch.manual_seed(cfg.seed)
     train = build_dataset(data_cfg, "train")
-    task, heads = classifier_task(train)
-    arch = backbone_architecture(train[0]["image"], [n for _, n in heads], cfg.width, cfg.feature_dim)
-    model = FeatureClassifier(**arch).to(device)
     batch_size = min(cfg.batch_size, len(train))
-    loader = make_dataloader(train, batch_size=batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
-    steps = max(1, min(cfg.max_steps, int(cfg.epochs * len(loader))))
-    opt, sched = make_optimizer(model.parameters(), cfg.lr, steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start, step, last_loss = time.perf_counter(), 0, torch.tensor(float("nan"))
-    watch = training.NonFiniteWatch(device)  # no host sync per step
-    model.train()
-    while step < steps:
-        for batch in loader:
-            x, y = _batch_targets(task, batch, gen)
-            _, logits = model(x.to(device))
-            y = y.to(device)
-            loss = sum(F.cross_entropy(lg, y[:, i]) for i, lg in enumerate(logits)) / len(logits)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step, last_loss = step + 1, loss.detach()
-            watch.update(last_loss, step)
-            if step >= steps:
-                break
+    batches = len(make_dataloader(train, batch_size=batch_size, shuffle=False, drop_last=True))
+    steps = max(1, min(cfg.max_steps, int(cfg.epochs * batches)))
+    task = ClassifierTask(train, cfg)
+    trainer = Trainer(task, extractor_train_config(steps, batch_size, cfg.lr, cfg.seed))
+    start = time.perf_counter()
+    last_loss = trainer.fit()["final_train_loss"]
     train_seconds = time.perf_counter() - start
-    watch.raise_if_bad("the offline classifier's loss", f"lower the classifier's lr ({cfg.lr})")
-    last_loss = float(last_loss)
+    model = trainer.unwrap(task.model).cpu().eval()
+    task_name, heads, arch, device = task.task, task.heads, task.arch, torch.device("cpu")
 
     test, test_split = held_out_split(data_cfg, train)
-    acc = _accuracy(model, test, task, cfg, device)
+    acc = _accuracy(model, test, task_name, cfg, device)
     meta = {
         "extractor": CLASSIFIER_EXTRACTOR_NAME,
-        "task": task,
+        "task": task_name,
         "heads": [[name, n] for name, n in heads],
         "architecture": arch,
         "test_split": test_split,
@@ -276,7 +307,7 @@ def train_classifier(data_cfg, cfg: ClassifierConfig | None = None, device: str 
         "data": to_dict(data_cfg) if dataclasses.is_dataclass(data_cfg) else data_cfg,
         "classifier": to_dict(cfg),
     }
-    if task == "rotation":
+    if task_name == "rotation":
         meta["note"] = (
             "the data set has no labels: the classifier was trained on rotation prediction (self-supervised "
             "fallback); its features serve FID/KID/PRDC, but there are no classes for mode coverage"

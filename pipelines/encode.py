@@ -21,7 +21,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from vqgen.pipelines.common import add_debug_flag, check_output_dir, entry_point, show_progress, use_cpu_processes
+from dataclasses import dataclass, field
+
+from vqgen.core.records import file_inputs, make_record
+from vqgen.pipelines.common import check_output_dir, entry_point, parse_cli, show_progress, use_cpu_processes
 from vqgen.prior.data import TOKENS_FORMAT, TOKENS_META, TokenDataError, save_token_split, split_file
 from vqgen.prior.model import tokenizer_record
 from vqgen.core.config import ConfigError, from_dict, read_yaml, to_dict
@@ -29,6 +32,44 @@ from vqgen.tokenizer.data import SPLITS, DataConfig, build_dataset, make_dataloa
 from vqgen.core.errors import MissingFileError
 from vqgen.core.io import load_json, save_json
 from vqgen.tokenizer.model import VQVAE
+
+
+@dataclass
+class EncodeConfig:
+    """Settings of the encode stage (``encode.*`` in an experiment; flags of ``vqgen encode``)."""
+
+    splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"])
+    batch_size: int = 256  # images per process and batch
+
+    def validate(self) -> None:
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown or not self.splits:
+            raise ValueError(f"splits must be a non-empty subset of {', '.join(SPLITS)}, got {self.splits}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+TOKENIZER_WEIGHTS = Path("tokenizer") / "model" / "model.safetensors"
+
+
+def stage_record(cfg: EncodeConfig, run: Path) -> dict:
+    return make_record("encode", cfg, file_inputs({"tokenizer": run / TOKENIZER_WEIGHTS}))
+
+
+def stage_complete(cfg: EncodeConfig, run: Path) -> bool:
+    """Every configured split is encoded by the run's current tokenizer."""
+    meta_path = run / "tokens" / TOKENS_META
+    weights = run / TOKENIZER_WEIGHTS
+    if not meta_path.is_file() or not weights.is_file():
+        return False
+    meta = load_json(meta_path)
+    current = tokenizer_record(weights.parent)["fingerprint"]
+    return (meta.get("tokenizer") or {}).get("fingerprint") == current and all(
+        s in meta.get("splits", {}) and (run / "tokens" / meta["splits"][s]["file"]).is_file() for s in cfg.splits)
+
+
+def run_stage(cfg: EncodeConfig, run: Path) -> dict:
+    return encode(run / "tokenizer", run / "tokens", cfg.splits, batch_size=cfg.batch_size)
 
 
 def tokenizer_data_config(tokenizer_run: Path) -> DataConfig:
@@ -146,21 +187,13 @@ def encode(
 @entry_point
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command-line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(description="Encode images into token ids with a trained tokenizer.")
-    parser.add_argument("--tokenizer-run", required=True, help="tokenizer run folder (holds config.yaml and model/)")
-    parser.add_argument("--output-dir", required=True, help="where to write the tokens (e.g. RUN/tokens)")
-    parser.add_argument("--splits", default="train,validation,test", help="comma-separated splits to encode")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per process and batch")
-    parser.add_argument("--overwrite", action="store_true", help="re-encode splits that are already there")
-    add_debug_flag(parser)
-    args = parser.parse_args(argv)
-    return encode(
-        args.tokenizer_run,
-        args.output_dir,
-        [s.strip() for s in args.splits.split(",") if s.strip()],
-        overwrite=args.overwrite,
-        batch_size=args.batch_size,
-    )
+    def paths(parser):
+        parser.add_argument("--tokenizer-run", required=True, help="tokenizer run folder (holds config.yaml and model/)")
+        parser.add_argument("--output-dir", required=True, help="where to write the tokens (e.g. RUN/tokens)")
+        parser.add_argument("--overwrite", action="store_true", help="re-encode splits that are already there")
+
+    cfg, args = parse_cli(EncodeConfig, argv, "Encode images into token ids with a trained tokenizer.", paths)
+    return encode(args.tokenizer_run, args.output_dir, cfg.splits, overwrite=args.overwrite, batch_size=cfg.batch_size)
 
 
 if __name__ == "__main__":

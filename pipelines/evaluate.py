@@ -62,7 +62,8 @@ from vqgen.eval.plots import (
 )
 from vqgen.eval.reconstruction import SplitPass, tokenizer_pass
 from vqgen.eval.report import write_comparison, write_report
-from vqgen.pipelines.common import add_debug_flag, check_output_dir, entry_point
+from vqgen.core.records import file_inputs, make_record
+from vqgen.pipelines.common import check_output_dir, entry_point, parse_cli
 from vqgen.core.config import from_dict, load_config, read_yaml
 from vqgen.core.errors import UserError
 from vqgen.core.provenance import provenance
@@ -423,29 +424,30 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, cfg: EvalC
     return json.loads((out / "comparison.json").read_text())
 
 
+def stage_record(cfg: EvalConfig, run: Path) -> dict:
+    return make_record("evaluate", cfg, file_inputs({"tokenizer": run / "tokenizer" / "model" / "model.safetensors",
+                                                     "samples": run / "samples" / "tokens.safetensors"}))
+
+
+def stage_complete(cfg: EvalConfig, run: Path) -> bool:
+    return (run / "report.json").is_file()
+
+
+def run_stage(cfg: EvalConfig, run: Path) -> dict:
+    return evaluate_run(run, cfg)
+
+
 @entry_point(known=(FeatureExtractorError,))
 def main(argv: Sequence[str] | None = None) -> dict:
-    """CLI: ``--run DIR`` (repeat to compare), ``--output DIR``, extractor options, ``key=value`` overrides."""
-    parser = argparse.ArgumentParser(description="Evaluate runs: reconstruction, FID, diversity and shrinkage.")
-    parser.add_argument("--run", action="append", required=True, help="run folder; repeat to compare runs")
-    parser.add_argument("--output", help="report folder (default: the run folder; required to compare runs)")
-    parser.add_argument("--config", help="YAML file with EvalConfig fields")
-    parser.add_argument("--extractor", choices=EXTRACTORS)
-    parser.add_argument("--weights-path", help="primary feature extractor's weights (Inception .pth, or the "
-                        "model.safetensors of a cached classifier / contrastive backbone)")
-    parser.add_argument("--num-images", type=int)
-    parser.add_argument("--split", choices=SPLITS)
-    parser.add_argument("--device")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--reevaluate", action="store_true", help="comparison: evaluate even runs with a report.json")
-    parser.add_argument("overrides", nargs="*", help="EvalConfig key=value overrides, e.g. classifier.max_steps=500 "
-                        "or extra_extractors=[]")
-    add_debug_flag(parser)
-    args = parser.parse_args(argv)
-    flags = {"extractor": args.extractor, "weights_path": args.weights_path, "num_images": args.num_images,
-             "split": args.split, "device": args.device, "batch_size": args.batch_size}
-    overrides = list(args.overrides) + [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    cfg = load_config(EvalConfig, args.config, overrides)
+    """CLI: ``--run DIR`` (repeat to compare), ``--output DIR``; every ``EvalConfig`` field is a flag
+    (``--extractor``, ``--num-images``, ...) or a ``key=value`` override (``classifier.max_steps=500``)."""
+    def paths(parser):
+        parser.add_argument("--run", action="append", required=True, help="run folder; repeat to compare runs")
+        parser.add_argument("--output", help="report folder (default: the run folder; required to compare runs)")
+        parser.add_argument("--reevaluate", action="store_true",
+                            help="comparison: evaluate even runs with a report.json")
+
+    cfg, args = parse_cli(EvalConfig, argv, "Evaluate runs: reconstruction, FID, diversity and shrinkage.", paths)
     if len(args.run) > 1 and not args.output:
         raise EvalError("comparing several runs needs --output DIR for the comparison table")
     for run in args.run:  # before any work

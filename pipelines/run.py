@@ -25,96 +25,62 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from vqgen.core.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, save_config, to_dict
-from vqgen.core.io import load_json
-from vqgen.core.provenance import machine_summary, provenance
-
+from vqgen.core.provenance import machine_summary
+from vqgen.core.records import StaleStageError, read_record, record_changes, split_changes, with_provenance, write_record
+from vqgen.core.trainer import CONTINUABLE
 from vqgen.pipelines.common import add_debug_flag, check_output_dir, entry_point
-from vqgen.pipelines.encode import encode
-from vqgen.pipelines.evaluate import EvalConfig, compare_runs, evaluate_run
-from vqgen.pipelines.sample import sample
-from vqgen.pipelines.stages import (
-    STAGE_RECORD,
-    StaleStageError,
-    file_inputs,
-    legacy_record,
-    make_record,
-    read_record,
-    record_changes,
-    remove_path,
-    with_provenance,
-    write_record,
+from vqgen.pipelines.evaluate import compare_runs
+from vqgen.pipelines.stages import STAGE_NAMES, STAGES, Stage, legacy_record, remove_path, stage
+
+
+def _validate_experiment(self) -> None:
+    unknown = [s for s in self.stages if s not in STAGE_NAMES]
+    if unknown:
+        raise ValueError(f"stages has {unknown[0]!r}; choose among {', '.join(STAGE_NAMES)}")
+
+
+# One section per stage of pipelines.stages.STAGES, in their order, each with the stage's config class.
+ExperimentConfig = make_dataclass(
+    "ExperimentConfig",
+    [("name", str, field(default="experiment")),
+     ("output_dir", str, field(default="runs/experiment")),
+     ("seed", Optional[int], field(default=None)),
+     ("stages", list[str], field(default_factory=lambda: list(STAGE_NAMES))),
+     *((s.name, s.config_cls, field(default_factory=s.default_config)) for s in STAGES)],
+    namespace={"validate": _validate_experiment, "__module__": __name__, "__doc__": (
+        "One experiment: a run folder and the settings of each stage (paths between stages are set here).\n\n"
+        "``seed``, when set, is the seed of the tokenizer's and the prior's training and of sampling; the\n"
+        "evaluation's feature extractor keeps its own seed, so runs that differ only in ``seed`` are judged by\n"
+        "the same classifier.")},
 )
-from vqgen.pipelines.train_prior import PriorRunConfig, prior_stage_record, train_prior
-from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, train_tokenizer
-from vqgen.prior.sampling import SamplingConfig
-
-STAGES = ("tokenizer", "encode", "prior", "sample", "evaluate")
-SECTIONS = ("tokenizer", "encode", "prior", "sample", "evaluate")  # may be inline mappings or YAML file paths
-
-
-@dataclass
-class EncodeStageConfig:
-    """Settings of the encode stage inside an experiment."""
-
-    splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"])
-    batch_size: int = 256
-
-
-@dataclass
-class ExperimentConfig:
-    """One experiment: a run folder and the settings of each stage (paths between stages are set here).
-
-    ``seed``, when set, is the seed of the tokenizer's and the prior's training and of sampling
-    (``tokenizer.train.seed``, ``prior.train.seed``, ``sample.seed``); the evaluation's feature extractor keeps
-    its own seed, so runs that differ only in ``seed`` are judged by the same classifier.
-    """
-
-    name: str = "experiment"
-    output_dir: str = "runs/experiment"
-    seed: int | None = None
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
-    tokenizer: TokenizerRunConfig = field(default_factory=TokenizerRunConfig)
-    encode: EncodeStageConfig = field(default_factory=EncodeStageConfig)
-    prior: PriorRunConfig = field(default_factory=lambda: PriorRunConfig(tokens="<set by the runner>"))
-    sample: SamplingConfig = field(default_factory=SamplingConfig)
-    evaluate: EvalConfig = field(default_factory=EvalConfig)
-
-    def validate(self) -> None:
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown:
-            raise ValueError(f"stages has {unknown[0]!r}; choose among {', '.join(STAGES)}")
-
-
-SEEDED = (("tokenizer", "train"), ("prior", "train"), ("sample",))  # sections whose ``seed`` follows ``seed``
 
 
 def _apply_seed(data: dict) -> dict:
-    """Copy the experiment-level ``seed`` (when set) into the stage sections listed in ``SEEDED``."""
+    """Copy the experiment-level ``seed`` (when set) into each stage section's seed (``Stage.seed_key``)."""
     seed = data.get("seed")
     if seed is None:
         return data
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"config key 'seed' expects an integer (or null), got {seed!r}")
-    for keys in SEEDED:
-        node = data
-        for key in keys:
+    for s in STAGES:
+        if s.seed_key is None:
+            continue
+        node = data.setdefault(s.name, {})
+        for key in s.seed_key[:-1]:
             node = node.setdefault(key, {}) if isinstance(node, dict) else None
         if isinstance(node, dict):  # a section that is not a mapping is left for from_dict to reject
-            node["seed"] = seed
+            node[s.seed_key[-1]] = seed
     return data
 
 
 def wired_paths(run: Path) -> dict[str, dict[str, str]]:
     """The stage settings the runner sets inside the run folder ``run`` (never taken from a file)."""
-    return {
-        "tokenizer": {"output_dir": str(run / "tokenizer")},
-        "prior": {"output_dir": str(run / "prior"), "tokens": str(run / "tokens")},
-    }
+    return {s.name: s.wired(run) for s in STAGES if s.wired(run)}
 
 
 def save_experiment(cfg, path: Path) -> None:
@@ -135,14 +101,14 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()):
     """
     cls = ExperimentConfig
     data = read_yaml(path) if path else {}
-    for section in SECTIONS:
+    for section in STAGE_NAMES:
         if isinstance(data.get(section), str):  # a section given as the path of a YAML file holding it
             data[section] = read_yaml(data[section])
     data = _apply_seed(data)
     for item in overrides:
         update = parse_overrides([item])
         data = _apply_seed(merge(data, update)) if "seed" in update else merge(data, update)
-    run = Path(data.get("output_dir", cls.output_dir))
+    run = Path(data.get("output_dir", "runs/experiment"))
     for section, keys in wired_paths(run).items():
         given = data.get(section) or {}
         for key in keys:
@@ -158,130 +124,102 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()):
         raise ConfigError(f"{err}" + (f" (in {path})" if path else "")) from None
 
 
-def _complete(path: Path, steps: int | None = None) -> bool:
-    """A stage's result file exists (and, for trainers, was written for the configured number of steps).
-
-    A trainer's summary records the configured ``steps``; it is complete when training reached them or was
-    stopped earlier by early stopping (``early_stopped``, ``stopped_step`` < ``steps``).
-    """
-    if not path.is_file():
-        return False
-    if steps is None:
-        return True
-    summary = load_json(path)
-    if summary.get("steps") != steps:
-        return False
-    stopped = summary.get("stopped_step", steps)  # summaries from before early stopping have no stopped_step
-    return stopped == steps or (summary.get("early_stopped") is True and stopped < steps)
-
-
-# What each stage writes inside the run folder (removed by --force), and where its record lives.
-STAGE_OUTPUTS = {
-    "tokenizer": ("tokenizer",),
-    "encode": ("tokens",),
-    "prior": ("prior",),
-    "sample": ("samples",),
-    "evaluate": ("report.json", "report.md", "report.html", "report_files", "report_stage.json"),
-}
-STAGE_CONFIG_CLASSES = {"tokenizer": TokenizerRunConfig, "encode": EncodeStageConfig, "prior": PriorRunConfig,
-                        "sample": SamplingConfig, "evaluate": EvalConfig}
-TOKENIZER_WEIGHTS = Path("tokenizer") / "model" / "model.safetensors"
-
-
-def stage_record_path(run: Path, stage: str) -> Path:
-    """Where the record of ``stage`` lives: inside its folder, or ``report_stage.json`` for ``evaluate``."""
-    return run / "report_stage.json" if stage == "evaluate" else run / STAGE_OUTPUTS[stage][0] / STAGE_RECORD
-
-
-def _stage_config(cfg, stage: str):
-    return getattr(cfg, stage)
-
-
-def _existing_record(run: Path, stage: str) -> dict | None:
-    """The record a stage folder holds, or one rebuilt from its files when it was written before records."""
-    record = read_record(stage_record_path(run, stage))
-    if record is None and stage != "evaluate":
-        record = legacy_record(stage, run / STAGE_OUTPUTS[stage][0])
+def _existing_record(run: Path, s: Stage) -> dict | None:
+    """The record a stage folder holds (a folder that produced nothing has none to keep), or one rebuilt from its
+    files when it was written before records."""
+    if not s.produced(run):
+        return None
+    record = read_record(run / s.record_path)
+    if record is None and s.name != "evaluate":
+        record = legacy_record(s.name, run / s.outputs[0])
     return record
 
 
-def expected_record(cfg, run: Path, stage: str) -> dict:
-    """The record ``stage`` would get now: its config section and the fingerprints of its inputs on disk."""
-    if stage == "prior":
-        return prior_stage_record(cfg.prior)
-    inputs = {
-        "tokenizer": {},
-        "encode": {"tokenizer": run / TOKENIZER_WEIGHTS},
-        "sample": {"prior": run / "prior" / "model" / "model.safetensors", "tokenizer": run / TOKENIZER_WEIGHTS},
-        "evaluate": {"tokenizer": run / TOKENIZER_WEIGHTS, "samples": run / "samples" / "tokens.safetensors"},
-    }[stage]
-    return make_record(stage, _stage_config(cfg, stage), file_inputs(inputs))
-
-
-def _ways_out(run: Path, stage: str) -> str:
-    return (f"rerun with --force {stage} to redo {stage} from scratch (every later stage is redone too), or give "
+def _ways_out(run: Path, name: str) -> str:
+    return (f"rerun with --force {name} to redo {name} from scratch (every later stage is redone too), or give "
             f"another output_dir to keep {run} as it is")
+
+
+def _config_changes(cfg, run: Path, s: Stage) -> tuple[list[str], list[str]]:
+    """(changes the stage continues over, every other change) between its record and the config."""
+    old = _existing_record(run, s)
+    if old is None:
+        return [], []
+    new = {"stage": s.name, "config": to_dict(getattr(cfg, s.name)), "inputs": None}
+    found = record_changes({**old, "inputs": None}, new, s.config_cls, s.ignored)
+    return split_changes(found, CONTINUABLE) if s.trainer else ([], found)
 
 
 def check_stage_configs(cfg, run: Path, first_forced: int = len(STAGES)) -> None:
     """Refuse, in one message, when stages before ``first_forced`` hold results of other settings.
 
     Compares every stage's record with the config (not only the stages to run: a later run must not find
-    results of two configs in one folder). Inputs are compared later, stage by stage (``check_stage_inputs``).
+    results of two configs in one folder). A trainer may continue over ``train.steps``, ``train.batch_size``
+    and ``train.grad_accum``. Inputs are compared later, stage by stage (``check_stage_inputs``).
     """
     problems, first = [], None
-    for stage in STAGES[:first_forced]:
-        old = _existing_record(run, stage)
-        if old is None:
-            continue
-        new = make_record(stage, _stage_config(cfg, stage))
-        found = record_changes({**old, "inputs": None}, new, STAGE_CONFIG_CLASSES[stage])
-        if found:
-            problems.append(f"{stage}: {', '.join(found)}")
-            first = first or stage
+    for s in STAGES[:first_forced]:
+        _, refused = _config_changes(cfg, run, s)
+        if refused:
+            problems.append(f"{s.name}: {', '.join(refused)}")
+            first = first or s.name
     if problems:
         raise StaleStageError(f"{run} holds results made with other settings ({'; '.join(problems)}); "
                               + _ways_out(run, first))
 
 
-def check_stage_inputs(cfg, run: Path, stage: str) -> dict:
-    """Refuse to reuse ``stage`` when the files it was made from changed; returns its current record."""
-    new = expected_record(cfg, run, stage)
-    old = _existing_record(run, stage)
-    if old is not None:
-        found = record_changes(old, new, STAGE_CONFIG_CLASSES[stage])
-        if found:
-            raise StaleStageError(f"{run}: stage {stage} was made from other inputs or settings ({'; '.join(found)}); "
-                                  + _ways_out(run, stage))
-    return new
+def check_stage_inputs(cfg, run: Path, s: Stage, redo_if_changed: bool = False) -> tuple[dict, bool]:
+    """The record ``s`` would get now, and whether its output must be redone because its inputs changed.
+
+    Inputs that changed because an earlier stage was computed in this run (``redo_if_changed``) mean the stage is
+    redone; otherwise changed inputs are refused (``StaleStageError``).
+    """
+    new = s.record(getattr(cfg, s.name), run)
+    old = _existing_record(run, s)
+    if old is None:
+        return new, False
+    found = record_changes(old, new, s.config_cls, s.ignored)
+    if s.trainer:
+        found = split_changes(found, CONTINUABLE)[1]
+    if not found:
+        return new, False
+    if redo_if_changed and all(c.startswith("input ") for c in found):
+        return new, True
+    raise StaleStageError(f"{run}: stage {s.name} was made from other inputs or settings ({'; '.join(found)}); "
+                          + _ways_out(run, s.name))
+
+
+def remove_outputs(run: Path, s: Stage) -> list[str]:
+    """Delete what ``s`` wrote inside the run folder; returns the names removed."""
+    removed = [name for name in s.outputs if (run / name).exists()]
+    for name in removed:
+        remove_path(run / name)
+    return removed
 
 
 def force_stages(run: Path, force: Sequence[str]) -> int:
     """Delete the outputs of the earliest forced stage and of every stage after it; returns its index."""
-    first = min((STAGES.index(s) for s in force), default=len(STAGES))
-    for stage in STAGES[first:]:
-        removed = [name for name in STAGE_OUTPUTS[stage] if (run / name).exists()]
-        for name in removed:
-            remove_path(run / name)
+    first = min((STAGE_NAMES.index(name) for name in force), default=len(STAGES))
+    for s in STAGES[first:]:
+        removed = remove_outputs(run, s)
         if removed:
-            print(f"[run] --force {STAGES[first]}: removed {stage} ({', '.join(removed)})")
+            print(f"[run] --force {STAGE_NAMES[first]}: removed {s.name} ({', '.join(removed)})")
     return first
 
 
-def write_stage_record(cfg, run: Path, stage: str, record: dict, ran: bool) -> None:
-    """The record of what ``stage``'s folder holds now. A trainer that ran wrote its own (with its provenance and
-    any earlier code it continued); a stage computed now gets this process's provenance; a reused stage keeps
-    the provenance it was made with (a folder from before provenance was recorded gets none)."""
-    path = stage_record_path(run, stage)
-    if ran and stage in ("tokenizer", "prior"):
+def write_stage_record(run: Path, s: Stage, record: dict, ran: bool) -> None:
+    """The record of what ``s``'s folder holds now. A trainer that ran wrote its own (with its provenance and
+    how the run was continued); a stage computed now gets this process's provenance; a reused stage keeps the
+    provenance it was made with (a folder from before provenance was recorded gets none)."""
+    path = run / s.record_path
+    if ran and s.trainer:
         return
-    new = record if stage in ("tokenizer", "prior") else expected_record(cfg, run, stage)
+    old = read_record(path) or {}
     if ran:
-        new = with_provenance(new)
+        record = with_provenance(record)
     else:
-        old = read_record(path) or {}
-        new = {**new, **{k: old[k] for k in ("provenance", "provenance_history") if k in old}}
-    write_record(path, new)
+        record = {**record, **{k: old[k] for k in ("provenance", "provenance_history", "continued") if k in old}}
+    write_record(path, record)
 
 
 def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
@@ -289,59 +227,43 @@ def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
 
     Before anything runs, every stage already in the folder is compared with ``cfg`` (``StaleStageError``
     names the changed keys). ``force`` lists stages to redo from scratch: their outputs and those of every
-    later stage are deleted first.
+    later stage are deleted first. A trainer whose ``train.steps``, batch size or accumulation changed continues
+    from its newest checkpoint, and every later stage that used its result is redone.
     """
-    unknown = [s for s in force if s not in STAGES]
+    unknown = [name for name in force if name not in STAGE_NAMES]
     if unknown:
-        raise ConfigError(f"--force takes stages among {', '.join(STAGES)}, got {unknown[0]!r}")
+        raise ConfigError(f"--force takes stages among {', '.join(STAGE_NAMES)}, got {unknown[0]!r}")
     run = check_output_dir(cfg.output_dir, "output_dir")
-    first_forced = min((STAGES.index(s) for s in force), default=len(STAGES))
+    first_forced = min((STAGE_NAMES.index(name) for name in force), default=len(STAGES))
     check_stage_configs(cfg, run, first_forced)
     force_stages(run, force)
     save_experiment(cfg, run / "experiment.yaml")
     report: dict = {}
     seconds: dict[str, float] = {}
-    for stage in cfg.stages:
+    upstream_ran = False  # an earlier stage computed its output in this run: later inputs may have changed
+    for name in cfg.stages:
+        s = stage(name)
+        section = getattr(cfg, name)
         started = time.perf_counter()
-        record = check_stage_inputs(cfg, run, stage)
-        ran = True  # whether this stage computed its output now (else it is reused, with its provenance)
-        if stage == "tokenizer":
-            if _complete(run / "tokenizer" / "summary.json", cfg.tokenizer.train.steps):
-                print("[run] tokenizer: complete, skipped")
-                ran = False
-            else:
-                print("[run] tokenizer: training")
-                train_tokenizer(cfg.tokenizer)
-        elif stage == "encode":
-            print("[run] encode")
-            meta = run / "tokens" / "meta.json"
-            before = file_inputs({"meta": meta})
-            encode(run / "tokenizer", run / "tokens", cfg.encode.splits, batch_size=cfg.encode.batch_size)
-            ran = file_inputs({"meta": meta}) != before
-        elif stage == "prior":
-            if _complete(run / "prior" / "summary.json", cfg.prior.train.steps):
-                print("[run] prior: complete, skipped")
-                ran = False
-            else:
-                print("[run] prior: training")
-                train_prior(cfg.prior)
-        elif stage == "sample":
-            if (run / "samples" / "meta.json").is_file():
-                print("[run] sample: complete, skipped")
-                ran = False
-            else:
-                print("[run] sample")
-                sample(run / "prior" / "model", run / "samples", cfg.sample, tokenizer_dir=run / "tokenizer" / "model")
-        elif stage == "evaluate":
-            if (run / "report.json").is_file():
-                print("[run] evaluate: complete, skipped")
+        record, redo = check_stage_inputs(cfg, run, s, redo_if_changed=upstream_ran)
+        if redo:
+            removed = remove_outputs(run, s)
+            print(f"[run] {name}: redone, its inputs changed ({', '.join(removed)} removed)")
+        continuing = s.trainer and bool(_config_changes(cfg, run, s)[0])
+        if s.complete(section, run) and not continuing:
+            print(f"[run] {name}: complete, skipped")
+            ran = False
+            if name == "evaluate":
                 report = json.loads((run / "report.json").read_text())
-                ran = False
-            else:
-                print("[run] evaluate")
-                report = evaluate_run(run, cfg.evaluate)
-        write_stage_record(cfg, run, stage, record, ran)
-        seconds[stage] = time.perf_counter() - started
+        else:
+            print(f"[run] {name}" + (": continuing" if continuing else ": training" if s.trainer else ""))
+            result = s.run(section, run)
+            if name == "evaluate":
+                report = result
+            ran = True
+        write_stage_record(run, s, record, ran)
+        upstream_ran = upstream_ran or ran
+        seconds[name] = time.perf_counter() - started
     if seconds:
         total = sum(seconds.values())
         print("[run] wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
@@ -511,15 +433,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                         help="experiment or sweep YAML; repeat to run several and compare them")
     parser.add_argument("--compare-dir", default=None, help="where the comparison report goes (several configs)")
     parser.add_argument("--force", default="", metavar="STAGE[,STAGE]",
-                        help=f"redo these stages (among {', '.join(STAGES)}) and every later one from scratch; "
+                        help=f"redo these stages (among {', '.join(STAGE_NAMES)}) and every later one from scratch; "
                              "their outputs are deleted first")
     add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides applied to every experiment (they win over a sweep's)")
     args = parser.parse_intermixed_args(argv)
     force = [s.strip() for s in args.force.split(",") if s.strip()]
-    if any(s not in STAGES for s in force):
-        raise ConfigError(f"--force takes stages among {', '.join(STAGES)}, got {args.force!r}")
+    if any(s not in STAGE_NAMES for s in force):
+        raise ConfigError(f"--force takes stages among {', '.join(STAGE_NAMES)}, got {args.force!r}")
     runs, compare_dir = [], None
     for path in args.config:
         found, sweep_compare_dir = expand_sweep(path, args.overrides)
@@ -529,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     configs = [run.load() for run in runs]
     for cfg in configs:  # every experiment's folders before the first one starts
         run_dir = check_output_dir(cfg.output_dir, "output_dir")
-        check_stage_configs(cfg, run_dir, min((STAGES.index(s) for s in force), default=len(STAGES)))
+        check_stage_configs(cfg, run_dir, min((STAGE_NAMES.index(s) for s in force), default=len(STAGES)))
     reports = []
     for cfg in configs:
         report = run_experiment(cfg, force)

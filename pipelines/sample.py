@@ -31,7 +31,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from vqgen.pipelines.common import add_debug_flag, check_output_dir, die, entry_point, show_progress, use_cpu_processes
+from vqgen.core.records import file_inputs, make_record
+from vqgen.pipelines.common import check_output_dir, entry_point, parse_cli, show_progress, use_cpu_processes
 from vqgen.prior.model import Prior, check_tokenizer
 from vqgen.prior.sampling import SamplingConfig, SamplingError, sample_tokens
 from vqgen.core.config import from_dict
@@ -42,6 +43,19 @@ from vqgen.core.io import atomic_path, file_fingerprint, save_json
 from vqgen.tokenizer.model import VQVAE
 
 GRID_SAMPLES = 64
+
+
+def stage_record(cfg: SamplingConfig, run: Path) -> dict:
+    return make_record("sample", cfg, file_inputs({"prior": run / "prior" / "model" / "model.safetensors",
+                                                   "tokenizer": run / "tokenizer" / "model" / "model.safetensors"}))
+
+
+def stage_complete(cfg: SamplingConfig, run: Path) -> bool:
+    return (run / "samples" / "meta.json").is_file()
+
+
+def run_stage(cfg: SamplingConfig, run: Path) -> dict:
+    return sample(run / "prior" / "model", run / "samples", cfg, tokenizer_dir=run / "tokenizer" / "model")
 
 
 def resolve_tokenizer(prior: Prior, prior_dir: Path, tokenizer_dir: str | Path | None) -> Path:
@@ -149,34 +163,14 @@ def sample(
 
 @entry_point
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Command-line entry point (see the module docstring)."""
-    defaults = SamplingConfig()
-    parser = argparse.ArgumentParser(description="Sample images from a trained prior and its tokenizer.")
-    parser.add_argument("--prior", required=True, help="the prior's model/ directory (RUN/prior/model)")
-    parser.add_argument("--tokenizer", help="tokenizer model/ directory (default: the one the prior records)")
-    parser.add_argument("--output-dir", required=True, help="where to write the samples (e.g. RUN/samples)")
-    parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="samples per process and batch")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="1 = off")
-    parser.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale, help="classifier-free guidance; 1 = off")
-    parser.add_argument("--labels", default="", help="comma-separated class labels, cycled (default: all classes)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--no-cache", action="store_true", help="re-run the whole prefix each step (slow; for checks)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decoding step (the first batch pays the compilation)")
-    add_debug_flag(parser)
-    args = parser.parse_args(argv)
-    try:
-        labels = [int(x) for x in args.labels.split(",") if x.strip()]
-    except ValueError:
-        die(f"--labels must be comma-separated integers, got {args.labels!r}")
-    cfg = from_dict(SamplingConfig, {
-        "num_samples": args.num_samples, "batch_size": args.batch_size, "temperature": args.temperature,
-        "top_k": args.top_k, "top_p": args.top_p, "cfg_scale": args.cfg_scale, "labels": labels,
-        "use_cache": not args.no_cache, "compile": args.compile, "seed": args.seed,
-    })
+    """Command-line entry point (see the module docstring); every ``SamplingConfig`` field is a flag
+    (``--cfg-scale 1.5``, ``--labels 0,3``, ``--compile``, ``--no-cache``) or a ``key=value`` override."""
+    def paths(parser):
+        parser.add_argument("--prior", required=True, help="the prior's model/ directory (RUN/prior/model)")
+        parser.add_argument("--tokenizer", help="tokenizer model/ directory (default: the one the prior records)")
+        parser.add_argument("--output-dir", required=True, help="where to write the samples (e.g. RUN/samples)")
+
+    cfg, args = parse_cli(SamplingConfig, argv, "Sample images from a trained prior and its tokenizer.", paths)
     return sample(args.prior, args.output_dir, cfg, args.tokenizer)
 
 

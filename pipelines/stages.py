@@ -1,156 +1,115 @@
-"""Stage records: which resolved config and which inputs produced a stage's output.
+"""The stages of an experiment, each described once: ``STAGES``.
 
-Every stage writes a record ``vqgen_stage.json`` beside its output::
+A :class:`Stage` names its module (whose ``main`` is its command, ``python -m <module>`` and ``vqgen <command>``),
+its config class (a section of an experiment), what it writes inside a run folder, where its record lives, which
+config keys cannot change its result, which keys the runner wires inside the run folder and which one follows
+the experiment's ``seed``. Its module provides the three functions the runner calls::
 
-    {"format": 1, "stage": "prior", "config": {...the resolved config of the stage...},
-     "inputs": {"train.safetensors": "<sha256>", ...}}
+    stage_record(cfg, run) -> dict   the record it would get now: its config and the sha256 of its inputs
+    stage_complete(cfg, run) -> bool whether the run folder holds its finished result for these settings
+    run_stage(cfg, run) -> dict|None compute it inside the run folder (resuming or continuing where it can)
 
-``config`` is the stage's whole resolved config; ``inputs`` are the sha256 of the files it was made from (the
-tokenizer's weights for ``encode``, the token files for the prior, the prior's and tokenizer's weights for
-``sample``, the tokenizer's weights and the sampled tokens for ``evaluate``). A finished or interrupted stage
-is only reused or resumed when the new config and inputs match its record; ``changes`` lists what differs.
-
-Keys in ``IGNORED`` do not take part in the comparison because they cannot change a stage's result: where
-files go (``output_dir``, ``tokens`` (its files are fingerprinted as inputs instead), ``data.cache_dir``), how
-often the run logs and checkpoints (``log_every``; ``checkpoint_every`` and ``keep_checkpoints`` because
-resuming from a checkpoint is exact), where it logs (``trackers``), and how data is fetched
-(``num_workers``: the order comes from the seeded sampler; ``data.cache_in_memory``: the same decoding,
-done once). ``encode.splits`` only says which splits to add: each encoded split records its own tokenizer
-and data, and the prior fingerprints the files it trains on. Everything else counts, batch sizes of the
-inference stages included (batched float arithmetic is not guaranteed to round the same way).
+``vqgen run`` (``pipelines/run.py``), the ``ExperimentConfig`` it reads, the stage records and the ``vqgen``
+command all read this table; adding a stage is one entry here and those three functions in its module.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from vqgen.core.config import ConfigError, from_dict, read_yaml, to_dict
+from vqgen.core.config import read_yaml
 from vqgen.core.errors import UserError
-from vqgen.core.io import file_fingerprint, load_json, save_json
-from vqgen.core.provenance import describe, provenance, same_code
+from vqgen.core.io import load_json
+from vqgen.core.records import STAGE_RECORD, make_record
 
-STAGE_RECORD = "vqgen_stage.json"
-RECORD_FORMAT = 1
-
+# how a run computes, not what: resumable either way
 _CADENCE = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.trackers",
-            "train.num_workers", "train.compile")  # how a run computes, not what: resumable either way
-IGNORED: dict[str, tuple[str, ...]] = {
-    "tokenizer": ("output_dir", *_CADENCE, "data.cache_in_memory", "data.cache_dir"),
-    "encode": ("splits",),
-    "prior": ("output_dir", "tokens", *_CADENCE),
-    "sample": (),
-    "evaluate": (),
-}
+            "train.num_workers", "train.compile")
 
 
-class StaleStageError(UserError):
-    """A stage folder holds results of another config or other inputs; the message says how to go on."""
+@dataclass(frozen=True)
+class Stage:
+    """One stage of an experiment (see the module docstring)."""
+
+    name: str  # in stages=[...], --force and the experiment file's section
+    module: str  # python -m <module>; provides main, stage_record, stage_complete, run_stage
+    command: str  # vqgen <command>
+    help: str
+    config_class: str  # the config dataclass in ``module``
+    outputs: tuple[str, ...]  # what it writes inside a run folder (removed by --force)
+    record_path: str  # its record, relative to the run folder
+    ignored: tuple[str, ...] = ()  # config keys that cannot change its result (not compared)
+    trainer: bool = False  # a trainer: train.steps / batch_size / grad_accum may change between runs
+    wired: Callable[[Path], dict] = lambda run: {}  # settings the runner sets inside the run folder
+    seed_key: tuple[str, ...] | None = None  # where the experiment's seed goes in this section
+    defaults: dict = field(default_factory=dict)  # the section's defaults inside an experiment
+
+    @property
+    def impl(self):
+        return importlib.import_module(self.module)
+
+    @property
+    def config_cls(self) -> type:
+        return getattr(self.impl, self.config_class)
+
+    def default_config(self) -> Any:
+        return self.config_cls(**self.defaults)
+
+    def record(self, cfg: Any, run: Path) -> dict:
+        return self.impl.stage_record(cfg, run)
+
+    def complete(self, cfg: Any, run: Path) -> bool:
+        return self.impl.stage_complete(cfg, run)
+
+    def run(self, cfg: Any, run: Path) -> Any:
+        return self.impl.run_stage(cfg, run)
+
+    def produced(self, run: Path) -> bool:
+        """Whether the run folder holds anything of this stage's to keep (a trainer stopped before its first
+        checkpoint, e.g. by a non-finite loss, produced nothing)."""
+        main = run / self.outputs[0]
+        if self.trainer:
+            checkpoints = main / "checkpoints"
+            return (main / "summary.json").is_file() or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        return any((run / name).exists() for name in self.outputs if name != self.record_path)
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {"a.b.c": value}; lists and scalars are leaves."""
-    if not isinstance(data, dict):
-        return {prefix[:-1]: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+STAGES: tuple[Stage, ...] = (
+    Stage("tokenizer", "vqgen.pipelines.train_tokenizer", "train-tokenizer", "train a VQ-VAE tokenizer (stage 1)",
+          "TokenizerRunConfig", ("tokenizer",), "tokenizer/" + STAGE_RECORD,
+          ignored=("output_dir", *_CADENCE, "data.cache_in_memory", "data.cache_dir"), trainer=True,
+          wired=lambda run: {"output_dir": str(run / "tokenizer")}, seed_key=("train", "seed")),
+    Stage("encode", "vqgen.pipelines.encode", "encode", "turn a data set into token ids with a trained tokenizer",
+          "EncodeConfig", ("tokens",), "tokens/" + STAGE_RECORD,
+          # each encoded split records its own tokenizer and data; the prior fingerprints the files it uses
+          ignored=("splits",)),
+    Stage("prior", "vqgen.pipelines.train_prior", "train-prior", "train a GPT prior on token ids (stage 2)",
+          "PriorRunConfig", ("prior",), "prior/" + STAGE_RECORD,
+          ignored=("output_dir", "tokens", *_CADENCE), trainer=True,
+          wired=lambda run: {"output_dir": str(run / "prior"), "tokens": str(run / "tokens")},
+          seed_key=("train", "seed"), defaults={"tokens": "<set by the runner>"}),
+    Stage("sample", "vqgen.pipelines.sample", "sample", "sample images from a prior", "SamplingConfig",
+          ("samples",), "samples/" + STAGE_RECORD, seed_key=("seed",)),
+    Stage("evaluate", "vqgen.pipelines.evaluate", "evaluate", "reconstruction, FID, diversity and shrinkage reports",
+          "EvalConfig", ("report.json", "report.md", "report.html", "report_files", "report_stage.json"),
+          "report_stage.json"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+IGNORED: dict[str, tuple[str, ...]] = {s.name: s.ignored for s in STAGES}
 
 
-def _ignored(key: str, ignored: tuple[str, ...]) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in ignored)
-
-
-def changes(old: dict, new: dict, ignored: tuple[str, ...] = ()) -> list[str]:
-    """``["model.quantizer.codebook_size: 16 -> 32", ...]``: the keys whose values differ, sorted."""
-    a, b = _flatten(old), _flatten(new)
-    missing = "(unset)"
-    return [
-        f"{key}: {json.dumps(a.get(key, missing))} -> {json.dumps(b.get(key, missing))}"
-        for key in sorted(set(a) | set(b))
-        if not _ignored(key, ignored) and a.get(key, missing) != b.get(key, missing)
-    ]
-
-
-def make_record(stage: str, config: Any, inputs: dict[str, str] | None = None) -> dict:
-    """The record of ``stage`` made with ``config`` (a dataclass or a dict) from ``inputs`` (name -> sha256)."""
-    return {"format": RECORD_FORMAT, "stage": stage,
-            "config": config if isinstance(config, dict) else to_dict(config), "inputs": dict(inputs or {})}
-
-
-def with_provenance(record: dict, previous: dict | None = None) -> dict:
-    """``record`` with this process's ``provenance`` (commit, dirty flag, code fingerprint, versions, machine).
-
-    ``previous`` is the record of the same stage that this process continues (a resumed checkpoint): the code
-    that made its earlier part is kept in ``provenance_history`` when it differs from today's, so a stage
-    trained by two versions of the code says so.
-    """
-    current = provenance()
-    out = {**record, "provenance": current}
-    if previous:
-        history = list(previous.get("provenance_history") or [])
-        old = previous.get("provenance")
-        if old is not None and not same_code(old, current) and old not in history:
-            history.append(old)
-        if history:
-            out["provenance_history"] = history
-    return out
-
-
-def code_change(previous: dict | None) -> str | None:
-    """A warning when a stage begun by other code is continued now (None when the code is the same)."""
-    if not previous:
-        return None
-    old = previous.get("provenance")
-    if old is None or same_code(old, provenance()):
-        return None
-    return (f"continuing a {previous.get('stage', 'stage')} begun by {describe(old)} with {describe(provenance())}; "
-            "its record lists both")
-
-
-def read_record(path: str | Path) -> dict | None:
-    """The record at ``path`` (None when there is none)."""
-    path = Path(path)
-    return load_json(path) if path.is_file() else None
-
-
-def write_record(path: str | Path, record: dict) -> None:
-    save_json(record, path)
-
-
-def _normalise(config: dict, cls: type | None) -> dict:
-    """A recorded config as today's code resolves it (fields added since then take their defaults)."""
-    if cls is None:
-        return config
-    try:
-        return to_dict(from_dict(cls, config))
-    except ConfigError:
-        return config  # compared as written: every difference shows
-
-
-def record_changes(old: dict, new: dict, cls: type | None = None) -> list[str]:
-    """What differs between two records of one stage: config keys (minus ``IGNORED``), then inputs."""
-    stage = new["stage"]
-    found = changes(_normalise(old.get("config") or {}, cls), _normalise(new["config"], cls), IGNORED[stage])
-    old_inputs, new_inputs = old.get("inputs"), new.get("inputs")
-    if old_inputs is None or new_inputs is None:  # not recorded (a folder from before records): not compared
-        return found
-    names = set(old_inputs) | set(new_inputs)
-    if old.get("partial_inputs"):  # rebuilt from an old folder: only what it recorded is compared
-        names = set(old_inputs)
-    for name in sorted(names):
-        before, after = old_inputs.get(name, "(none)"), new_inputs.get(name, "(none)")
-        if before != after:
-            found.append(f"input {name}: {before[:12]} -> {after[:12]}")
-    return found
+def stage(name: str) -> Stage:
+    """The stage called ``name``."""
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(name)
 
 
 def legacy_record(stage: str, folder: Path) -> dict | None:
@@ -180,25 +139,6 @@ def legacy_record(stage: str, folder: Path) -> dict | None:
     return None
 
 
-def check_record(record_path: Path, new: dict, cls: type | None, what: str, ways_out: str,
-                 legacy_folder: Path | None = None) -> None:
-    """Raise ``StaleStageError`` when the record at ``record_path`` (or the legacy one) differs from ``new``.
-
-    ``what`` names the folder's content ("RUN/prior holds a prior"), ``ways_out`` says how to go on.
-    """
-    old = read_record(record_path)
-    if old is None and legacy_folder is not None:
-        old = legacy_record(new["stage"], legacy_folder)
-    if old is None:
-        return
-    found = record_changes(old, new, cls)
-    if found:
-        raise StaleStageError(f"{what} made with other settings ({'; '.join(found)}); {ways_out}")
-
-
-def file_inputs(files: dict[str, Path]) -> dict[str, str]:
-    """name -> sha256 of each file that exists."""
-    return {name: file_fingerprint(path) for name, path in files.items() if Path(path).is_file()}
 
 
 def remove_path(path: Path) -> None:

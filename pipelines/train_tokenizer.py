@@ -29,40 +29,33 @@ all-reduced on the last micro-batch; then clip and step the tokenizer, then clip
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from vqgen.pipelines.common import (
-    CheckpointManager,
-    MetricsLogger,
-    TrainConfig,
-    check_output_dir,
-    entry_point,
-    fail_on_nonfinite,
-    finish_run,
-    make_accelerator,
-    training_forward,
-    batch_stream,
-    parse_cli,
-    resume_latest,
-    show_progress,
-    warn,
-    write_run_config,
-)
-from vqgen.pipelines.stages import STAGE_RECORD, check_record, make_record
 from vqgen.core import training
+from vqgen.core.errors import warn
+from vqgen.core.records import make_record
+from vqgen.core.trainer import (
+    Task,
+    TrainConfig,
+    Trainer,
+    init_fingerprint,
+    load_init_weights,
+    optimizer_and_schedule,
+    run_complete,
+)
+from vqgen.eval.codebook import all_code_distance, codebook_metrics
+from vqgen.pipelines.common import entry_point, parse_cli
+from vqgen.pipelines.stages import legacy_record
 from vqgen.tokenizer.data import DataConfig, build_dataset, make_dataloader
 from vqgen.tokenizer.discriminator import build_discriminator
 from vqgen.tokenizer.losses import LossConfig, TokenizerLoss
 from vqgen.tokenizer.model import ModelConfig, VQVAE
 from vqgen.tokenizer.perceptual import build_perceptual
 from vqgen.tokenizer.quantizers import registered_kinds, spec_of
-from vqgen.eval.codebook import all_code_distance, codebook_metrics
 from vqgen.tokenizer.stats import code_counts, live_code_distance
 
 
@@ -99,6 +92,9 @@ class TokenizerRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # fine-tune: start from the weights of another tokenizer run (its folder, model/ folder or a hub id); the
+    # model settings must be that run's; the optimizer starts fresh
+    init_from: str | None = None
 
     def validate(self) -> None:
         if self.data.image_size != self.model.image_size or self.data.channels != self.model.in_channels:
@@ -128,6 +124,12 @@ class TokenizerRunConfig:
             raise ValueError(
                 f"a {self.loss.disc.num_layers}-layer discriminator needs images of at least "
                 f"{self.loss.disc.min_image_size()} px (got {self.model.image_size}); lower loss.disc.num_layers"
+            )
+        if self.init_from and (self.schedule.mode == "deferred" or self.schedule.init == "kmeans"):
+            raise ValueError(
+                f"init_from starts from trained weights, codebook included, which schedule.mode={self.schedule.mode} "
+                f"schedule.init={self.schedule.init} would replace by k-means; use schedule.mode=early "
+                "schedule.init=random to fine-tune"
             )
         if self.schedule.mode == "deferred" and self.schedule.ae_steps >= self.train.steps:
             raise ValueError(
@@ -201,13 +203,6 @@ def evaluate_tokenizer(model: VQVAE, loader, accelerator, max_batches: int = 0) 
 LOGGED_DISTANCE_CODES = 2048  # codes per codebook used for the logged (not the final) code distance
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig):
-    """AdamW (weight decay on weight tensors only) and the warm-up/cosine or constant schedule, from the shared
-    skeleton (:mod:`tokenizer.training`)."""
-    optimizer = training.make_optimizer(model, train.lr, train.betas, train.weight_decay)
-    return optimizer, training.make_schedule(optimizer, train.lr_schedule, train.steps, train.warmup_steps)
-
-
 def build_gan(cfg: TokenizerRunConfig):
     """(discriminator wrapped in ``RealFake``, its AdamW) or (None, None) without a GAN."""
     if not cfg.loss.uses_gan:
@@ -228,174 +223,177 @@ def fake_logits(disc, recon: torch.Tensor) -> torch.Tensor:
     return torch.func.functional_call(net, params, (recon,))
 
 
+class TokenizerTask(Task):
+    """Stage 1 as a trainer task: the VQ-VAE (and the PatchGAN once it starts), deferred phases, k-means."""
+
+    name = "tokenizer"
+    monitor = "val_recon_mse"
+
+    def __init__(self, cfg: TokenizerRunConfig):
+        self.cfg = cfg
+
+    def setup(self, trainer: Trainer) -> None:
+        cfg = self.cfg
+        accelerator = trainer.accelerator
+        train_ds = build_dataset(cfg.data, "train")
+        val_ds = build_dataset(cfg.data, "validation")
+        model = VQVAE(cfg.model)
+        if cfg.init_from and not trainer.resuming:
+            self.init_record = load_init_weights(model, cfg.init_from, "tokenizer")
+            accelerator.print(f"tokenizer: weights from {cfg.init_from} (fine-tuning; fresh optimizer)")
+        long_schedule = schedule_warning(cfg, model.quantizer)
+        if long_schedule:
+            warn(accelerator, long_schedule)
+        optimizer, scheduler = optimizer_and_schedule(model, cfg.train)
+        perceptual, self.perceptual_info = (build_perceptual(cfg.loss.perceptual) if cfg.loss.uses_perceptual
+                                            else (None, None))
+        self.loss_fn = TokenizerLoss(cfg.loss, perceptual).to(accelerator.device)  # frozen; never saved
+        disc, disc_optimizer = build_gan(cfg)
+        train_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                                       drop_last=True, num_workers=cfg.train.num_workers)
+        val_loader = make_dataloader(val_ds, cfg.train.batch_size, shuffle=False)
+        kmeans_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed + 1)
+        if len(train_loader) == 0:
+            raise ValueError(
+                f"the training split has {len(train_ds)} images, fewer than one batch of {cfg.train.batch_size}; "
+                "lower train.batch_size or use more data"
+            )
+        model, optimizer, self.train_loader, self.val_loader, self.kmeans_loader = trainer.prepare(
+            model, optimizer, train_loader, val_loader, kmeans_loader)
+        # the schedule the GAN starts at (None: no GAN); the discriminator trains from then on
+        self.gan_from = self.loss_fn.gan_starts(cfg.schedule.ae_steps if cfg.schedule.mode == "deferred" else 0)
+        trainer.add_trained("tokenizer", model, optimizer, scheduler)
+        self.disc = self.raw_disc = None
+        if disc is not None:  # prepared after the tokenizer
+            self.disc, disc_optimizer = trainer.prepare(disc, disc_optimizer)
+            self.raw_disc = trainer.unwrap(self.disc)
+            trainer.add_trained("discriminator", self.disc, disc_optimizer, active=lambda step: step >= self.gan_from)
+        trainer.main = model
+        self.raw: VQVAE = trainer.unwrap(model)
+        self.forward = trainer.forward_fn(model)
+
+    def on_start(self, trainer: Trainer) -> None:
+        cfg = self.cfg
+        if cfg.schedule.mode == "early" and cfg.schedule.init == "kmeans":
+            n = init_codebook_from_encoder(self.raw, self.kmeans_loader, cfg.schedule.kmeans_batches,
+                                           trainer.accelerator)
+            trainer.accelerator.print(f"codebook initialised by k-means on {n} vectors of the untrained encoder "
+                                      "(per process)")
+
+    def before_update(self, trainer: Trainer, step: int) -> None:
+        cfg = self.cfg
+        self.phase, self.alpha = phase_at(step, cfg.schedule)
+        self.gan_on = self.gan_from is not None and step >= self.gan_from
+        if cfg.schedule.mode == "deferred" and step == cfg.schedule.ae_steps:
+            if self.raw.quantizer.capabilities.deferred() == "kmeans":
+                n = init_codebook_from_encoder(self.raw, self.kmeans_loader, cfg.schedule.kmeans_batches,
+                                               trainer.accelerator)
+                trainer.accelerator.print(f"step {step}: continuous phase done; codebook k-means on {n} vectors "
+                                          "per process")
+            else:  # an implicit codebook: nothing to initialise
+                trainer.accelerator.print(f"step {step}: continuous phase done; quantization switched on")
+
+    def micro_step(self, trainer: Trainer, batch, step: int) -> dict:
+        images = batch["image"]
+        output = self.forward(images, quantize=self.phase == "quantize", alpha=self.alpha)
+        with trainer.accelerator.autocast():  # LPIPS is not prepared: it follows the launcher's precision here
+            gen = self.loss_fn.generator(
+                images, output.recon, output.quant.loss if output.quant is not None else None,
+                logits_fake=fake_logits(self.raw_disc, output.recon) if self.gan_on else None,
+                last_layer=self.raw.last_layer() if self.gan_on else None,
+            )
+        trainer.backward(gen.loss)
+        values = {"loss": gen.loss, "recon_mse": gen.terms["recon_mse"] / 4.0}  # recon_mse on [0, 1]
+        if self.cfg.loss.recon == "l1":
+            values["recon_l1"] = gen.terms["recon_loss"]
+        values.update({k: v for k, v in gen.terms.items() if k not in ("recon_mse", "recon_loss", "quantizer_loss")})
+        if self.gan_on:  # the discriminator learns on the detached reconstruction
+            logits_real, logits_fake = self.disc(images, output.recon.detach())
+            d_loss, d_terms = self.loss_fn.discriminator(logits_real, logits_fake)
+            trainer.backward(d_loss)
+            values.update(d_terms)
+        self.output = output
+        return values
+
+    def before_optimizer(self, trainer: Trainer, step: int, logging: bool) -> None:
+        if logging and self.raw.quantizer.capabilities.codebook_selection:
+            # before clipping: what the selector's parameters get from this batch
+            self.selector_grad = _grad_norm(self.raw.quantizer.selector_parameters())
+
+    def after_update(self, trainer: Trainer, step: int) -> None:
+        if self.phase == "quantize":
+            self.raw.quantizer.step_schedule()  # temperature schedules count optimizer steps (no host sync)
+
+    def log_record(self, trainer: Trainer, step: int) -> dict:
+        record = step_metrics(self.raw, self.output, trainer.accelerator, self.phase, self.alpha)
+        if self.phase == "quantize" and self.raw.quantizer.capabilities.codebook_selection:
+            # the norm, and the root mean square per parameter: what Adam's eps (1e-8) compares with
+            numel = sum(p.numel() for p in self.raw.quantizer.selector_parameters())
+            record["selector_grad_norm"] = float(self.selector_grad)
+            record["selector_grad_rms"] = float(self.selector_grad) / numel**0.5
+        return record
+
+    def evaluate(self, trainer: Trainer, step: int) -> dict:
+        metrics = evaluate_tokenizer(trainer.main, self.val_loader, trainer.accelerator, self.cfg.train.eval_batches)
+        return {f"val_{k}": v for k, v in metrics.items()}
+
+    def finish(self, trainer: Trainer, step: int) -> dict:
+        cfg = self.cfg
+        accelerator = trainer.accelerator
+        summary = evaluate_tokenizer(trainer.main, self.val_loader, accelerator, cfg.train.eval_batches)
+        summary.update(
+            images_per_second=trainer.samples_trained / trainer.train_seconds if trainer.train_seconds > 0 else None,
+            kind=cfg.model.quantizer.kind,
+            schedule=cfg.schedule.mode,
+            replica_max_abs_diff=replica_max_abs_diff(self.raw, accelerator),
+        )
+        if cfg.init_from:
+            summary["init_from"] = getattr(self, "init_record", None) or {"source": cfg.init_from}
+        summary.update(loss_summary(cfg, self.perceptual_info, self.gan_from, self.raw_disc, accelerator))
+        return summary
+
+
+def tokenizer_stage_record(cfg: TokenizerRunConfig) -> dict:
+    """The stage record of a tokenizer run: its config and, when it starts from another run's weights, their
+    sha256."""
+    inputs = {"init_from": init_fingerprint(cfg.init_from, "tokenizer")} if cfg.init_from else {}
+    return make_record("tokenizer", cfg, inputs)
+
+
+def stage_record(cfg: TokenizerRunConfig, run: Path) -> dict:
+    return tokenizer_stage_record(cfg)
+
+
+def stage_complete(cfg: TokenizerRunConfig, run: Path) -> bool:
+    return run_complete(Path(cfg.output_dir) / "summary.json", cfg.train.steps)
+
+
+def run_stage(cfg: TokenizerRunConfig, run: Path) -> dict:
+    return train_tokenizer(cfg)
+
+
 def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> dict:
-    """Train (or resume) one tokenizer run into ``cfg.output_dir``; returns the summary dict.
+    """Train (or resume, or continue) one tokenizer run into ``cfg.output_dir``; returns the summary dict.
 
     ``stop_after`` ends this invocation after that many optimizer steps in total (as if the job were
     preempted); rerunning resumes from the newest checkpoint.
     """
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
-    out = check_output_dir(cfg.output_dir)
-    checkpoints = CheckpointManager(out / "checkpoints", keep=cfg.train.keep_checkpoints)
-    stage_record = make_record("tokenizer", cfg)
-    if checkpoints.all():  # never continue a checkpoint of another config
-        check_record(out / STAGE_RECORD, stage_record, TokenizerRunConfig, f"{out} holds a tokenizer checkpoint",
-                     f"resuming it would mix two configs. Use another --output-dir, or delete {out} to start over "
-                     "(vqgen run: --force tokenizer)", legacy_folder=out)
-    accelerator = make_accelerator(
-        # accumulation is the shared skeleton's (training.micro_batches), so the Accelerator runs with grad_accum=1
-        dataclasses.replace(cfg.train, grad_accum=1),
-        out,
-        "tokenizer",
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
-        # the quantizer is idle in the continuous phase, so DDP must tolerate unused parameters
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    from vqgen.pipelines.stages import IGNORED
+
+    out = Path(cfg.output_dir)
+    trainer = Trainer(
+        TokenizerTask(cfg), cfg.train, out, config=cfg, record=tokenizer_stage_record(cfg),
+        record_cls=TokenizerRunConfig, ignored=IGNORED["tokenizer"],
+        legacy_record=lambda: legacy_record("tokenizer", out),
+        accelerator_kwargs={
+            "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+            # the quantizer is idle in the continuous phase, so DDP must tolerate unused parameters
+            "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)],
+        },
     )
-    write_run_config(cfg, out, accelerator, stage_record, resuming=bool(checkpoints.all()))
-    train_ds = build_dataset(cfg.data, "train")
-    val_ds = build_dataset(cfg.data, "validation")
-    model = VQVAE(cfg.model)
-    long_schedule = schedule_warning(cfg, model.quantizer)
-    if long_schedule:
-        warn(accelerator, long_schedule)
-    optimizer, scheduler = build_optimizer(model, cfg.train)
-    perceptual, perceptual_info = build_perceptual(cfg.loss.perceptual) if cfg.loss.uses_perceptual else (None, None)
-    loss_fn = TokenizerLoss(cfg.loss, perceptual).to(accelerator.device)  # frozen; rebuilt from the config, never saved
-    disc, disc_optimizer = build_gan(cfg)
-    train_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, drop_last=True,
-                                   num_workers=cfg.train.num_workers)
-    val_loader = make_dataloader(val_ds, cfg.train.batch_size, shuffle=False)
-    kmeans_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed + 1)
-    if len(train_loader) == 0:
-        raise ValueError(
-            f"the training split has {len(train_ds)} images, fewer than one batch of {cfg.train.batch_size}; "
-            "lower train.batch_size or use more data"
-        )
-    model, optimizer, train_loader, val_loader, kmeans_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, kmeans_loader
-    )
-    if disc is not None:  # prepared after the tokenizer: its files in a checkpoint are model_1 / optimizer_1
-        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
-    # the schedule is stepped by hand once per optimizer step (a prepared scheduler would step once per
-    # process), and checkpointed with the rest of the state
-    accelerator.register_for_checkpointing(scheduler)
-    raw: VQVAE = accelerator.unwrap_model(model)
-    forward = training_forward(model, cfg.train)
-    raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
-
-    start = resume_latest(accelerator, checkpoints)
-    if start == 0 and cfg.schedule.mode == "early" and cfg.schedule.init == "kmeans":
-        n = init_codebook_from_encoder(raw, kmeans_loader, cfg.schedule.kmeans_batches, accelerator)
-        accelerator.print(f"codebook initialised by k-means on {n} vectors of the untrained encoder (per process)")
-    logger = MetricsLogger(out / "metrics.jsonl", accelerator, resume_step=start)
-
-    total = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
-    accum = cfg.train.grad_accum
-    watch = training.NonFiniteWatch(accelerator.device)  # first step with a non-finite loss (no host sync)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    progress = tqdm(total=cfg.train.steps, initial=start, disable=not show_progress(accelerator), desc="tokenizer")
-    model.train()
-    if disc is not None:
-        disc.train()
-    gan_from = loss_fn.gan_starts(cfg.schedule.ae_steps if cfg.schedule.mode == "deferred" else 0)
-    trained = [model] + ([disc] if disc is not None else [])
-
-    stream = batch_stream(accelerator, train_loader, start, accum)
-    step = start
-    images_trained, t_train = 0, 0.0
-    while step < total:
-        phase, alpha = phase_at(step, cfg.schedule)
-        gan_on = gan_from is not None and step >= gan_from
-        if cfg.schedule.mode == "deferred" and step == cfg.schedule.ae_steps:
-            if raw.quantizer.capabilities.deferred() == "kmeans":
-                n = init_codebook_from_encoder(raw, kmeans_loader, cfg.schedule.kmeans_batches, accelerator)
-                accelerator.print(f"step {step}: continuous phase done; codebook k-means on {n} vectors per process")
-            else:  # an implicit codebook: nothing to initialise
-                accelerator.print(f"step {step}: continuous phase done; quantization switched on")
-        t0 = time.perf_counter()
-        logging_now = training.log_due(step + 1, total, cfg.train.log_every)
-        d_terms: dict = {}
-        for _, batch in training.micro_batches(accelerator, trained, stream, accum):
-            images = batch["image"]
-            output = forward(images, quantize=phase == "quantize", alpha=alpha)
-            with accelerator.autocast():  # LPIPS is not prepared: it follows the launcher's precision here
-                gen = loss_fn.generator(
-                    images, output.recon, output.quant.loss if output.quant is not None else None,
-                    logits_fake=fake_logits(raw_disc, output.recon) if gan_on else None,
-                    last_layer=raw.last_layer() if gan_on else None,
-                )
-            accelerator.backward(gen.loss / accum)
-            watch.update(gen.loss, step + 1)
-            if gan_on:  # the discriminator learns on the detached reconstruction
-                logits_real, logits_fake = disc(images, output.recon.detach())
-                d_loss, d_terms = loss_fn.discriminator(logits_real, logits_fake)
-                accelerator.backward(d_loss / accum)
-                watch.update(d_loss, step + 1)
-            images_trained += images.shape[0] * accelerator.num_processes
-        if logging_now and raw.quantizer.capabilities.codebook_selection:
-            # before clipping: what the selector's parameters would get from this batch
-            selector_grad = _grad_norm(raw.quantizer.selector_parameters())
-        if cfg.train.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if gan_on:  # after the tokenizer's step (fp16: each clip unscales only gradients not yet stepped)
-            if cfg.train.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(disc.parameters(), cfg.train.max_grad_norm)
-            disc_optimizer.step()
-            disc_optimizer.zero_grad(set_to_none=True)
-        if phase == "quantize":
-            raw.quantizer.step_schedule()  # temperature schedules count optimizer steps (device op, no sync)
-        step += 1
-        loss_sum += gen.loss.detach()
-        t_train += time.perf_counter() - t0
-        progress.update(1)
-
-        is_last = step == total
-        if training.log_due(step, total, cfg.train.log_every) or step % cfg.train.checkpoint_every == 0:
-            first_bad = watch.first(accelerator.reduce)  # never checkpoint a NaN state
-            if first_bad >= 0:
-                fail_on_nonfinite(float("nan"), first_bad, checkpoints)
-        if training.log_due(step, total, cfg.train.log_every):
-            record = step_metrics(raw, output, gen.terms, accelerator, phase, alpha)
-            for key, value in {**gen.terms, **d_terms}.items():
-                if key not in ("recon_mse", "recon_loss", "quantizer_loss"):
-                    record[key] = float(accelerator.reduce(value.float(), reduction="mean"))
-            if cfg.loss.recon == "l1":
-                record["recon_l1"] = float(accelerator.reduce(gen.terms["recon_loss"].float(), reduction="mean"))
-            if phase == "quantize" and raw.quantizer.capabilities.codebook_selection:
-                # the norm, and the root mean square per parameter: what Adam's eps (1e-8) compares with
-                numel = sum(p.numel() for p in raw.quantizer.selector_parameters())
-                record["selector_grad_norm"] = float(selector_grad)
-                record["selector_grad_rms"] = float(selector_grad) / numel**0.5
-            record["loss"] = float(accelerator.reduce(loss_sum, reduction="mean")) / max(
-                1, training.steps_since_log(step, cfg.train.log_every))
-            record["lr"] = scheduler.get_last_lr()[0]
-            loss_sum.zero_()
-            logger.log(record, step)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", phase=phase)
-        if step % cfg.train.checkpoint_every == 0 or is_last:
-            checkpoints.save(accelerator, step)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not is_last:
-            logger.log({f"val_{k}": v for k, v in evaluate_tokenizer(model, val_loader, accelerator, cfg.train.eval_batches).items()}, step)
-    progress.close()
-
-    if step < cfg.train.steps:  # stopped early on purpose; the checkpoint above lets the next run resume
-        accelerator.end_training()
-        return {"steps": step, "stopped_early": True}
-    summary = evaluate_tokenizer(model, val_loader, accelerator, cfg.train.eval_batches)
-    summary.update(
-        steps=step,
-        images_per_second=images_trained / t_train if t_train > 0 else None,
-        kind=cfg.model.quantizer.kind,
-        schedule=cfg.schedule.mode,
-        num_processes=accelerator.num_processes,
-        replica_max_abs_diff=replica_max_abs_diff(raw, accelerator),
-    )
-    summary.update(loss_summary(cfg, perceptual_info, gan_from, raw_disc, accelerator))
-    return finish_run(accelerator, raw, summary, out, card={"training_config": cfg})
+    return trainer.fit(stop_after)
 
 
 def loss_summary(cfg: TokenizerRunConfig, perceptual_info: dict | None, gan_from: int | None, raw_disc,
@@ -443,12 +441,11 @@ def _batch_live_distance(model: VQVAE, indices: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def step_metrics(model: VQVAE, output, terms: dict, accelerator, phase: str, alpha: float) -> dict:
-    """The logged record for one step (batch statistics averaged over processes); ``terms`` are the loss terms
-    of :meth:`TokenizerLoss.generator` (``recon_mse`` is on the [-1, 1] scale, logged on [0, 1])."""
+def step_metrics(model: VQVAE, output, accelerator, phase: str, alpha: float) -> dict:
+    """Batch statistics of the last micro-batch of a logged step (averaged over processes): the phase, perplexity,
+    usage, code distances, the selection of a ladder, temperatures, the blend weight."""
     record: dict = {
         "phase": phase,
-        "recon_mse": float(accelerator.reduce(terms["recon_mse"], reduction="mean")) / 4.0,
         "perplexity": None,
         "usage": None,
         "code_distance": all_code_distance(model, LOGGED_DISTANCE_CODES),

@@ -52,6 +52,8 @@ class SamplingConfig:
     compile: bool = False
     seed: int = 0
 
+    cli_aliases = {"--no-cache": ("use_cache", False)}  # pipelines.sample: re-run the whole prefix each step
+
     def validate(self) -> None:
         """Reject values that cannot be sampled with."""
         if self.num_samples < 1 or self.batch_size < 1:

@@ -281,3 +281,24 @@ def test_truncated_model_file_is_named(tmp_path, tiny_run):
     with pytest.raises(CorruptFileError, match="header"):
         VQVAE.from_pretrained(model)
     assert json.loads((tiny_run / "tokenizer" / "model" / "config.json").read_text())  # the original is intact
+
+
+def test_command_flags_are_generated_from_the_config_class(capsys):
+    """Every field of SamplingConfig is a flag of the sample command (the class is the one description), and a
+    flag is a key=value override by another spelling."""
+    import dataclasses
+
+    from vqgen.pipelines.common import parse_cli
+    from vqgen.prior.sampling import SamplingConfig
+
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(SamplingConfig):
+        assert "--" + f.name.replace("_", "-") in text
+    assert "--no-cache" in text
+    cfg, _ = parse_cli(SamplingConfig, ["--cfg-scale", "1.5", "--labels", "0,3", "--no-cache", "--compile",
+                                        "temperature=0.5"], "test")
+    assert (cfg.cfg_scale, cfg.labels, cfg.use_cache, cfg.compile, cfg.temperature) == (1.5, [0, 3], False, True, 0.5)
+    later, _ = parse_cli(SamplingConfig, ["--cfg-scale", "1.5", "cfg_scale=2.0"], "test")
+    assert later.cfg_scale == 2.0  # key=value overrides come last

@@ -306,7 +306,7 @@ def test_two_processes_encode_train_sample(run, tmp_path):
     assert checkpoints
     for ckpt in checkpoints:  # both processes' RNG states written before the folder was renamed
         record = json.loads((ckpt / "vqgen_state.json").read_text())["files"]
-        assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(record), sorted(record)
+        assert {"rng_0.pt", "rng_1.pt"} <= set(record), sorted(record)
     accelerate_launch(["-m", "vqgen.pipelines.sample", "--prior", str(tmp_path / "prior" / "model"), "--output-dir",
                        str(tmp_path / "s2"), "--num-samples", "7", "--batch-size", "3", "--cfg-scale", "1.5"], 2, 29613)
     # each sample depends only on its index: one process gives the same tokens as two

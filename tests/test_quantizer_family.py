@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from vqgen.eval.codebook import codebook_metrics
 from vqgen.pipelines.cli import main as vqgen
-from vqgen.pipelines.train_tokenizer import TokenizerRunConfig
+from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, train_tokenizer
 from vqgen.prior.model import Prior
 from vqgen.prior.vocab import TokenVocab
 from safetensors.torch import load_file
-from vqgen.core.config import ConfigError, load_config
+from vqgen.core.config import ConfigError, from_dict, load_config
 from vqgen.tokenizer.model import ModelConfig, VQVAE
 from vqgen.tokenizer.quantizers import (
     KINDS,
@@ -33,7 +33,7 @@ from vqgen.tokenizer.quantizers import (
 from vqgen.tokenizer.quantizers import registry
 from vqgen.tokenizer.quantizers.base import rotation_trick, straight_through
 from vqgen.tokenizer.quantizers.lfq import lfq_entropies
-from vqgen.tokenizer.stats import live_code_distance
+from vqgen.tokenizer.stats import batch_stats, live_code_distance
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,14 +216,22 @@ def _changed(value):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_field_a_kind_does_not_read_is_rejected(kind):
-    spec = spec_of(kind)
-    assert spec.fields <= {f.name for f in dataclasses.fields(QuantizerConfig)}
-    for f in dataclasses.fields(QuantizerConfig):
-        if f.name == "kind" or f.name in spec.fields:
-            continue
+    """Each kind's config class holds its own fields; another kind's field is refused with a message naming the
+    kinds that read it, unless it holds that field's default (then it says nothing and is dropped)."""
+    own = spec_of(kind).fields
+    foreign = {f.name: f for k in KINDS for f in dataclasses.fields(spec_of(k).config) if f.name not in own}
+    foreign.pop("kind")
+    assert foreign  # every kind lacks some other kind's option
+    for name, f in foreign.items():
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        with pytest.raises(QuantizerConfigError, match=f"{f.name}=.* is not an option of kind '{kind}'"):
-            QuantizerConfig(kind=kind, **{f.name: _changed(default)}).validate()
+        with pytest.raises(ConfigError, match=f"{name}=.* is not an option of kind '{kind}'.*kind that reads it"):
+            from_dict(QuantizerConfig, {"kind": kind, name: _changed(default)})
+        cfg = from_dict(QuantizerConfig, {"kind": kind, **TINY_SETTINGS.get(kind, {}), name: default})
+        assert type(cfg) is spec_of(kind).config and not hasattr(cfg, name)
+
+
+TINY_SETTINGS = {"fsq": {"dim": 4}, "lfq": {"dim": 9}, "adaptive": {"dim": 8, "capacity": 32, "ladder_dims": [8, 4],
+                                                                     "selector_heads": 2}}
 
 
 def test_capabilities_say_what_deferred_quantization_means():
@@ -246,36 +254,62 @@ def test_impossible_schedules_are_rejected_with_one_message(tmp_path):
         build(kind="lfq", dim=4, codebook_size=16).init_codebook(torch.randn(10, 4))
 
 
-def test_a_new_kind_is_one_class_and_its_registration(monkeypatch):
-    """What adding a quantizer takes: a class with @register_quantizer; the model, prior and config follow."""
+@dataclasses.dataclass
+class SignConfig(QuantizerConfig):
+    """A toy kind with an option of its own: the sign of each channel, scaled."""
+
+    kind: str = "sign"
+    scale: float = 1.0
+
+    def check(self, fail) -> None:
+        if self.scale <= 0:
+            fail(f"scale must be > 0, got {self.scale}")
+
+
+class SignQuantizer(Quantizer):
+    codebook_sizes = property(lambda self: [2**self.dim])
+
+    def forward(self, z):
+        flat = self._flatten(z)
+        bits = (flat >= 0).long()
+        q = (bits.float() * 2 - 1) * self.config.scale
+        idx = (bits * 2 ** torch.arange(self.dim - 1, -1, -1)).sum(-1)
+        return QuantizerOutput(straight_through(flat, q).reshape(z.shape), idx.reshape(z.shape[:-1]),
+                               (flat - q).square().mean(), batch_stats(idx, 2**self.dim))
+
+    def lookup(self, indices):
+        return (((indices.unsqueeze(-1) >> torch.arange(self.dim - 1, -1, -1)) & 1).float() * 2 - 1) * self.config.scale
+
+    def codebooks(self):
+        return [self.lookup(torch.arange(2**self.dim))]
+
+
+def test_a_new_kind_with_its_own_option_is_one_config_class_and_its_registration(monkeypatch, tmp_path):
+    """What adding a quantizer takes: its config dataclass, its class, one @register_quantizer; YAML overrides,
+    validation, training, saving and loading, the prior's vocabulary and the diagnostics follow."""
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # forgotten after this test
+    register_quantizer("sign", config=SignConfig, capabilities=Capabilities(
+        learned_codebook=False, kmeans_init=False, dead_code_reset=False))(SignQuantizer)
 
-    @register_quantizer("sign", fields=(), capabilities=Capabilities(learned_codebook=False, kmeans_init=False,
-                                                                       dead_code_reset=False))
-    class SignQuantizer(Quantizer):
-        codebook_sizes = property(lambda self: [2**self.dim])
-
-        def forward(self, z):
-            flat = self._flatten(z)
-            bits = (flat >= 0).long()
-            q = bits.float() * 2 - 1
-            idx = (bits * 2 ** torch.arange(self.dim - 1, -1, -1)).sum(-1)
-            return QuantizerOutput(straight_through(flat, q).reshape(z.shape), idx.reshape(z.shape[:-1]), flat.new_zeros(()))
-
-        def lookup(self, indices):
-            return ((indices.unsqueeze(-1) >> torch.arange(self.dim - 1, -1, -1)) & 1).float() * 2 - 1
-
-        def codebooks(self):
-            return [self.lookup(torch.arange(2**self.dim))]
-
-    with pytest.raises(QuantizerConfigError, match="codebook_size=16 is not an option of kind 'sign'"):
-        QuantizerConfig(kind="sign", dim=3, codebook_size=16).validate()
-    model = VQVAE(ModelConfig(image_size=16, hidden=16, res_hidden=8, num_res_layers=1,
-                              quantizer=QuantizerConfig(kind="sign", dim=3)))
+    with pytest.raises(ConfigError, match="codebook_size=16 is not an option of kind 'sign'"):
+        from_dict(QuantizerConfig, {"kind": "sign", "dim": 3, "codebook_size": 16})
+    with pytest.raises(ConfigError, match="scale must be > 0"):
+        from_dict(QuantizerConfig, {"kind": "sign", "dim": 3, "scale": -1.0})
+    with pytest.raises(ConfigError, match="scale=2.0 is not an option of kind 'ema'.*\\(sign\\)"):
+        from_dict(QuantizerConfig, {"kind": "ema", "scale": 2.0})
+    cfg = load_config(TokenizerRunConfig, REPO / "configs" / "tokenizer" / "tiny.yaml", [
+        f"output_dir={tmp_path}", "model.quantizer.kind=sign", "model.quantizer.dim=3", "model.quantizer.scale=0.5",
+        "model.quantizer.codebook_size=512", "schedule.mode=deferred", "schedule.ae_steps=2", "train.steps=4"])
+    assert isinstance(cfg.model.quantizer, SignConfig) and cfg.model.quantizer.scale == 0.5
+    summary = train_tokenizer(cfg)  # continuous phase, the switch, quantized steps
+    assert summary["kind"] == "sign" and summary["perplexity"] > 0
+    model = VQVAE.from_pretrained(tmp_path / "model")
+    assert isinstance(model.quantizer, SignQuantizer) and model.quantizer.config.scale == 0.5
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     ids = model.encode(x)
     assert model.layout().num_codes == 8 and model.layout().kind == "sign"
     assert model.decode(ids).shape == x.shape
+    assert set(model.quantizer.lookup(ids).unique().tolist()) <= {-0.5, 0.5}
     vocab = TokenVocab.from_layout(model.layout())
     assert vocab.encode(ids).shape == (2, 1 + 16)
     metrics = codebook_metrics(model, [x])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vqgen.pipelines.common import MetricsLogger
+from vqgen.core.trainer import MetricsLogger
 from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, train_tokenizer
 from vqgen.core.config import load_config
 from vqgen.core.errors import CorruptFileError
@@ -63,8 +63,12 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name, how", [("model.safetensors", "truncate"), ("optimizer.bin", "truncate"),
-                                       ("random_states_0.pkl", "overwrite"), ("vqgen_state.json", "truncate")])
+@pytest.mark.parametrize("name, how", [
+    ("model_tokenizer.safetensors", "truncate"),
+    ("model_tokenizer.safetensors", "overwrite"),  # same size, bytes inside the tensor data changed: the sha256 tells
+    ("optimizer_tokenizer.pt", "truncate"), ("optimizer_tokenizer.pt", "overwrite"),
+    ("scheduler_tokenizer.pt", "overwrite"), ("rng_0.pt", "overwrite"), ("trainer.json", "overwrite"),
+    ("vqgen_state.json", "truncate")])
 def test_damaged_newest_checkpoint_falls_back_and_ends_identical(tmp_path, capsys, name, how):
     train_tokenizer(tiny(tmp_path / "full"))
     assert train_tokenizer(tiny(tmp_path / "part"), stop_after=4)["stopped_early"]  # checkpoints 2 and 4
@@ -81,7 +85,7 @@ def test_damaged_newest_checkpoint_falls_back_and_ends_identical(tmp_path, capsy
 def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     assert train_tokenizer(tiny(tmp_path), stop_after=4)["stopped_early"]
     for checkpoint in (tmp_path / "checkpoints").iterdir():
-        damage(checkpoint / "model.safetensors", "truncate")
+        damage(checkpoint / "model_tokenizer.safetensors", "truncate")
     with pytest.raises(CorruptFileError, match=r"no usable checkpoint .*delete"):
         train_tokenizer(tiny(tmp_path))
 

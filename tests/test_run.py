@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from PIL import Image
 
 from vqgen.pipelines.cli import main as vqgen
-from vqgen.pipelines.run import _complete, expand_sweep, load_experiment
+from vqgen.core.trainer import run_complete as _complete
+from vqgen.pipelines.run import expand_sweep, load_experiment
 from vqgen.pipelines.run import main as vqgen_main
 from vqgen.core.config import ConfigError
 

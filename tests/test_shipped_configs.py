@@ -74,7 +74,7 @@ def test_quantizer_study_has_early_and_deferred_arms_of_every_new_kind(monkeypat
             cfg = run.load()
             q, schedule = cfg.tokenizer.model.quantizer, cfg.tokenizer.schedule
             assert cfg.tokenizer.train.steps == 20000 and cfg.tokenizer.model.hidden == 128  # full size
-            arms.setdefault((q.kind, q.rotation_trick, schedule.mode), set()).add(cfg.seed)
+            arms.setdefault((q.kind, getattr(q, "rotation_trick", False), schedule.mode), set()).add(cfg.seed)
         expected = {(k, r, m) for k, r in (("fsq", False), ("lfq", False), ("simvq", False), ("vq", False),
                                            ("vq", True), ("ema", True)) for m in ("early", "deferred")}
         assert set(arms) == expected and all(seeds == {0, 1, 2} for seeds in arms.values())

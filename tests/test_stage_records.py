@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from vqgen.pipelines.run import load_experiment, run_experiment
 from vqgen.pipelines.run import main as vqgen_run
-from vqgen.pipelines.stages import STAGE_RECORD, IGNORED, StaleStageError, changes
+from vqgen.core.records import STAGE_RECORD, StaleStageError, changes
+from vqgen.pipelines.stages import IGNORED
 from vqgen.pipelines.train_prior import PriorRunConfig, train_prior
 from vqgen.core.config import load_config
 
@@ -138,3 +139,27 @@ def test_folders_from_before_records_are_checked_by_their_config(run, capsys):
     vqgen(run, UP_TO_SAMPLE)  # the same settings: reused, and the records are written now
     assert "[run] prior: complete, skipped" in capsys.readouterr().out
     assert sorted(p.parent.name for p in run.rglob(STAGE_RECORD)) == ["prior", "samples", "tokenizer", "tokens"]
+
+
+def test_extending_a_trainer_in_an_experiment_continues_it_and_redoes_what_used_its_result(run, capsys):
+    """prior.train.steps raised: the prior continues from its last checkpoint (not from scratch), the samples made
+    from the old prior are redone; the tokenizer and its tokens are kept."""
+    tiny = load_experiment(TINY, [f"output_dir={run}"])
+    steps = tiny.prior.train.steps
+    old_samples = load_file(str(run / "samples" / "tokens.safetensors"))["tokens"]
+    vqgen(run, UP_TO_SAMPLE, f"prior.train.steps={steps + 4}")
+    out = capsys.readouterr()
+    assert "[run] tokenizer: complete, skipped" in out.out and "[run] prior: continuing" in out.out
+    assert f"continuing {run / 'prior'} from step {steps}" in out.err
+    assert "[run] sample: redone, its inputs changed" in out.out
+    record = json.loads((run / "prior" / STAGE_RECORD).read_text())
+    assert record["continued"] == [{"at_step": steps, "changes": [f"steps {steps} -> {steps + 4}"]}]
+    rows = [json.loads(line) for line in (run / "prior" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == steps + 4 and min(r["step"] for r in rows) < steps  # kept history
+    new_samples = load_file(str(run / "samples" / "tokens.safetensors"))["tokens"]
+    assert new_samples.shape == old_samples.shape
+    meta = json.loads((run / "samples" / "meta.json").read_text())
+    prior_weights = run / "prior" / "model" / "model.safetensors"
+    from vqgen.core.io import file_fingerprint
+
+    assert meta["prior"]["fingerprint"] == file_fingerprint(prior_weights)

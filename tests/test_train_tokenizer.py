@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vqgen.pipelines.common import NonFiniteLossError
+from vqgen.core.training import NonFiniteLossError
 from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, main, train_tokenizer
 from vqgen.core.config import ConfigError, load_config
 from vqgen.tokenizer.model import VQVAE

@@ -157,8 +157,8 @@ def test_tiny_vqgan_trains_with_every_term_logged_and_no_discriminator_in_model(
     assert not any("disc" in k for k in saved) and sorted(p.name for p in (tmp_path / "model").iterdir()) == [
         "README.md", "config.json", "model.safetensors"]
     checkpoint = next((tmp_path / "checkpoints").iterdir())
-    assert (checkpoint / "model_1.safetensors").is_file() and (checkpoint / "optimizer_1.bin").is_file()
-    assert any(k.startswith("discriminator.") for k in weights(checkpoint / "model_1.safetensors"))
+    assert (checkpoint / "model_discriminator.safetensors").is_file() and (checkpoint / "optimizer_discriminator.pt").is_file()
+    assert any(k.startswith("discriminator.") for k in weights(checkpoint / "model_discriminator.safetensors"))
     assert summary["perceptual"]["is_lpips"] is False and "NOT LPIPS" in summary["perceptual"]["caveat"]
     assert summary["loss"]["disc_start"] == start and summary["discriminator_replica_max_abs_diff"] == 0.0
     card = (tmp_path / "model" / "README.md").read_text()
@@ -222,7 +222,7 @@ def test_kill_9_and_rerun_is_bit_identical_with_the_gan(tmp_path, kill_and_resum
     assert_identical(weights(tmp_path / "full" / "model" / "model.safetensors"),
                      weights(tmp_path / "part" / "model" / "model.safetensors"))
     last = "checkpoints/step_00000012"
-    for name in ("model_1.safetensors", "model.safetensors"):  # the discriminator too
+    for name in ("model_discriminator.safetensors", "model_tokenizer.safetensors"):  # the discriminator too
         assert_identical(weights(tmp_path / "full" / last / name), weights(tmp_path / "part" / last / name))
     assert [r["step"] for r in read_metrics(tmp_path / "part")] == [2, 4, 6, 8, 10, 12]
 

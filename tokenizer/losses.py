@@ -13,8 +13,8 @@ where ``L`` is the decoder's last layer (``VQVAE.last_layer()``) and the ratio i
 ``hinge``: ``0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(x'))))`` with ``g_loss = -mean(D(x'))`` (taming);
 ``non_saturating``: ``0.5 * (mean(softplus(-D(x))) + mean(softplus(D(x'))))`` with ``g_loss = mean(softplus(-D(x')))``.
 
-With every option at its default (L2, weights 1, no perceptual, no GAN) the loss is ``mse(x', x) + quantizer_loss``,
-computed exactly as ``VQVAE.forward`` did before the loss moved here (bit-identical; a test holds the numbers).
+With every option at its default (L2, weights 1, no perceptual, no GAN) the loss is ``mse(x', x) + quantizer_loss``
+(``tests/test_mse_reference.py`` holds its values for every kind).
 
 Cost of the adaptive weight: two ``torch.autograd.grad`` calls per micro-batch that stop at the last layer, so
 they backpropagate through LPIPS and the discriminator (not through the decoder body or the encoder): about one

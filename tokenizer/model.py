@@ -372,8 +372,8 @@ class VQVAE(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-to
         self.config = cfg
         self.quantizer: Quantizer = build_quantizer(cfg.quantizer)
         dim = self.quantizer.dim
-        # built in this order (quantizer, encoder, pre_quant, post_quant, decoder): the papers' preset draws its
-        # initial weights exactly as before the vqgan preset existed
+        # built in this order (quantizer, encoder, pre_quant, post_quant, decoder): the order the initial weights
+        # are drawn in, which the reference tests pin
         self.encoder = Encoder(cfg) if cfg.arch == "papers" else VQGANEncoder(cfg)
         latent_channels = self.encoder.out_channels  # what the decoder takes back (hidden for papers)
         self.pre_quant = nn.Conv2d(latent_channels, dim, 1)
@@ -477,8 +477,8 @@ class VQVAE(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-to
         atomically as a whole; ``push_to_hub=True`` then uploads it (``repo_id``: default the folder name).
 
         ``model_card_kwargs``: ``training_config`` (the run's resolved config) and ``summary`` (its metrics), both
-        shown in the card. The ``config.json`` format is unchanged (``format_version`` + ``model``), so folders
-        saved before the hub mixin load as before and keep their fingerprints.
+        shown in the card. ``config.json`` holds ``format_version`` and ``model`` (what
+        ``from_pretrained`` reads, and what the tokenizer's fingerprint covers with the weights).
         """
         directory = Path(save_directory)
         with atomic_path(directory) as tmp:
@@ -543,8 +543,8 @@ class VQVAE(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-to
         if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "model" not in meta:
             raise ConfigError(f"{config_path} was not written by this version of vqgen's save_pretrained")
         saved = dict(meta["model"])
-        if isinstance(saved.get("quantizer"), dict):  # fields the kind ignored (older files may set them)
-            saved["quantizer"] = QuantizerConfig.drop_unread(saved["quantizer"])
+        if isinstance(saved.get("quantizer"), dict):  # written before per-kind configs: migrated here
+            saved["quantizer"] = QuantizerConfig.migrate(saved["quantizer"])
         model = cls(from_dict(ModelConfig, saved))
         # load on the CPU first: safetensors rejects device strings such as "cpu:0" that Accelerate may hand out
         state = load_safetensors(weights_path, device="cpu")

@@ -6,7 +6,7 @@ output and one learned key per codebook) whose scores pass through a hard Gumbel
 codebook for each *selection unit*. Token ids live in one joint vocabulary: codebook i's code j has id
 ``codebook_offsets[i] + j``.
 
-Two selectors share this class; four options choose between them (all in ``QuantizerConfig``):
+Two selectors share this class; four options choose between them (all in ``AdaptiveConfig``):
 
 ================== ============================== =================================================
 option             vqgen default                  the authors' code (``gumbel.py``)
@@ -44,14 +44,25 @@ log that gradient's norm.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..layout import codebook_of
 from ..stats import batch_stats
-from .base import Quantizer, QuantizerConfig, QuantizerOutput
-from .ema import EMAQuantizer
+from .base import (
+    CommitmentOptions,
+    DeadCodeOptions,
+    DecayOptions,
+    KMeansOptions,
+    Quantizer,
+    QuantizerConfig,
+    QuantizerOutput,
+    SmoothingOptions,
+    check_schedule,
+)
+from .ema import EMAConfig, EMAQuantizer
 from .gumbel import gumbel_softmax
 from .registry import Capabilities, register_quantizer
 
@@ -67,32 +78,66 @@ def one_hot_of(choice: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.zeros(*choice.shape, num_classes, device=choice.device).scatter_(-1, choice.unsqueeze(-1), 1.0)
 
 
-def _validate_ladder(cfg: QuantizerConfig, fail) -> None:
-    if cfg.capacity < 1:
-        fail(f"capacity must be >= 1, got {cfg.capacity}")
-    if not cfg.ladder_dims:
-        fail("ladder_dims must list at least one codebook width, e.g. [128, 64, 32, 16, 8, 4, 2, 1]")
-    for d in cfg.ladder_dims:
-        if d < 1 or cfg.capacity % d:
-            fail(
-                f"ladder_dims entry {d} does not divide capacity {cfg.capacity}; every codebook must hold "
-                "capacity // D codes of width D exactly (use divisors of the capacity)"
-            )
-        if cfg.capacity // d < 2:
-            fail(f"ladder_dims entry {d} leaves capacity // {d} = {cfg.capacity // d} code; every codebook needs >= 2")
-    if len(set(cfg.ladder_dims)) != len(cfg.ladder_dims):
-        fail(f"ladder_dims must not repeat a width, got {cfg.ladder_dims}")
-    if cfg.selector_heads < 1 or cfg.dim % cfg.selector_heads:
-        fail(f"selector_heads ({cfg.selector_heads}) must be >= 1 and divide dim ({cfg.dim})")
+GRANULARITIES = ("image", "position", "view")
+SELECTOR_LOGITS = ("scores", "attention_probs")
+PROJECTIONS = ("linear", "conv")
+
+
+@dataclass
+class AdaptiveConfig(KMeansOptions, DeadCodeOptions, SmoothingOptions, DecayOptions, CommitmentOptions,
+                     QuantizerConfig):
+    """``adaptive``: codebook i of the ladder holds ``capacity // ladder_dims[i]`` codes of width ``ladder_dims[i]``
+    (an EMA codebook each, with the shared options above); ``dim`` is the latent width before the per-codebook
+    projections. The selector's temperature anneals linearly, as the authors' code does,
+    ``tau = selector_tau_start + (selector_tau_end - selector_tau_start) * min(t / selector_tau_steps, 1)``
+    over the optimizer steps ``t`` of the quantized phase (2e4 -> 1)."""
+
+    kind: str = "adaptive"
+    capacity: int = 65536  # W = N_i * D_i for every codebook
+    ladder_dims: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 8, 4, 2, 1])
+    granularity: str = "image"  # one codebook per "image", per "position", or per "view" row (authors')
+    selector_heads: int = 4  # attention heads of the selector (must divide dim)
+    selector_logits: str = "scores"  # "scores" (scaled dot products) | "attention_probs" (authors')
+    selector_eval_noise: bool = False  # Gumbel noise at eval too (authors' code), else argmax
+    projection: str = "linear"  # "linear" both ways | "conv" (1x1 down, 3x3 back, authors')
+    selector_tau_start: float = 2e4
+    selector_tau_end: float = 1.0
+    selector_tau_steps: int = 20000  # optimizer steps of the quantized phase (deferred: steps - ae_steps)
+
+    def ladder(self) -> list[tuple[int, int]]:
+        """The ladder as (N_i, D_i) pairs with N_i * D_i == capacity."""
+        return [(self.capacity // d, d) for d in self.ladder_dims]
+
+    def check(self, fail) -> None:
+        if self.granularity not in GRANULARITIES:
+            fail(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.selector_logits not in SELECTOR_LOGITS:
+            fail(f"selector_logits must be one of {', '.join(SELECTOR_LOGITS)}, got {self.selector_logits!r}")
+        if self.projection not in PROJECTIONS:
+            fail(f"projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}")
+        check_schedule(fail, "selector_tau", self.selector_tau_start, self.selector_tau_end, self.selector_tau_steps)
+        if self.capacity < 1:
+            fail(f"capacity must be >= 1, got {self.capacity}")
+        if not self.ladder_dims:
+            fail("ladder_dims must list at least one codebook width, e.g. [128, 64, 32, 16, 8, 4, 2, 1]")
+        for d in self.ladder_dims:
+            if d < 1 or self.capacity % d:
+                fail(
+                    f"ladder_dims entry {d} does not divide capacity {self.capacity}; every codebook must hold "
+                    "capacity // D codes of width D exactly (use divisors of the capacity)"
+                )
+            if self.capacity // d < 2:
+                fail(f"ladder_dims entry {d} leaves capacity // {d} = {self.capacity // d} code; every codebook needs >= 2")
+        if len(set(self.ladder_dims)) != len(self.ladder_dims):
+            fail(f"ladder_dims must not repeat a width, got {self.ladder_dims}")
+        if self.selector_heads < 1 or self.dim % self.selector_heads:
+            fail(f"selector_heads ({self.selector_heads}) must be >= 1 and divide dim ({self.dim})")
 
 
 @register_quantizer(
     "adaptive",
-    fields=("beta", "decay", "eps", "capacity", "ladder_dims", "granularity", "selector_heads", "selector_logits",
-            "selector_eval_noise", "projection", "selector_tau_start", "selector_tau_end", "selector_tau_steps",
-            "dead_code_threshold", "dead_code_relative", "dead_code_window", "kmeans_iters", "kmeans_seed"),
+    config=AdaptiveConfig,
     capabilities=Capabilities(learned_codebook=True, kmeans_init=True, dead_code_reset=True, codebook_selection=True),
-    validate=_validate_ladder,
 )
 class AdaptiveQuantizer(Quantizer):
     """Selects one codebook of the (N_i, D_i) ladder per selection unit (image, position or view row).
@@ -117,7 +162,7 @@ class AdaptiveQuantizer(Quantizer):
         else:
             self.proj_out = nn.ModuleList(nn.Linear(d, c) for _, d in ladder)
         self.quantizers = nn.ModuleList(
-            EMAQuantizer(cfg.only("ema", codebook_size=n, dim=d, kmeans_seed=cfg.kmeans_seed + i))
+            EMAQuantizer(cfg.options(EMAConfig, codebook_size=n, dim=d, kmeans_seed=cfg.kmeans_seed + i))
             for i, (n, d) in enumerate(ladder)
         )
         self.num_heads = cfg.selector_heads

@@ -1,16 +1,19 @@
-"""The quantizer interface: one flat config, one output type, one base class, one factory.
+"""The quantizer interface: the config every kind extends, one output type, one base class, one factory.
 
 Every quantizer takes channel-last input ``z`` of shape (B, ..., dim) and returns a ``QuantizerOutput``.
 Quantizers with a single learned codebook (``vq``, ``ema``, ``gumbel``) share the dead-code reset
-implemented here; ``adaptive`` holds one ``ema`` quantizer per codebook of its ladder. Kinds register
-themselves (``registry.register_quantizer``) with the config fields they read and their capabilities;
-this module never imports them, ``build_quantizer`` looks them up.
+implemented here; ``adaptive`` holds one ``ema`` quantizer per codebook of its ladder. Each kind lives in one
+file: its config dataclass (a ``QuantizerConfig`` subclass, built from the option groups below and fields of its
+own, with its own ``check``), its class, and its registration (``registry.register_quantizer``) with its
+capabilities. This module never imports the kinds; ``build_quantizer`` and ``QuantizerConfig(kind=...)`` look
+them up.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,9 +24,6 @@ from vqgen.core.distributed import all_gather_cat, all_reduce_, broadcast_, rank
 from ..stats import code_counts
 from .registry import Capabilities, QuantizerSpec, kinds_using, registered_kinds, spec_of
 
-GRANULARITIES = ("image", "position", "view")
-SELECTOR_LOGITS = ("scores", "attention_probs")
-PROJECTIONS = ("linear", "conv")
 MAX_IMPLICIT_CODES = 2**20  # fsq / lfq: the prior's vocabulary and every histogram hold one entry per code
 
 
@@ -38,58 +38,31 @@ class QuantizerConfigError(ConfigError):
 
 @dataclass
 class QuantizerConfig:
-    """Settings of every quantizer kind in one flat dataclass.
+    """The settings every kind reads; each kind registers its own subclass with its own fields and checks.
 
-    Each kind reads some of the fields (its registration lists them, see ``registry.py``); a field the kind
-    does not read must keep its default, so a setting that would be silently ignored is an error instead.
-    (A field written with its default value cannot be told apart from one left out.)
+    ``QuantizerConfig(kind="vq", codebook_size=16)`` builds the registered class of ``kind`` (``VQConfig``); so does
+    reading ``model.quantizer`` from YAML, ``key=value`` overrides or a saved ``config.json`` (``from_dict``). A
+    field of another kind is refused unless it holds that field's default (switching ``kind`` on top of a file
+    that sets another kind's field means setting it back); files written before per-kind configs are migrated in
+    :meth:`migrate`. A class's ``check(self, fail)`` validates its own fields; ``validate`` runs the ``check`` of
+    every class in its MRO, shared option groups (``DeadCodeOptions``, ...) included.
 
-    Temperature schedules advance with the number of optimizer steps ``t`` (a ``num_steps`` buffer that the
-    trainer advances once per update with ``Quantizer.step_schedule()``, so gradient accumulation and extra
-    forward passes do not move it):
-    ``gumbel`` anneals exponentially, ``tau = tau_start * (tau_end / tau_start) ** min(t / tau_anneal_steps, 1)``
-    (1 -> 1/16 as in VQGAN's Gumbel model); ``adaptive``'s selector anneals linearly, as the authors' code does,
-    ``tau = selector_tau_start + (selector_tau_end - selector_tau_start) * min(t / selector_tau_steps, 1)``
-    (2e4 -> 1 over 20k steps). For ``adaptive`` the vocabulary comes from ``capacity`` and ``ladder_dims``
-    (codebook i has capacity // ladder_dims[i] codes of width ladder_dims[i]); ``dim`` is the latent width
-    before the per-codebook projections. For ``fsq`` the vocabulary is ``prod(levels)`` and ``dim`` equals
-    ``len(levels)``; for ``lfq`` it is ``codebook_size = 2 ** dim``.
+    Temperature schedules advance with the number of optimizer steps ``t`` of the quantized phase (a ``num_steps``
+    buffer the trainer advances once per update with ``Quantizer.step_schedule()``).
     """
 
-    kind: str = "ema"  # "vq" | "ema" | "gumbel" | "adaptive" | "fsq" | "lfq" | "simvq"
-    codebook_size: int = 512
-    dim: int = 64
-    beta: float = 0.25  # commitment weight
-    decay: float = 0.99  # EMA decay (ema, adaptive; usage tracking for dead codes)
-    eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
-    cosine: bool = False  # vq only: l2-normalised inputs and codes
-    rotation_trick: bool = False  # vq, ema, simvq: gradient through the rotation-and-rescale map (Fifty et al.)
-    kl_weight: float = 5e-4  # gumbel: weight of KL(q || uniform)
-    straight_through: bool = False  # gumbel: hard one-hot samples with straight-through gradients
-    tau_start: float = 1.0  # gumbel temperature schedule (exponential)
-    tau_end: float = 0.0625
-    tau_anneal_steps: int = 10000
-    capacity: int = 65536  # adaptive: W = N_i * D_i for every codebook
-    ladder_dims: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 8, 4, 2, 1])
-    granularity: str = "image"  # adaptive: one codebook per "image", per "position", or per "view" row (authors')
-    selector_heads: int = 4  # adaptive: attention heads of the selector (must divide dim)
-    selector_logits: str = "scores"  # adaptive: "scores" (scaled dot products) | "attention_probs" (authors')
-    selector_eval_noise: bool = False  # adaptive: Gumbel noise at eval too (authors' code), else argmax
-    projection: str = "linear"  # adaptive: "linear" both ways | "conv" (1x1 down, 3x3 back, authors')
-    selector_tau_start: float = 2e4  # adaptive selector temperature schedule (linear)
-    selector_tau_end: float = 1.0
-    selector_tau_steps: int = 20000  # optimizer steps of the quantized phase (deferred: steps - ae_steps)
-    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # fsq: values per latent channel (paper: 2^10)
-    entropy_weight: float = 0.1  # lfq: weight of the entropy penalty (MAGVIT-v2)
-    entropy_gamma: float = 1.0  # lfq: weight of the codebook-entropy term inside the penalty
-    entropy_temperature: float = 0.01  # lfq: temperature of the soft assignment the entropies are taken of
-    dead_code_threshold: float = 0.0  # 0 = off; codes whose EMA usage count is below this are re-seeded
-    # false: the threshold is an EMA count; true: a fraction of the uniform share (sum of counts / codes), the
-    # same rule for codebooks of any size (with 2,048 inputs per step and 512 codes, 0.25 equals a count of 1)
-    dead_code_relative: bool = False
-    dead_code_window: int = 100  # training steps between dead-code checks
-    kmeans_iters: int = 10  # Lloyd iterations of init_codebook
-    kmeans_seed: int = 0
+    kind: str = "ema"
+    dim: int = 64  # the latent width the quantizer sees
+
+    def __new__(cls, *args, **kwargs):
+        if cls is QuantizerConfig:  # the registered class of the kind asked for
+            kind = kwargs.get("kind", QuantizerConfig.kind)
+            spec = spec_of(kind)
+            if spec is None:
+                raise QuantizerConfigError(
+                    f"quantizer: unknown kind {kind!r}; choose one of {', '.join(registered_kinds())}")
+            cls = spec.config
+        return super().__new__(cls)
 
     def spec(self) -> QuantizerSpec:
         """The registration of ``kind`` (raises ``QuantizerConfigError`` for an unknown kind)."""
@@ -107,91 +80,149 @@ class QuantizerConfig:
             raise QuantizerConfigError(f"quantizer: {message}")
 
         spec = self.spec()
-        for f in dataclasses.fields(self):
-            if f.name == "kind" or f.name in spec.fields:
-                continue
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            value = getattr(self, f.name)
-            if value != default:
-                users = kinds_using(f.name)
-                fail(
-                    f"{f.name}={_show(value)} is not an option of kind {self.kind!r}, which would ignore it; remove "
-                    f"it or set it back to its default ({f.name}={_show(default)})"
-                    + (f", or use a kind that reads it ({', '.join(users)})" if users else "")
-                )
+        if not isinstance(self, spec.config):
+            fail(f"kind={self.kind!r} takes {spec.config.__name__}, got {type(self).__name__}")
+        for klass in reversed(type(self).__mro__):
+            check = klass.__dict__.get("check")
+            if check is not None:
+                check(self, fail)
+
+    def check(self, fail) -> None:
         if self.dim < 1:
             fail(f"dim must be >= 1, got {self.dim}")
+
+    @classmethod
+    def __config_resolve__(cls, data: dict, prefix: str = "") -> tuple[type, dict]:
+        """(the config class of ``data["kind"]``, ``data`` without other kinds' fields that hold their default)."""
+        kind = data.get("kind", QuantizerConfig.kind)
+        spec = spec_of(kind) if isinstance(kind, str) else None
+        if spec is None:
+            raise QuantizerConfigError(
+                f"quantizer: unknown kind {kind!r} ({prefix}kind); choose one of {', '.join(registered_kinds())}")
+        own = {f.name for f in dataclasses.fields(spec.config)}
+        kept = {}
+        for key, value in data.items():
+            if key in own:
+                kept[key] = value
+                continue
+            users = kinds_using(key)
+            if not users:
+                kept[key] = value  # unknown to every kind: from_dict names it with the allowed keys
+                continue
+            default = next(_default_of(f) for f in dataclasses.fields(spec_of(users[0]).config) if f.name == key)
+            if value == default:
+                continue  # another kind's field at its default: it would be ignored, and says nothing
+            raise QuantizerConfigError(
+                f"quantizer: {key}={_show(value)} is not an option of kind {kind!r}, which would ignore it; remove it "
+                f"or set it back to its default ({key}={_show(default)}), or use a kind that reads it ({', '.join(users)})"
+            )
+        return spec.config, kept
+
+    @staticmethod
+    def migrate(data: dict) -> dict:
+        """A quantizer config saved by an older vqgen (one flat config of every kind's fields) as today's: the
+        fields its kind does not read are dropped, whatever their value (the model was built without them)."""
+        spec = spec_of(data.get("kind", QuantizerConfig.kind))
+        if spec is None:
+            return dict(data)
+        own = {f.name for f in dataclasses.fields(spec.config)}
+        every = {f.name for k in registered_kinds() for f in dataclasses.fields(spec_of(k).config)}
+        return {k: v for k, v in data.items() if k in own or k not in every}
+
+    def options(self, cls: type, **values) -> "QuantizerConfig":
+        """A config of class ``cls`` with ``values`` and this config's settings of the fields ``cls`` has (the
+        adaptive ladder builds its inner ``ema`` codebooks this way)."""
+        shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(self)}
+        kept = {name: getattr(self, name) for name in shared if name not in values and name != "kind"}
+        return cls(**kept, **values)
+
+
+def _default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+@dataclass
+class CodebookOptions:
+    """A codebook of ``codebook_size`` codes."""
+
+    codebook_size: int = 512
+
+    def check(self, fail) -> None:
         if self.codebook_size < 2:
             fail(f"codebook_size must be >= 2 (a single code carries no information), got {self.codebook_size}")
-        if self.beta < 0:
-            fail(f"beta (commitment weight) must be >= 0, got {self.beta}")
+
+
+@dataclass
+class CommitmentOptions:
+    beta: float = 0.25  # commitment weight
+
+    def check(self, fail) -> None:
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            fail(f"beta (commitment weight) must be a finite number >= 0, got {self.beta}")
+
+
+@dataclass
+class DecayOptions:
+    decay: float = 0.99  # EMA decay (EMA codebooks; usage tracking for dead codes)
+
+    def check(self, fail) -> None:
         if not 0.0 < self.decay < 1.0:
             fail(f"decay must lie strictly between 0 and 1 (e.g. 0.99), got {self.decay}")
-        if self.eps <= 0:
+
+
+@dataclass
+class SmoothingOptions:
+    eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
+
+    def check(self, fail) -> None:
+        if not (math.isfinite(self.eps) and self.eps > 0):
             fail(f"eps must be > 0 (e.g. 1e-5), got {self.eps}")
-        if self.cosine and self.dim < 2:
-            fail("cosine=true needs dim >= 2 (a normalised 1-d code is just a sign)")
-        if self.kl_weight < 0:
-            fail(f"kl_weight must be >= 0, got {self.kl_weight}")
-        for prefix, start, end, steps in (
-            ("tau", self.tau_start, self.tau_end, self.tau_anneal_steps),
-            ("selector_tau", self.selector_tau_start, self.selector_tau_end, self.selector_tau_steps),
-        ):
-            if start <= 0 or end <= 0:
-                fail(f"{prefix}_start and {prefix}_end must be > 0, got {start} and {end}")
-            if end > start:
-                fail(f"{prefix}_end ({end}) must not exceed {prefix}_start ({start}); the temperature anneals downwards")
-        if self.tau_anneal_steps < 1 or self.selector_tau_steps < 1:
-            fail("tau_anneal_steps and selector_tau_steps must be >= 1")
-        if self.granularity not in GRANULARITIES:
-            fail(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        if self.selector_logits not in SELECTOR_LOGITS:
-            fail(f"selector_logits must be one of {', '.join(SELECTOR_LOGITS)}, got {self.selector_logits!r}")
-        if self.projection not in PROJECTIONS:
-            fail(f"projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}")
-        if self.entropy_weight < 0 or self.entropy_gamma < 0 or self.entropy_temperature <= 0:
-            fail("entropy_weight and entropy_gamma must be >= 0 and entropy_temperature > 0, got "
-                 f"{self.entropy_weight}, {self.entropy_gamma} and {self.entropy_temperature}")
-        if self.dead_code_threshold < 0:
+
+
+@dataclass
+class RotationOptions:
+    rotation_trick: bool = False  # gradient through the rotation-and-rescale map (Fifty et al. 2024)
+
+
+@dataclass
+class DeadCodeOptions:
+    """Re-seeding unused codes (``SingleCodebookQuantizer``)."""
+
+    dead_code_threshold: float = 0.0  # 0 = off; codes whose EMA usage count is below this are re-seeded
+    # false: the threshold is an EMA count; true: a fraction of the uniform share (sum of counts / codes), the
+    # same rule for codebooks of any size (with 2,048 inputs per step and 512 codes, 0.25 equals a count of 1)
+    dead_code_relative: bool = False
+    dead_code_window: int = 100  # training steps between dead-code checks
+
+    def check(self, fail) -> None:
+        if not (math.isfinite(self.dead_code_threshold) and self.dead_code_threshold >= 0):
             fail(f"dead_code_threshold must be >= 0 (0 turns the reset off), got {self.dead_code_threshold}")
         if self.dead_code_relative and not self.dead_code_threshold:
             fail("dead_code_relative=true needs dead_code_threshold > 0 (e.g. 0.25 of the uniform share)")
         if self.dead_code_window < 1:
             fail(f"dead_code_window must be >= 1 step, got {self.dead_code_window}")
+
+
+@dataclass
+class KMeansOptions:
+    kmeans_iters: int = 10  # Lloyd iterations of init_codebook
+    kmeans_seed: int = 0
+
+    def check(self, fail) -> None:
         if self.kmeans_iters < 0:
             fail(f"kmeans_iters must be >= 0, got {self.kmeans_iters}")
-        if spec.validate is not None:
-            spec.validate(self, fail)
-
-    def ladder(self) -> list[tuple[int, int]]:
-        """The adaptive ladder as (N_i, D_i) pairs with N_i * D_i == capacity."""
-        return [(self.capacity // d, d) for d in self.ladder_dims]
-
-    @staticmethod
-    def drop_unread(data: dict) -> dict:
-        """A saved quantizer config (a dict) without the fields its kind does not read.
-
-        Those fields were ignored when the model was built, so dropping them (their defaults take their place)
-        loads the same model; tokenizers saved before unread fields were refused keep loading. An unknown kind
-        is left for validation to report.
-        """
-        spec = spec_of(data.get("kind", QuantizerConfig.kind))
-        if spec is None:
-            return dict(data)
-        return {k: v for k, v in data.items() if k == "kind" or k in spec.fields or k not in _FIELD_NAMES}
-
-    def only(self, kind: str, **values) -> "QuantizerConfig":
-        """A config of ``kind`` with ``values`` and this config's settings of the fields ``kind`` reads.
-
-        Every other field is at its default, so the result validates as ``kind`` (``adaptive`` builds its
-        inner ``ema`` codebooks this way).
-        """
-        spec = QuantizerConfig(kind=kind).spec()
-        kept = {name: getattr(self, name) for name in spec.fields if name not in values}
-        return QuantizerConfig(kind=kind, **kept, **values)
 
 
-_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(QuantizerConfig))
+def check_schedule(fail, prefix: str, start: float, end: float, steps: int) -> None:
+    """A temperature schedule from ``start`` down to ``end`` over ``steps`` optimizer steps."""
+    if not (math.isfinite(start) and math.isfinite(end)) or start <= 0 or end <= 0:
+        fail(f"{prefix}_start and {prefix}_end must be > 0 (and finite), got {start} and {end}")
+    if end > start:
+        fail(f"{prefix}_end ({end}) must not exceed {prefix}_start ({start}); the temperature anneals downwards")
+    if steps < 1:
+        fail(f"the {prefix} schedule's length must be >= 1 step, got {steps}")
+
+
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -9,14 +11,33 @@ from vqgen.core.distributed import all_reduce_
 from ..kmeans import distributed_kmeans
 from ..search import nearest
 from ..stats import batch_stats
-from .base import QuantizerConfig, QuantizerOutput, SingleCodebookQuantizer, pass_gradient
+from .base import (
+    CodebookOptions,
+    CommitmentOptions,
+    DeadCodeOptions,
+    DecayOptions,
+    KMeansOptions,
+    QuantizerConfig,
+    QuantizerOutput,
+    RotationOptions,
+    SingleCodebookQuantizer,
+    SmoothingOptions,
+    pass_gradient,
+)
 from .registry import Capabilities, register_quantizer
+
+
+@dataclass
+class EMAConfig(KMeansOptions, DeadCodeOptions, RotationOptions, SmoothingOptions, DecayOptions, CommitmentOptions,
+                CodebookOptions, QuantizerConfig):
+    """``ema``: an EMA codebook with Laplace smoothing; only the commitment loss reaches the encoder."""
+
+    kind: str = "ema"
 
 
 @register_quantizer(
     "ema",
-    fields=("codebook_size", "beta", "decay", "eps", "rotation_trick", "dead_code_threshold", "dead_code_relative",
-            "dead_code_window", "kmeans_iters", "kmeans_seed"),
+    config=EMAConfig,
     capabilities=Capabilities(learned_codebook=True, kmeans_init=True, dead_code_reset=True),
 )
 class EMAQuantizer(SingleCodebookQuantizer):

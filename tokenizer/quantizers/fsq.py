@@ -18,6 +18,7 @@ Token ids are the mixed-radix number of the integer levels ``k_i = round(bound(z
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,16 +29,24 @@ from .registry import Capabilities, register_quantizer
 BOUND_EPS = 1e-3  # keeps tanh's range strictly inside the outermost rounding boundaries
 
 
-def _validate(cfg: QuantizerConfig, fail) -> None:
-    if not cfg.levels or min(cfg.levels) < 3:
-        fail(f"levels must list at least one channel with >= 3 values each (e.g. [8, 5, 5, 5]), got {cfg.levels}; "
-             "for binary codes use kind lfq")
-    if cfg.dim != len(cfg.levels):
-        fail(f"fsq quantizes each latent channel to its own levels: dim ({cfg.dim}) must equal len(levels) "
-             f"({len(cfg.levels)}); set dim={len(cfg.levels)}")
-    if math.prod(cfg.levels) > MAX_IMPLICIT_CODES:
-        fail(f"levels {cfg.levels} give {math.prod(cfg.levels)} codes; at most {MAX_IMPLICIT_CODES} (the prior's "
-             "vocabulary and every code histogram hold one entry per code)")
+@dataclass
+class FSQConfig(QuantizerConfig):
+    """``fsq``: each of ``dim = len(levels)`` channels bounded and rounded to ``levels[i]`` values; the vocabulary
+    is the ``prod(levels)`` grid points."""
+
+    kind: str = "fsq"
+    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # values per latent channel
+
+    def check(self, fail) -> None:
+        if not self.levels or min(self.levels) < 3:
+            fail(f"levels must list at least one channel with >= 3 values each (e.g. [8, 5, 5, 5]), got {self.levels}; "
+                 "for binary codes use kind lfq")
+        if self.dim != len(self.levels):
+            fail(f"fsq quantizes each latent channel to its own levels: dim ({self.dim}) must equal len(levels) "
+                 f"({len(self.levels)}); set dim={len(self.levels)}")
+        if math.prod(self.levels) > MAX_IMPLICIT_CODES:
+            fail(f"levels {self.levels} give {math.prod(self.levels)} codes; at most {MAX_IMPLICIT_CODES} (the prior's "
+                 "vocabulary and every code histogram hold one entry per code)")
 
 
 class _BoundRound(torch.autograd.Function):
@@ -64,9 +73,8 @@ class _BoundRound(torch.autograd.Function):
 
 @register_quantizer(
     "fsq",
-    fields=("levels",),
+    config=FSQConfig,
     capabilities=Capabilities(learned_codebook=False, kmeans_init=False, dead_code_reset=False),
-    validate=_validate,
 )
 class FSQuantizer(Quantizer):
     """Bound, round, rescale each channel; ids are mixed-radix numbers over the level grid. Loss 0."""

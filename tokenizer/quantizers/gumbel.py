@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +13,16 @@ from torch import nn
 
 from ..kmeans import distributed_kmeans
 from ..stats import batch_stats
-from .base import QuantizerConfig, QuantizerOutput, SingleCodebookQuantizer
+from .base import (
+    CodebookOptions,
+    DeadCodeOptions,
+    DecayOptions,
+    KMeansOptions,
+    QuantizerConfig,
+    QuantizerOutput,
+    SingleCodebookQuantizer,
+    check_schedule,
+)
 from .registry import Capabilities, register_quantizer
 
 
@@ -34,10 +46,28 @@ def gumbel_softmax(logits: torch.Tensor, tau: torch.Tensor, hard: bool) -> torch
     return one_hot + soft - soft.detach()
 
 
+@dataclass
+class GumbelConfig(KMeansOptions, DeadCodeOptions, DecayOptions, CodebookOptions, QuantizerConfig):
+    """``gumbel``: Gumbel-softmax over learned logits, KL to uniform, an exponentially annealed temperature
+    ``tau = tau_start * (tau_end / tau_start) ** min(t / tau_anneal_steps, 1)`` (1 -> 1/16 as in VQGAN's Gumbel
+    model) over the optimizer steps ``t`` of the quantized phase."""
+
+    kind: str = "gumbel"
+    kl_weight: float = 5e-4  # weight of KL(q || uniform)
+    straight_through: bool = False  # hard one-hot samples with straight-through gradients
+    tau_start: float = 1.0
+    tau_end: float = 0.0625
+    tau_anneal_steps: int = 10000
+
+    def check(self, fail) -> None:
+        if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
+            fail(f"kl_weight must be a finite number >= 0, got {self.kl_weight}")
+        check_schedule(fail, "tau", self.tau_start, self.tau_end, self.tau_anneal_steps)
+
+
 @register_quantizer(
     "gumbel",
-    fields=("codebook_size", "decay", "kl_weight", "straight_through", "tau_start", "tau_end", "tau_anneal_steps",
-            "dead_code_threshold", "dead_code_relative", "dead_code_window", "kmeans_iters", "kmeans_seed"),
+    config=GumbelConfig,
     # codes come from learned logits, not from the nearest entry: a trainer does not k-means-initialise it
     capabilities=Capabilities(learned_codebook=True, kmeans_init=False, dead_code_reset=True),
 )

@@ -20,23 +20,47 @@ mean is each process's own (as the per-process batch statistics of the other kin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ..stats import batch_stats
-from .base import MAX_IMPLICIT_CODES, Quantizer, QuantizerConfig, QuantizerConfigError, QuantizerOutput, straight_through
+from .base import (
+    MAX_IMPLICIT_CODES,
+    CodebookOptions,
+    CommitmentOptions,
+    Quantizer,
+    QuantizerConfig,
+    QuantizerConfigError,
+    QuantizerOutput,
+    straight_through,
+)
 from .registry import Capabilities, register_quantizer
 
 ENTROPY_EPS = 1e-6
 
 
-def _validate(cfg: QuantizerConfig, fail) -> None:
-    if 2**cfg.dim > MAX_IMPLICIT_CODES:
-        fail(f"lfq with dim={cfg.dim} has 2**{cfg.dim} codes; at most {MAX_IMPLICIT_CODES} (the prior's vocabulary "
-             "and every code histogram hold one entry per code)")
-    if cfg.codebook_size != 2**cfg.dim:
-        fail(f"lfq's codes are the 2**dim sign patterns of its dim={cfg.dim} channels: codebook_size must be "
-             f"{2**cfg.dim}, got {cfg.codebook_size}; set codebook_size={2**cfg.dim} (or dim to its log2)")
+@dataclass
+class LFQConfig(CommitmentOptions, CodebookOptions, QuantizerConfig):
+    """``lfq``: the sign of each of ``dim`` channels (``codebook_size = 2 ** dim``), commitment plus an entropy
+    penalty factorised over the bits."""
+
+    kind: str = "lfq"
+    entropy_weight: float = 0.1  # weight of the entropy penalty (MAGVIT-v2)
+    entropy_gamma: float = 1.0  # weight of the codebook-entropy term inside the penalty
+    entropy_temperature: float = 0.01  # temperature of the soft assignment the entropies are taken of
+
+    def check(self, fail) -> None:
+        if self.entropy_weight < 0 or self.entropy_gamma < 0 or self.entropy_temperature <= 0:
+            fail("entropy_weight and entropy_gamma must be >= 0 and entropy_temperature > 0, got "
+                 f"{self.entropy_weight}, {self.entropy_gamma} and {self.entropy_temperature}")
+        if 2**self.dim > MAX_IMPLICIT_CODES:
+            fail(f"lfq with dim={self.dim} has 2**{self.dim} codes; at most {MAX_IMPLICIT_CODES} (the prior's vocabulary "
+                 "and every code histogram hold one entry per code)")
+        if self.codebook_size != 2**self.dim:
+            fail(f"lfq's codes are the 2**dim sign patterns of its dim={self.dim} channels: codebook_size must be "
+                 f"{2**self.dim}, got {self.codebook_size}; set codebook_size={2**self.dim} (or dim to its log2)")
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -61,9 +85,8 @@ def lfq_entropies(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, to
 
 @register_quantizer(
     "lfq",
-    fields=("codebook_size", "beta", "entropy_weight", "entropy_gamma", "entropy_temperature"),
+    config=LFQConfig,
     capabilities=Capabilities(learned_codebook=False, kmeans_init=False, dead_code_reset=False),
-    validate=_validate,
 )
 class LFQuantizer(Quantizer):
     """Sign quantization with commitment and factorised entropy losses (see the module docstring)."""

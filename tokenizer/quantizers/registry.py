@@ -1,31 +1,31 @@
 """The quantizer registry: each kind registers its class, the config fields it reads and what it can do.
 
-A quantizer module declares everything about its kind next to its class::
+A quantizer module declares everything about its kind next to its class: its config and its capabilities::
 
-    @register_quantizer(
-        "fsq",
-        fields=("levels",),
-        capabilities=Capabilities(learned_codebook=False, kmeans_init=False, dead_code_reset=False),
-        validate=_validate,
-    )
+    @dataclass
+    class FSQConfig(QuantizerConfig):
+        kind: str = "fsq"
+        levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+
+        def check(self, fail): ...  # the kind's own validation
+
+    @register_quantizer("fsq", config=FSQConfig,
+                        capabilities=Capabilities(learned_codebook=False, kmeans_init=False, dead_code_reset=False))
     class FSQuantizer(Quantizer): ...
 
-and ``tokenizer/quantizers/__init__.py`` imports the module (that import is the registration). Nothing
-else names kinds: ``QuantizerConfig.validate`` rejects a field the kind does not read (when it is set to
-anything but its default), ``build_quantizer`` looks the class up here, and trainers, the model, the prior
-and the diagnostics read the capability flags instead of comparing kind names.
+and ``tokenizer/quantizers/__init__.py`` imports the module (that import is the registration; a kind defined
+elsewhere registers itself the same way). Nothing else names kinds: ``QuantizerConfig(kind=...)`` and config
+files build the kind's config class, ``build_quantizer`` looks the class up here, and trainers, the model, the
+prior and the diagnostics read the capability flags instead of comparing kind names.
 
 This module imports nothing from the quantizer package, so ``base.py`` can use it without an import cycle.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
-
-# Fields every kind reads (besides ``kind``): the latent width the quantizer sees.
-COMMON_FIELDS = ("dim",)
-
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -63,36 +63,34 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class QuantizerSpec:
-    """One registered kind: its class, the config fields it reads, its capabilities, its own checks."""
+    """One registered kind: its class, its config class (and so the fields it reads), its capabilities."""
 
     name: str
     cls: type
-    fields: frozenset[str]
+    config: type
     capabilities: Capabilities
-    validate: Callable | None = None  # validate(cfg, fail) for checks only this kind needs
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The config fields the kind reads besides ``kind``."""
+        return frozenset(f.name for f in dataclasses.fields(self.config) if f.name != "kind")
 
 
 _REGISTRY: dict[str, QuantizerSpec] = {}
 
 
-def register_quantizer(
-    name: str,
-    *,
-    fields: tuple[str, ...],
-    capabilities: Capabilities,
-    validate: Callable | None = None,
-) -> Callable[[type], type]:
-    """Class decorator: register ``cls`` as quantizer kind ``name``.
-
-    ``fields`` are the ``QuantizerConfig`` fields the kind reads besides ``kind`` and ``dim``;
-    ``validate(cfg, fail)`` runs the kind's own checks and calls ``fail(message)`` on the first problem.
-    The spec is also set on the class as ``cls.spec``.
-    """
+def register_quantizer(name: str, *, config: type, capabilities: Capabilities) -> Callable[[type], type]:
+    """Class decorator: register ``cls`` as quantizer kind ``name`` with its config dataclass ``config`` (a
+    ``QuantizerConfig`` subclass whose ``kind`` default is ``name``). The spec is also set on the class as
+    ``cls.spec``."""
 
     def decorator(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"quantizer kind {name!r} is already registered by {_REGISTRY[name].cls.__name__}")
-        spec = QuantizerSpec(name, cls, frozenset((*COMMON_FIELDS, *fields)), capabilities, validate)
+        kind_default = next((f.default for f in dataclasses.fields(config) if f.name == "kind"), None)
+        if kind_default != name:
+            raise ValueError(f"{config.__name__}.kind must default to {name!r} (got {kind_default!r})")
+        spec = QuantizerSpec(name, cls, config, capabilities)
         _REGISTRY[name] = spec
         cls.spec = spec
         return cls

@@ -15,6 +15,8 @@ No dead-code reset: the shared map is SimVQ's answer to dead codes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,13 +24,29 @@ from torch import nn
 from ..kmeans import distributed_kmeans
 from ..search import nearest
 from ..stats import batch_stats
-from .base import Quantizer, QuantizerConfig, QuantizerOutput, pass_gradient
+from .base import (
+    CodebookOptions,
+    CommitmentOptions,
+    KMeansOptions,
+    Quantizer,
+    QuantizerConfig,
+    QuantizerOutput,
+    RotationOptions,
+    pass_gradient,
+)
 from .registry import Capabilities, register_quantizer
+
+
+@dataclass
+class SimVQConfig(KMeansOptions, RotationOptions, CommitmentOptions, CodebookOptions, QuantizerConfig):
+    """``simvq``: a frozen random codebook through one learned linear map."""
+
+    kind: str = "simvq"
 
 
 @register_quantizer(
     "simvq",
-    fields=("codebook_size", "beta", "rotation_trick", "kmeans_iters", "kmeans_seed"),
+    config=SimVQConfig,
     capabilities=Capabilities(learned_codebook=True, kmeans_init=True, dead_code_reset=False),
 )
 class SimVQuantizer(Quantizer):

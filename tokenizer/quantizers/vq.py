@@ -3,6 +3,8 @@ rotation trick (Fifty et al. 2024) in place of straight-through."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,14 +12,37 @@ from torch import nn
 from ..kmeans import distributed_kmeans
 from ..search import nearest
 from ..stats import batch_stats
-from .base import QuantizerConfig, QuantizerOutput, SingleCodebookQuantizer, pass_gradient
+from .base import (
+    CodebookOptions,
+    CommitmentOptions,
+    DeadCodeOptions,
+    DecayOptions,
+    KMeansOptions,
+    QuantizerConfig,
+    QuantizerOutput,
+    RotationOptions,
+    SingleCodebookQuantizer,
+    pass_gradient,
+)
 from .registry import Capabilities, register_quantizer
+
+
+@dataclass
+class VQConfig(KMeansOptions, DeadCodeOptions, RotationOptions, DecayOptions, CommitmentOptions, CodebookOptions,
+               QuantizerConfig):
+    """``vq``: a learned codebook (a parameter) with codebook and commitment losses."""
+
+    kind: str = "vq"
+    cosine: bool = False  # l2-normalised inputs and codes
+
+    def check(self, fail) -> None:
+        if self.cosine and self.dim < 2:
+            fail("cosine=true needs dim >= 2 (a normalised 1-d code is just a sign)")
 
 
 @register_quantizer(
     "vq",
-    fields=("codebook_size", "beta", "decay", "cosine", "rotation_trick", "dead_code_threshold", "dead_code_relative",
-            "dead_code_window", "kmeans_iters", "kmeans_seed"),
+    config=VQConfig,
     capabilities=Capabilities(learned_codebook=True, kmeans_init=True, dead_code_reset=True),
 )
 class VQQuantizer(SingleCodebookQuantizer):

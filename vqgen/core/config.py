@@ -96,8 +96,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a (nested) mapping, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from a (nested) mapping, rejecting unknown keys and wrong types.
+
+    A class with a ``__config_resolve__(data, prefix) -> (cls, data)`` classmethod picks the class to build from
+    the data itself (the quantizer config: one class per kind).
+    """
     data = dict(data or {})
+    resolve = getattr(cls, "__config_resolve__", None)
+    if resolve is not None:
+        cls, data = resolve(data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))

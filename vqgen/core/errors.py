@@ -25,3 +25,16 @@ class CorruptFileError(UserError, OSError):
         self.path = Path(path)
         message = f"{path} is corrupt or truncated ({detail})"
         super().__init__(message + (f"; {hint}" if hint else ""))
+
+
+def one_line(message: object) -> str:
+    """A message on one line (library messages sometimes span several)."""
+    return " ".join(str(message).split())
+
+
+def warn(accelerator, message: str) -> None:
+    """One ``warning: ...`` line on stderr, from the main process (every process when ``accelerator`` is None)."""
+    import sys
+
+    if accelerator is None or accelerator.is_main_process:
+        print(f"warning: {one_line(message)}", file=sys.stderr)

@@ -106,3 +106,28 @@ def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "--output-dir") -> Path:
+    """Make sure ``path`` is (or can become) a writable folder before any work; creates it.
+
+    Raises ``UserError`` naming the path when it is a file, lies under a file, or cannot be written.
+    """
+    import tempfile
+
+    from .errors import UserError
+
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                where = "is a file" if parent == path else f"lies under {parent}, which is a file"
+                raise UserError(f"{what} {path} {where}; give a folder")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".vqgen-write-test-"):
+            pass
+    except OSError as err:
+        raise UserError(f"{what} {path} is not writable ({err.strerror or err}); choose another folder") from None
+    return path

@@ -17,6 +17,9 @@ is made once. This is a library module: it never imports ``pipelines``.
 - :class:`NonFiniteWatch`: the first step whose loss was NaN/inf, kept on the device (no host sync per step);
   read at logging and checkpoint steps only.
 - :func:`log_due` / :func:`steps_since_log`: the logging cadence (every ``log_every`` steps and the last).
+- :class:`EarlyStopping`: the best validation value, the weights that reached it, and the patience counter.
+
+The loop itself is :class:`vqgen.core.trainer.Trainer`'s.
 """
 
 from __future__ import annotations
@@ -55,13 +58,13 @@ def param_groups(params: nn.Module | Iterable[nn.Parameter], weight_decay: float
 
 def make_optimizer(params: nn.Module | Iterable[nn.Parameter] | list[dict], lr: float,
                    betas: Iterable[float] = (0.9, 0.999), weight_decay: float = 0.0,
-                   decay_all: bool = False) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` of ``params`` (or over ready-made groups)."""
+                   decay_all: bool = False, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` of ``params`` (or over ready-made groups); ``fused``: its fused kernel."""
     if isinstance(params, list) and params and isinstance(params[0], dict):
         groups = params
     else:
         groups = param_groups(params, weight_decay, decay_all)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **({"fused": True} if fused else {}))
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, kind: str, steps: int, warmup_steps: int = 0):
@@ -144,3 +147,46 @@ def steps_since_log(step: int, log_every: int) -> int:
 def finite_or_nan(value: float) -> float:
     """``value`` unchanged, for symmetry with the logged values (NaN/inf are logged as null)."""
     return value if math.isfinite(value) else float("nan")
+
+
+class EarlyStopping:
+    """Best validation value so far, the weights that reached it, and evaluations without improvement.
+
+    ``update`` is called after each validation. The best weights are the lowest value ever seen; the patience
+    counter is reset only by an improvement of more than ``min_delta`` over the value that last reset it, and
+    ``stopped`` turns true after ``patience`` evaluations in a row without one. The trainer saves its
+    state in every checkpoint, so a resumed run continues with the same best weights and counter. Callers feed every process the same (gathered) value, so every process stops at the same step.
+    """
+
+    def __init__(self, patience: int, min_delta: float = 0.0):
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best_value = math.inf
+        self.best_step = 0
+        self.best_metrics: dict = {}  # the evaluation that gave best_value
+        self.best_weights: dict = {}  # state_dict at best_step, on the CPU
+        self.reference = math.inf  # the value that last reset the counter
+        self.bad_evals = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.bad_evals >= self.patience
+
+    def update(self, value: float, step: int, model, metrics: dict | None = None) -> None:
+        """Record one evaluation of ``model`` at ``step`` (lower is better; NaN never improves)."""
+        if value < self.best_value:
+            self.best_value, self.best_step, self.best_metrics = value, step, dict(metrics or {})
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if value < self.reference - self.min_delta:
+            self.reference, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_step": self.best_step, "best_metrics": self.best_metrics,
+                "best_weights": self.best_weights, "reference": self.reference, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_value, self.best_step = state["best_value"], state["best_step"]
+        self.best_metrics, self.best_weights = state["best_metrics"], state["best_weights"]
+        self.reference, self.bad_evals = state["reference"], state["bad_evals"]
