@@ -50,6 +50,7 @@ from .features import (
     make_optimizer,
     to_model_input,
 )
+from .progress import progress
 
 __all__ = [
     "CONTRASTIVE_EXTRACTOR_NAME",
@@ -233,7 +234,7 @@ def fit_contrastive(train, cfg: ContrastiveConfig | None = None, device: str | t
     start, last_loss = time.perf_counter(), torch.tensor(float("nan"))
     watch = training.NonFiniteWatch(device)  # no host sync per step
     model.train()
-    for step in range(1, cfg.steps + 1):
+    for step in progress(range(1, cfg.steps + 1), desc="train the label-free extractor (once, cached)", unit="step"):
         if pos + batch_size > n:  # next epoch: a fresh permutation, the remainder dropped
             order, pos = torch.randperm(n, generator=gen), 0
         x = _to_float(images[order[pos:pos + batch_size]]).to(device)  # (B, C, H, W)
@@ -317,7 +318,8 @@ def train_contrastive(data_cfg, cfg: ContrastiveConfig | None = None, device: st
                            _features(fit.backbone, test_images, device), test.labels[test_indices], cfg.knn_k)
         meta["knn_accuracy"] = acc
         meta["knn"] = {"k": min(cfg.knn_k, len(fit.train_images)), "similarity": "cosine", "vote": "majority",
-                       "test_split": test_split, "num_test_images": int(len(test_images)),
+                       "classes": int(train.num_classes), "test_split": test_split,
+                       "num_test_images": int(len(test_images)),
                        "num_train_images": int(len(fit.train_images)), "seconds": round(time.perf_counter() - start, 2)}
         if test_split == "train":
             meta["note"] = ("no held-out split: the k-NN check ran on train images against themselves, so it is "

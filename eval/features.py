@@ -44,6 +44,8 @@ from vqgen.core import training
 from vqgen.core.config import to_dict
 from vqgen.core.io import atomic_path, load_json, save_json
 
+from .progress import progress
+
 __all__ = [
     "BackboneFeatureExtractor",
     "CLASSIFIER_EXTRACTOR_NAME",
@@ -242,6 +244,7 @@ def train_classifier(data_cfg, cfg: ClassifierConfig | None = None, device: str 
     start, step, last_loss = time.perf_counter(), 0, torch.tensor(float("nan"))
     watch = training.NonFiniteWatch(device)  # no host sync per step
     model.train()
+    bar = progress(total=steps, desc="train the offline classifier (once, cached)", unit="step")
     while step < steps:
         for batch in loader:
             x, y = _batch_targets(task, batch, gen)
@@ -254,8 +257,10 @@ def train_classifier(data_cfg, cfg: ClassifierConfig | None = None, device: str 
             sched.step()
             step, last_loss = step + 1, loss.detach()
             watch.update(last_loss, step)
+            bar.update(1)
             if step >= steps:
                 break
+    bar.close()
     train_seconds = time.perf_counter() - start
     watch.raise_if_bad("the offline classifier's loss", f"lower the classifier's lr ({cfg.lr})")
     last_loss = float(last_loss)
