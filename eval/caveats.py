@@ -5,8 +5,8 @@ problem, ``{"code", "metric", "message"}``:
 
 - ``few_images``: FID / KID on fewer than :data:`MIN_UNBIASED_IMAGES` images are biased (FID grows as the
   count shrinks), so they compare only with numbers at the same count;
-- ``handful``: rFID / FID on fewer images than :data:`HANDFUL` or than the feature dimension: the covariance
-  is singular, and the number says more about the count than about the images;
+- ``handful``: rFID / FID on fewer than :data:`HANDFUL` images: the number says more about the count than
+  about the images (either caveat adds when the count is below the feature dimension: a singular covariance);
 - ``near_chance``: the feature extractor's own check (the offline classifier's held-out accuracy, the label-free
   backbone's k-NN accuracy) is near chance, so its features barely tell the images apart;
 - ``unknown_weights``: a standard extractor (Inception, DINOv2) ran with weights other than the published file.
@@ -36,17 +36,16 @@ def _count_caveats(metric: str, counts: dict[str, int | None], feature_dim: int 
     smallest_name, smallest = min(known.items(), key=lambda kv: kv[1])
     described = " and ".join(f"{v:,} {k}" for k, v in known.items())
     out = []
-    floor = max(HANDFUL, feature_dim or 0)
-    if smallest < floor:
-        dim = f" (fewer than the {feature_dim} feature dimensions: a singular covariance)" if feature_dim and \
-            smallest < feature_dim else ""
+    singular = (f"; with fewer images than the {feature_dim} feature dimensions the covariance is singular"
+                if feature_dim and smallest <= feature_dim else "")
+    if smallest < HANDFUL:
         out.append({"code": "handful", "metric": metric,
-                    "message": f"{metric} on a handful of images ({described}){dim}: the number mostly measures how "
-                               "few images there are, not how good they are; do not read it as a quality score"})
+                    "message": f"{metric} on a handful of images ({described}): the number mostly measures how few "
+                               f"images there are, not how good they are; do not read it as a quality score{singular}"})
     elif smallest < MIN_UNBIASED_IMAGES:
         out.append({"code": "few_images", "metric": metric,
                     "message": f"{metric} on {described} images (fewer than {MIN_UNBIASED_IMAGES:,}): biased, compare "
-                               "only at equal counts"})
+                               f"only at equal counts{singular}"})
     return out
 
 

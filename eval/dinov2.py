@@ -15,6 +15,7 @@ same bytes are parsed (:mod:`eval.weights`). ``known`` tells whether they are th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from pathlib import Path
@@ -92,6 +93,20 @@ def resolve_dinov2_weights(weights: str | None) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No "Loading weights" bar from ``transformers`` (its progress bars are a global switch)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def is_vit_l14(config) -> bool:
     """True when a ``Dinov2Config`` describes ViT-L/14 (the model FD-DINOv2 is defined with)."""
     return (config.hidden_size, config.num_hidden_layers, config.patch_size) == (1024, 24, 14)
@@ -129,7 +144,9 @@ class DinoV2FeatureExtractor(FeatureExtractorBase):
             raise WeightsError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
         state = {k.removeprefix("dinov2."): v for k, v in state.items()}
         # transformers maps the checkpoint's names onto its modules (they differ between versions)
-        self.model, info = Dinov2Model.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
+        with _quiet_transformers():
+            self.model, info = Dinov2Model.from_pretrained(None, config=config, state_dict=state,
+                                                           output_loading_info=True)
         missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
         if missing or unexpected:
             raise WeightsError(f"{path} does not match its config.json (missing {sorted(missing)[:3]}, unexpected "

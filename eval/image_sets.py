@@ -29,7 +29,9 @@ from PIL import Image
 from vqgen.core.errors import CorruptFileError, UserError
 from vqgen.core.io import atomic_path
 
-__all__ = ["IMAGE_EXTENSIONS", "NpzBatch", "image_files", "iter_image_files", "write_npz_batch"]
+from .progress import progress
+
+__all__ = ["IMAGE_EXTENSIONS", "NpzBatch", "image_files", "iter_image_files", "pack_folder", "write_npz_batch"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ACTIVATION_KEYS = ("activations", "arr_0")
@@ -238,3 +240,12 @@ def write_npz_batch(batches: Iterable[torch.Tensor | np.ndarray], count: int, pa
         if written != count:
             raise ImageSetError(f"expected {count} images for {path}, got {written}")
     return path
+
+
+def pack_folder(folder: str | Path, path: str | Path, batch_size: int = 256) -> Path:
+    """Write the images of ``folder`` (see :func:`image_files`; grey ones as RGB) in name order as one ADM sample
+    batch ``path`` (``arr_0`` uint8 (N, H, W, 3)), the file ADM's evaluator and the tools built on it read."""
+    files = image_files(folder)
+    batches = progress(iter_image_files(files, batch_size), total=-(-len(files) // batch_size),
+                       desc=f"write {Path(path).name}", unit="batch")
+    return write_npz_batch(batches, len(files), path)
