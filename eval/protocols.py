@@ -16,7 +16,8 @@ everything that changes the number:
 ===============  =============================================================================================
 
 KID, precision, recall, density and coverage use a seeded subset of :attr:`Protocol.knn_images` images of
-each set (10,000, as ADM's reference batches hold), since their cost grows with the square of the count.
+each set (10,000, as ADM's reference batches hold), since their cost grows with the square of the count, and
+the k-NN metrics use k = 3 neighbours, as ADM's evaluator and torch-fidelity do.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Protocol:
     recon_split: str | None  # split reconstructed for rFID (None: no rFID)
     recon_images: int | None  # at most this many reconstructed (None: the whole split)
     knn_images: int  # KID / precision / recall / density / coverage on this many of each set
+    k: int  # neighbours of precision / recall / density / coverage
     description: str
 
     def describe(self) -> dict:
@@ -46,15 +48,15 @@ class Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p for p in (
-        Protocol("inception-50k", "inception", 50_000, "train", "validation", 50_000, 10_000,
+        Protocol("inception-50k", "inception", 50_000, "train", "validation", 50_000, 10_000, 3,
                  "FID in torch-fidelity's inception-v3-compat space (the TF Inception of FID and of ADM's evaluation "
                  "suite): 50,000 samples against the training split's statistics (or a reference .npz); rFID: the "
                  "validation split (at most 50,000 images) reconstructed, against itself"),
-        Protocol("fd-dinov2", "dinov2", 50_000, "train", "validation", 50_000, 10_000,
+        Protocol("fd-dinov2", "dinov2", 50_000, "train", "validation", 50_000, 10_000, 3,
                  "FD-DINOv2 (Stein et al. 2023): Frechet distance of DINOv2 ViT-L/14 class tokens at 224 px, 50,000 "
                  "samples against the training split (or a reference .npz's images); rFD-DINOv2 on the validation "
                  "split"),
-        Protocol("rfid-val", "inception", 0, "train", "validation", None, 10_000,
+        Protocol("rfid-val", "inception", 0, "train", "validation", None, 10_000, 3,
                  "rFID as LlamaGen reports tokenizers: every image of the validation split reconstructed, Inception "
                  "features, against the same images; samples are not scored"),
     )

@@ -4,6 +4,9 @@
     python -m vqgen.pipelines.evaluate --run RUN_A --run RUN_B --output DIR   # plus DIR/comparison.{json,md,html}
     python -m vqgen.pipelines.evaluate --run RUN --extractor inception --weights-path pt_inception.pth
     python -m vqgen.pipelines.evaluate --run RUN extractor=contrastive extra_extractors=[offline]
+    python -m vqgen.pipelines.evaluate --tokenizer runs/tok --samples runs/samples --output runs/eval
+    python -m vqgen.pipelines.evaluate --run RUN --protocol inception-50k --reference VIRTUAL_imagenet256_labeled.npz
+    python -m vqgen.pipelines.evaluate --images DIR_OR_NPZ --reference DATASET_OR_NPZ --output DIR
 
 FID-type metrics are computed in the primary feature space (``extractor``; its numbers keep their places,
 ``tokenizer.rfid``, ``generation.fid``, ...) and in every space of ``extra_extractors`` (by default also the
@@ -13,7 +16,9 @@ description, ``rfid`` and ``generation`` numbers, the primary included.
 A run folder holds ``tokenizer/`` (``model/``, ``config.yaml``, ``metrics.jsonl``) and optionally
 ``prior/metrics.jsonl`` and ``samples/`` (``tokens.safetensors``, ``images/*.png``, ``meta.json``). Data
 tokens are re-encoded from the evaluation split (one pass gives reconstructions, codes and encoder outputs).
-Plots go to ``report_files/`` beside the report. Everything else is in the ``eval`` library.
+Plots go to ``report_files/`` beside the report. Everything else is in the ``eval`` library. A named
+``protocol`` and ``--images`` are evaluated by :mod:`vqgen.pipelines.score` (streamed, comparable with papers'
+numbers); every report carries its ``caveats`` (:mod:`vqgen.eval.caveats`).
 """
 
 from __future__ import annotations
@@ -115,7 +120,8 @@ class EvalConfig:
             protocol = get_protocol(self.protocol)
             fixed = {"extractor": (self.extractor, ("offline", protocol.extractor)),
                      "extra_extractors": (self.extra_extractors, ([], ["contrastive"])),
-                     "split": (self.split, ("test",)), "num_images": (self.num_images, (5000,))}
+                     "split": (self.split, ("test",)), "num_images": (self.num_images, (5000,)),
+                     "k": (self.k, (5, protocol.k)), "knn_images": (self.knn_images, (10000, protocol.knn_images))}
             for key, (value, allowed) in fixed.items():
                 if value not in allowed:
                     raise ValueError(f"protocol={self.protocol} fixes the extractor, the splits and the image counts; "

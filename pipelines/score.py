@@ -18,6 +18,7 @@ was trained on).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -53,6 +54,7 @@ from vqgen.tokenizer.model import VQVAE
 __all__ = ["Reference", "evaluate_protocol", "parse_reference", "plan_for", "score_images"]
 
 CACHE_FORMAT = 1  # part of every streamed reference's cache key
+LARGE_SET = 10_000  # data sets of this many images are decoded by DataLoader workers
 
 
 def plan_for(cfg: EvalConfig) -> Protocol:
@@ -60,7 +62,7 @@ def plan_for(cfg: EvalConfig) -> Protocol:
     if cfg.protocol is not None:
         return get_protocol(cfg.protocol)
     return Protocol("custom", cfg.extractor, cfg.num_images, cfg.reference_split or cfg.split, None, None,
-                    cfg.knn_images, f"as configured: extractor {cfg.extractor}, at most {cfg.num_images} images")
+                    cfg.knn_images, cfg.k, f"as configured: extractor {cfg.extractor}, at most {cfg.num_images} images")
 
 
 def weights_for(name: str, cfg: EvalConfig) -> str | None:
@@ -143,9 +145,15 @@ def parse_reference(text: str, split: str, image_size: int) -> Reference:
     return Reference(data_cfg=data_cfg, split=split, text=text)
 
 
+def _loader(dataset, n: int, batch_size: int):
+    """The first ``n`` images of ``dataset`` in order; large sets are decoded by worker processes."""
+    workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if n >= LARGE_SET else 0
+    return make_dataloader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, shuffle=False,
+                           num_workers=workers)
+
+
 def _dataset_batches(dataset, n: int, batch_size: int):
-    loader = make_dataloader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, shuffle=False)
-    return (images_to_uint8(batch["image"]) for batch in loader)
+    return (images_to_uint8(batch["image"]) for batch in _loader(dataset, n, batch_size))
 
 
 def reference_tensors(space: FeatureSpace, ref: Reference, keep: int, batch_size: int,
@@ -209,13 +217,14 @@ def reference_tensors(space: FeatureSpace, ref: Reference, keep: int, batch_size
     return tensors, hit, described
 
 
-def _metrics(real: dict[str, torch.Tensor], fake: dict[str, torch.Tensor], cfg: EvalConfig) -> dict:
-    """FID from the two sets' statistics; KID / precision / recall / density / coverage on their subsets."""
+def _metrics(real: dict[str, torch.Tensor], fake: dict[str, torch.Tensor], cfg: EvalConfig, k: int) -> dict:
+    """FID from the two sets' statistics; KID / precision / recall / density / coverage (``k`` neighbours) on
+    their subsets."""
     out = {"fid": fid_from_statistics({"mu": real["mu"].numpy(), "sigma": real["sigma"].numpy()},
                                       {"mu": fake["mu"].numpy(), "sigma": fake["sigma"].numpy()})}
     a, b = real["features"], fake["features"]
-    if min(len(a), len(b)) > cfg.k:
-        near = neighbourhood_metrics(a, b, k=cfg.k, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size)
+    if min(len(a), len(b)) > k:
+        near = neighbourhood_metrics(a, b, k=k, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size)
         out.update({key: near[key] for key in ("kid", "kid_std", "precision", "recall", "density", "coverage")})
     else:
         out.update(dict.fromkeys(("kid", "kid_std", "precision", "recall", "density", "coverage")))
@@ -283,7 +292,7 @@ def open_images(path: str | Path, limit: int | None = None, model: VQVAE | None 
 def _score(source: ImageSource, ref_tensors: dict, space: FeatureSpace, plan: Protocol, cfg: EvalConfig) -> dict:
     fake = stream_features(space, source.batches(cfg.batch_size), source.count, plan.knn_images, seed=1,
                            desc=f"{space.name} features of the scored images")
-    gen = _metrics(ref_tensors, fake, cfg)
+    gen = _metrics(ref_tensors, fake, cfg, plan.k)
     gen.update(num_samples=source.count, knn_images=int(fake["features"].shape[0]))
     return gen
 
@@ -365,7 +374,7 @@ def _reconstruction_pass(model: VQVAE, dataset, n: int, space: FeatureSpace, cfg
     keep_idx = subset_indices(n, keep)
     recon_stream, real_stream = FeatureStream(keep_idx), FeatureStream(keep_idx)
     shown = {"real": [], "reconstructed": []}
-    loader = make_dataloader(torch.utils.data.Subset(dataset, range(n)), batch_size=cfg.batch_size, shuffle=False)
+    loader = _loader(dataset, n, cfg.batch_size)
     model.eval()
     for batch in progress(loader, desc=f"reconstruct and extract {space.name} features", unit="batch"):
         x = batch["image"].to(device)
@@ -412,8 +421,8 @@ def evaluate_protocol(tokenizer_dir: str | Path, samples_dir: str | Path | None,
             dataset = build_dataset(data_cfg, split)
             notes.append(f"the data set has no {plan.recon_split} split: rFID used the {split} split")
         n = min(len(dataset), plan.recon_images or len(dataset))
-        if n <= cfg.k:
-            raise EvalError(f"the {split} split has {n} images; rFID needs more than k={cfg.k}")
+        if n <= plan.k:
+            raise EvalError(f"the {split} split has {n} images; rFID needs more than k={plan.k}")
         key = reference_key(dataset.fingerprint, split, space, n) + f"-k{plan.knn_images}-f{CACHE_FORMAT}"
         meta = {"extractor": space.registry_name, "extractor_sha256": space.weights_sha256,
                 "source": f"{split} split", "source_fingerprint": dataset.fingerprint, "num_images": n}
@@ -423,7 +432,7 @@ def evaluate_protocol(tokenizer_dir: str | Path, samples_dir: str | Path | None,
                                                                     cached is None, cfg.grid_images)
         if cached is None:
             cached, _ = cached_reference(key, lambda: real_t, metadata=meta)
-        rec = _metrics(cached, recon_t, cfg)
+        rec = _metrics(cached, recon_t, cfg, plan.k)
         rec_counts = (n, int(cached["count"][0]))
         summary = meter.summary()
         tokenizer = {"rfid": rec["fid"], "rkid": rec["kid"], "recon_mse": summary["mse"], "psnr": summary["psnr"],
