@@ -269,7 +269,7 @@ def load_feature_space(
         registry_name = INCEPTION_NAME
         module = inception_extractor(path)
         info = {"kind": "InceptionV3 (torch-fidelity inception-v3-compat, pool3 2048-d): standard FID",
-                "label_free": False, "weights_known": True, "weights_source": INCEPTION.source}
+                "label_free": False, "weights_known": True, "published_source": INCEPTION.source}
     else:
         path = resolve_dinov2_weights(weights_path)
         registry_name = DINOV2_EXTRACTOR_NAME
@@ -278,7 +278,7 @@ def load_feature_space(
         info = {"kind": (f"DINOv2 {'ViT-L/14' if module.vit_l14 else 'ViT (not L/14)'} class token after the "
                          f"final layer norm ({module.hidden_size}-d, 224 px, bicubic, ImageNet normalisation): "
                          "FD-DINOv2 as Stein et al. 2023"),
-                "label_free": True, "weights_known": bool(module.known), "weights_source": DINOV2_VITL14.source}
+                "label_free": True, "weights_known": bool(module.known), "published_source": DINOV2_VITL14.source}
         if not module.known:
             info["note"] = ("these are not the published DINOv2 ViT-L/14 weights (facebook/dinov2-large): the "
                             "numbers are not FD-DINOv2 as papers report it")

@@ -443,18 +443,16 @@ def evaluate_protocol(tokenizer_dir: str | Path, samples_dir: str | Path | None,
         figures["per-image reconstruction quality"] = plot_per_image(meter.per_image, out / "report_files" / "per_image.png")
         timing["rfid"] = time.perf_counter() - t
 
-    gen, ref_described, hit = None, None, False
-    source = None
+    gen, ref_described, hit, source = None, None, False, None
     if plan.num_samples and samples_dir is not None and Path(samples_dir).is_dir():
         t = time.perf_counter()
         source = open_images(samples_dir, plan.num_samples, model)
-        if source is not None:
-            ref_split = cfg.reference_split or plan.reference_split
-            ref = parse_reference(cfg.reference, ref_split, source.image_size()) if cfg.reference else \
-                Reference(data_cfg=data_cfg, split=ref_split, text="the tokenizer's data set")
-            ref_tensors, hit, ref_described = reference_tensors(space, ref, plan.knn_images, cfg.batch_size)
-            gen = _score(source, ref_tensors, space, plan, cfg)
-            rows["sampled"] = source.first(cfg.grid_images)
+        ref_split = cfg.reference_split or plan.reference_split
+        ref = parse_reference(cfg.reference, ref_split, source.image_size()) if cfg.reference else \
+            Reference(data_cfg=data_cfg, split=ref_split, text="the tokenizer's data set")
+        ref_tensors, hit, ref_described = reference_tensors(space, ref, plan.knn_images, cfg.batch_size)
+        gen = _score(source, ref_tensors, space, plan, cfg)
+        rows["sampled"] = source.first(cfg.grid_images)
         timing["generation"] = time.perf_counter() - t
     elif plan.num_samples:
         notes.append(f"no samples folder ({samples_dir}): generation metrics are n/a")
