@@ -153,6 +153,16 @@ class EvalConfig:
 SPACE_GENERATION_KEYS = ("fid", "kid", "precision", "recall", "density", "coverage")
 
 
+def weights_for(name: str, cfg: EvalConfig) -> str | None:
+    """The weights option of feature space ``name``: its own key, else ``weights_path`` for the primary one."""
+    own = {"inception": cfg.inception_weights, "dinov2": cfg.dinov2_weights}.get(name)
+    primary = name == (get_protocol(cfg.protocol).extractor if cfg.protocol else cfg.extractor)
+    if own is not None and primary and cfg.weights_path is not None and cfg.weights_path != own:
+        raise EvalError(f"weights_path={cfg.weights_path} and {name}_weights={own} name two files for one "
+                        "extractor; give one of them")
+    return own if own is not None else (cfg.weights_path if primary else None)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -261,15 +271,19 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
     elif tokenizer_dir is None:
         samples_dir = run / "samples"
     if not (tok_dir / "model").is_dir() or not (tok_dir / "config.yaml").is_file():
-        raise EvalError(f"{tok_dir if tokenizer_dir is not None else run} is not a "
-                        f"{'tokenizer' if tokenizer_dir is not None else 'run'} folder: it needs "
-                        f"{'' if tokenizer_dir is not None else 'tokenizer/'}model/ and "
-                        f"{'' if tokenizer_dir is not None else 'tokenizer/'}config.yaml "
-                        "(written by pipelines.train_tokenizer --output-dir)")
+        if tokenizer_dir is not None:
+            raise EvalError(f"{tok_dir} is not a tokenizer folder: it needs model/ and config.yaml (written by "
+                            "pipelines.train_tokenizer --output-dir)")
+        raise EvalError(f"{run} is not a run folder: it needs tokenizer/model/ and tokenizer/config.yaml "
+                        "(written by pipelines.train_tokenizer --output-dir RUN/tokenizer)")
     if cfg.protocol is not None:
         from vqgen.pipelines.score import evaluate_protocol
 
         return evaluate_protocol(tok_dir, samples_dir, cfg, out)
+    for key in ("reference", "reference_split"):
+        if getattr(cfg, key) is not None:
+            raise EvalError(f"{key} applies to a protocol (--protocol NAME) or to --images; this evaluation compares "
+                            f"with the {cfg.split} split (split=...)")
     device = _device(cfg.device)
     timing: dict[str, float] = {}
     notes: list[str] = []
@@ -412,8 +426,6 @@ def _against_reference(ref: dict[str, torch.Tensor], features: torch.Tensor, cfg
 def _reference_and_rfid(name: str, cfg: EvalConfig, data_cfg: DataConfig, data: SplitPass, data_fingerprint: str,
                         n: int, device: torch.device) -> _EvaluatedSpace:
     """Build feature space ``name``, get the real split's features (cached) and the reconstructions' metrics."""
-    from vqgen.pipelines.score import weights_for
-
     space = load_feature_space(name, data_cfg=data_cfg, weights_path=weights_for(name, cfg),
                                classifier=cfg.classifier, contrastive=cfg.contrastive, device=str(device))
     key = reference_key(data_fingerprint, cfg.split, space, n)

@@ -47,7 +47,7 @@ from vqgen.eval.protocols import Protocol, get_protocol
 from vqgen.eval.reconstruction import ReconstructionMeter
 from vqgen.eval.report import write_report
 from vqgen.eval.streaming import FeatureStream, stream_features, subset_indices
-from vqgen.pipelines.evaluate import EvalConfig, EvalError, _device
+from vqgen.pipelines.evaluate import EvalConfig, EvalError, _device, weights_for
 from vqgen.tokenizer.data import DataConfig, build_dataset, make_dataloader
 from vqgen.tokenizer.model import VQVAE
 
@@ -63,16 +63,6 @@ def plan_for(cfg: EvalConfig) -> Protocol:
         return get_protocol(cfg.protocol)
     return Protocol("custom", cfg.extractor, cfg.num_images, cfg.reference_split or cfg.split, None, None,
                     cfg.knn_images, cfg.k, f"as configured: extractor {cfg.extractor}, at most {cfg.num_images} images")
-
-
-def weights_for(name: str, cfg: EvalConfig) -> str | None:
-    """The weights option of feature space ``name``: its own key, else ``weights_path`` for the primary one."""
-    own = {"inception": cfg.inception_weights, "dinov2": cfg.dinov2_weights}.get(name)
-    primary = name == (get_protocol(cfg.protocol).extractor if cfg.protocol else cfg.extractor)
-    if own is not None and primary and cfg.weights_path is not None and cfg.weights_path != own:
-        raise EvalError(f"weights_path={cfg.weights_path} and {name}_weights={own} name two files for one "
-                        "extractor; give one of them")
-    return own if own is not None else (cfg.weights_path if primary else None)
 
 
 def open_space(plan: Protocol, cfg: EvalConfig, data_cfg: DataConfig | None, device: torch.device) -> FeatureSpace:
