@@ -220,6 +220,7 @@ class ContrastiveTask(Task):
     dropped); the same generator draws the augmentations."""
 
     name = "contrastive"
+    description = "train the label-free extractor (once, cached)"
 
     def __init__(self, train, cfg: ContrastiveConfig):
         self.train, self.cfg = train, cfg
@@ -342,7 +343,8 @@ def train_contrastive(data_cfg, cfg: ContrastiveConfig | None = None, device: st
                            _features(fit.backbone, test_images, device), test.labels[test_indices], cfg.knn_k)
         meta["knn_accuracy"] = acc
         meta["knn"] = {"k": min(cfg.knn_k, len(fit.train_images)), "similarity": "cosine", "vote": "majority",
-                       "test_split": test_split, "num_test_images": int(len(test_images)),
+                       "classes": int(train.num_classes), "test_split": test_split,
+                       "num_test_images": int(len(test_images)),
                        "num_train_images": int(len(fit.train_images)), "seconds": round(time.perf_counter() - start, 2)}
         if test_split == "train":
             meta["note"] = ("no held-out split: the k-NN check ran on train images against themselves, so it is "

@@ -45,6 +45,7 @@ from vqgen.core.config import to_dict
 from vqgen.core.trainer import Task, TrainConfig, Trainer
 from vqgen.core.io import atomic_path, load_json, save_json
 
+
 __all__ = [
     "BackboneFeatureExtractor",
     "CLASSIFIER_EXTRACTOR_NAME",
@@ -224,6 +225,7 @@ class ClassifierTask(Task):
     """The offline classifier as a trainer task: the data's labels (or factors, or rotations) as heads."""
 
     name = "classifier"
+    description = "train the offline classifier (once, cached)"
 
     def __init__(self, train, cfg: ClassifierConfig):
         self.train, self.cfg = train, cfg

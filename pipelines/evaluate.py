@@ -4,6 +4,9 @@
     python -m vqgen.pipelines.evaluate --run RUN_A --run RUN_B --output DIR   # plus DIR/comparison.{json,md,html}
     python -m vqgen.pipelines.evaluate --run RUN --extractor inception --weights-path pt_inception.pth
     python -m vqgen.pipelines.evaluate --run RUN extractor=contrastive extra_extractors=[offline]
+    python -m vqgen.pipelines.evaluate --tokenizer runs/tok --samples runs/samples --output runs/eval
+    python -m vqgen.pipelines.evaluate --run RUN --protocol inception-50k --reference VIRTUAL_imagenet256_labeled.npz
+    python -m vqgen.pipelines.evaluate --images DIR_OR_NPZ --reference DATASET_OR_NPZ --output DIR
 
 FID-type metrics are computed in the primary feature space (``extractor``; its numbers keep their places,
 ``tokenizer.rfid``, ``generation.fid``, ...) and in every space of ``extra_extractors`` (by default also the
@@ -13,7 +16,9 @@ description, ``rfid`` and ``generation`` numbers, the primary included.
 A run folder holds ``tokenizer/`` (``model/``, ``config.yaml``, ``metrics.jsonl``) and optionally
 ``prior/metrics.jsonl`` and ``samples/`` (``tokens.safetensors``, ``images/*.png``, ``meta.json``). Data
 tokens are re-encoded from the evaluation split (one pass gives reconstructions, codes and encoder outputs).
-Plots go to ``report_files/`` beside the report. Everything else is in the ``eval`` library.
+Plots go to ``report_files/`` beside the report. Everything else is in the ``eval`` library. A named
+``protocol`` and ``--images`` are evaluated by :mod:`vqgen.pipelines.score` (streamed, comparable with papers'
+numbers); every report carries its ``caveats`` (:mod:`vqgen.eval.caveats`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from vqgen.eval.diversity import (
     usage,
 )
 from vqgen.eval.features import ClassifierConfig
+from vqgen.eval.progress import progress
 from vqgen.eval.fid import (
     EXTRACTORS,
     FeatureExtractorError,
@@ -51,6 +57,8 @@ from vqgen.eval.fid import (
     load_feature_space,
     reference_key,
 )
+from vqgen.eval.caveats import report_caveats
+from vqgen.eval.protocols import get_protocol
 from vqgen.eval.plots import (
     plot_code_usage,
     plot_comparison,
@@ -97,9 +105,32 @@ class EvalConfig:
     grid_images: int = 10
     classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
     contrastive: ContrastiveConfig = dataclasses.field(default_factory=ContrastiveConfig)
+    # A named protocol (vqgen.eval.protocols: inception-50k | fd-dinov2 | rfid-val) fixes the extractor, the
+    # counts and the references, so its numbers compare with papers'; None: the settings above.
+    protocol: str | None = None
+    reference: str | None = None  # samples' reference: an ADM-style .npz or a data set (None: the run's data)
+    reference_split: str | None = None  # split of a reference data set (None: the protocol's, else `split`)
+    inception_weights: str | None = None  # torch-fidelity's Inception file (checked against its sha256)
+    dinov2_weights: str | None = None  # folder / model.safetensors / hub id (None: facebook/dinov2-large)
+    allow_unknown_weights: bool = False  # protocols: accept extractor weights that are not the published file
+    knn_images: int = 10000  # protocols and --images: KID / precision / recall / density / coverage subset
 
     def validate(self) -> None:
         """Reject settings that cannot work, naming the key."""
+        if self.protocol is not None:
+            protocol = get_protocol(self.protocol)
+            fixed = {"extractor": (self.extractor, ("offline", protocol.extractor)),
+                     "extra_extractors": (self.extra_extractors, ([], ["contrastive"])),
+                     "split": (self.split, ("test",)), "num_images": (self.num_images, (5000,)),
+                     "k": (self.k, (5, protocol.k)), "knn_images": (self.knn_images, (10000, protocol.knn_images))}
+            for key, (value, allowed) in fixed.items():
+                if value not in allowed:
+                    raise ValueError(f"protocol={self.protocol} fixes the extractor, the splits and the image counts; "
+                                     f"remove {key}={value!r} (or drop protocol to choose them yourself)")
+        if self.reference_split is not None and self.reference_split not in SPLITS:
+            raise ValueError(f"reference_split={self.reference_split!r}; choose one of {', '.join(SPLITS)}")
+        if self.knn_images <= self.k:
+            raise ValueError(f"knn_images={self.knn_images} must be larger than k={self.k}")
         if self.extractor not in EXTRACTORS:
             raise ValueError(f"extractor={self.extractor!r}; choose one of {', '.join(EXTRACTORS)}")
         unknown = [e for e in self.extra_extractors if e not in EXTRACTORS]
@@ -121,6 +152,16 @@ class EvalConfig:
 
 # Generation metrics repeated for every feature space under report["feature_spaces"][name]["generation"].
 SPACE_GENERATION_KEYS = ("fid", "kid", "precision", "recall", "density", "coverage")
+
+
+def weights_for(name: str, cfg: EvalConfig) -> str | None:
+    """The weights option of feature space ``name``: its own key, else ``weights_path`` for the primary one."""
+    own = {"inception": cfg.inception_weights, "dinov2": cfg.dinov2_weights}.get(name)
+    primary = name == (get_protocol(cfg.protocol).extractor if cfg.protocol else cfg.extractor)
+    if own is not None and primary and cfg.weights_path is not None and cfg.weights_path != own:
+        raise EvalError(f"weights_path={cfg.weights_path} and {name}_weights={own} name two files for one "
+                        "extractor; give one of them")
+    return own if own is not None else (cfg.weights_path if primary else None)
 
 
 def _device(name: str) -> torch.device:
@@ -149,7 +190,8 @@ def load_samples(samples_dir: Path, max_images: int, model: VQVAE, batch_size: i
     labels = data.get("labels", torch.full((tokens.shape[0],), -1))[:max_images].long()
     pngs = sorted((samples_dir / "images").glob("*.png"))[:max_images]
     if pngs:
-        arrays = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))) for p in pngs]
+        arrays = [torch.from_numpy(np.array(Image.open(p).convert("RGB")))
+                  for p in progress(pngs, desc="read the samples", unit="img")]
         images = torch.stack(arrays).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
     else:
         device = next(model.parameters()).device
@@ -211,17 +253,38 @@ def codebook_report(model: VQVAE, data: SplitPass) -> tuple[dict, dict, torch.Te
     return tok, cb, codes, code_ids
 
 
-def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: str | Path | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: str | Path | None = None, *,
+                 tokenizer_dir: str | Path | None = None, samples_dir: str | Path | None = None) -> dict:
     """Evaluate the run in ``run_dir``; write ``report.{json,md,html}`` and plots into ``out_dir`` (default:
-    the run folder). Returns the report dict."""
+    the run folder). Returns the report dict.
+
+    ``tokenizer_dir`` / ``samples_dir`` replace ``RUN/tokenizer`` / ``RUN/samples`` (stage-wise folders such as
+    ``runs/tok`` and ``runs/samples``). With ``cfg.protocol`` the evaluation is the protocol's
+    (:func:`vqgen.pipelines.score.evaluate_protocol`).
+    """
     cfg = cfg or EvalConfig()
     cfg.validate()
     run = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run
-    tok_dir = run / "tokenizer"
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else run / "tokenizer"
+    if samples_dir is not None:
+        samples_dir = Path(samples_dir)
+    elif tokenizer_dir is None:
+        samples_dir = run / "samples"
     if not (tok_dir / "model").is_dir() or not (tok_dir / "config.yaml").is_file():
+        if tokenizer_dir is not None:
+            raise EvalError(f"{tok_dir} is not a tokenizer folder: it needs model/ and config.yaml (written by "
+                            "pipelines.train_tokenizer --output-dir)")
         raise EvalError(f"{run} is not a run folder: it needs tokenizer/model/ and tokenizer/config.yaml "
                         "(written by pipelines.train_tokenizer --output-dir RUN/tokenizer)")
+    if cfg.protocol is not None:
+        from vqgen.pipelines.score import evaluate_protocol
+
+        return evaluate_protocol(tok_dir, samples_dir, cfg, out)
+    for key in ("reference", "reference_split"):
+        if getattr(cfg, key) is not None:
+            raise EvalError(f"{key} applies to a protocol (--protocol NAME) or to --images; this evaluation compares "
+                            f"with the {cfg.split} split (split=...)")
     device = _device(cfg.device)
     timing: dict[str, float] = {}
     notes: list[str] = []
@@ -235,7 +298,8 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
         raise EvalError(f"split {cfg.split!r} has {len(dataset)} images; the k-NN metrics need more than k={cfg.k} "
                         "(use another split= or a smaller k=)")
     loader = make_dataloader(torch.utils.data.Subset(dataset, range(n)), batch_size=cfg.batch_size, shuffle=False)
-    data = tokenizer_pass(model, loader, device, n, cfg.max_latents)
+    batches = progress(loader, desc=f"reconstruct the {cfg.split} split", unit="batch")
+    data = tokenizer_pass(model, batches, device, n, cfg.max_latents)
     timing["tokenizer_pass"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -254,15 +318,16 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
     }
 
     t = time.perf_counter()
-    samples = load_samples(run / "samples", cfg.num_images, model, cfg.batch_size)
+    samples = None if samples_dir is None else load_samples(samples_dir, cfg.num_images, model, cfg.batch_size)
     generation = {key: None for key in ("fid", "kid", "precision", "recall", "density", "coverage",
                                         "mode_coverage", "token_perplexity")}
     sample_counts = None
     if samples is None:
-        notes.append(f"no samples in {run / 'samples'}: generation metrics are n/a")
+        notes.append(f"no samples in {samples_dir}: generation metrics are n/a" if samples_dir is not None else
+                     "no samples folder was given (--samples): generation metrics are n/a")
     else:
         if samples["images"].shape[0] <= cfg.k:
-            raise EvalError(f"{run / 'samples'} has {samples['images'].shape[0]} samples; the k-NN metrics need "
+            raise EvalError(f"{samples_dir} has {samples['images'].shape[0]} samples; the k-NN metrics need "
                             f"more than k={cfg.k} (sample more images or lower k=)")
         expected = samples["meta"].get("tokenizer", {})
         if isinstance(expected, dict) and expected.get("fingerprint") not in (None, tokenizer_fingerprint(tok_dir / "model")):
@@ -292,7 +357,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
     timing["generation"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    figures = _figures(out / "report_files", run, model, data, codes, code_ids, samples, sample_counts, cfg)
+    figures = _figures(out / "report_files", tok_dir, model, data, codes, code_ids, samples, sample_counts, cfg)
     timing["plots"] = time.perf_counter() - t
 
     if space.name == "offline":
@@ -315,7 +380,8 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
         "notes": notes,
         "provenance": provenance(),
     }
-    write_report(report, figures, out, title=f"vqgen report: {run.name}")
+    report["caveats"] = report_caveats(report)
+    write_report(report, figures, out, title=f"vqgen report: {run.resolve().name}")
     return report
 
 
@@ -334,13 +400,14 @@ class _EvaluatedSpace:
 
     def generate(self, images: torch.Tensor, cfg: EvalConfig) -> None:
         """Features of the sampled uint8 images (N, 3, H, W) and their metrics against the real split."""
-        self.fake = self.space.extract(images, cfg.batch_size)
+        self.fake = self.space.extract(images, cfg.batch_size, desc=f"{self.space.name} features: samples")
         self.gen = _against_reference(self.ref, self.fake["features"], cfg)
 
     def report(self, samples: dict | None) -> dict:
         """``report["feature_spaces"][name]``: extractor description, rfid / rkid, generation metrics."""
         return {
             "feature_extractor": {**self.space.describe(), "num_real_images": int(len(self.ref["features"])),
+                                  "feature_dim": int(self.ref["features"].shape[1]),
                                   "num_reconstructions": self.num_reconstructions,
                                   "num_samples": None if samples is None else int(samples["images"].shape[0]),
                                   "reference_cache_hit": self.reference_cache_hit},
@@ -360,15 +427,16 @@ def _against_reference(ref: dict[str, torch.Tensor], features: torch.Tensor, cfg
 def _reference_and_rfid(name: str, cfg: EvalConfig, data_cfg: DataConfig, data: SplitPass, data_fingerprint: str,
                         n: int, device: torch.device) -> _EvaluatedSpace:
     """Build feature space ``name``, get the real split's features (cached) and the reconstructions' metrics."""
-    space = load_feature_space(name, data_cfg=data_cfg, weights_path=cfg.weights_path if name == cfg.extractor else None,
+    space = load_feature_space(name, data_cfg=data_cfg, weights_path=weights_for(name, cfg),
                                classifier=cfg.classifier, contrastive=cfg.contrastive, device=str(device))
     key = reference_key(data_fingerprint, cfg.split, space, n)
-    ref, was_cached = cached_reference(key, lambda: space.extract(data.real, cfg.batch_size))
-    recon = space.extract(data.recon, cfg.batch_size)["features"]  # (N, F)
+    ref, was_cached = cached_reference(key, lambda: space.extract(data.real, cfg.batch_size,
+                                                                  desc=f"{name} features: {cfg.split} split"))
+    recon = space.extract(data.recon, cfg.batch_size, desc=f"{name} features: reconstructions")["features"]  # (N, F)
     return _EvaluatedSpace(space, ref, was_cached, int(len(recon)), _against_reference(ref, recon, cfg))
 
 
-def _figures(fig_dir: Path, run: Path, model: VQVAE, data: SplitPass, codes: torch.Tensor, code_ids: torch.Tensor,
+def _figures(fig_dir: Path, tok_dir: Path, model: VQVAE, data: SplitPass, codes: torch.Tensor, code_ids: torch.Tensor,
              samples: dict | None, sample_counts: torch.Tensor | None, cfg: EvalConfig) -> dict[str, Path]:
     """All plots of a run report, by caption."""
     figures: dict[str, Path] = {}
@@ -376,12 +444,12 @@ def _figures(fig_dir: Path, run: Path, model: VQVAE, data: SplitPass, codes: tor
     if samples is not None:
         rows["sampled"] = samples["images"]
     figures["real vs reconstructed vs sampled"] = save_grids(rows, fig_dir / "grid.png", cfg.grid_images)
-    curves = plot_training_curves(read_jsonl(run / "tokenizer" / "metrics.jsonl"), fig_dir / "tokenizer_curves.png",
+    curves = plot_training_curves(read_jsonl(tok_dir / "metrics.jsonl"), fig_dir / "tokenizer_curves.png",
                                   "tokenizer training")
     if curves:
         figures["tokenizer training curves"] = curves
-    prior_curves = plot_training_curves(read_jsonl(run / "prior" / "metrics.jsonl"), fig_dir / "prior_curves.png",
-                                        "prior training")
+    prior_curves = plot_training_curves(read_jsonl(tok_dir.parent / "prior" / "metrics.jsonl"),
+                                        fig_dir / "prior_curves.png", "prior training")
     if prior_curves:
         figures["prior training curves"] = prior_curves
     hists = {"data tokens": data.code_counts}
@@ -439,15 +507,49 @@ def run_stage(cfg: EvalConfig, run: Path) -> dict:
 
 @entry_point(known=(FeatureExtractorError,))
 def main(argv: Sequence[str] | None = None) -> dict:
-    """CLI: ``--run DIR`` (repeat to compare), ``--output DIR``; every ``EvalConfig`` field is a flag
-    (``--extractor``, ``--num-images``, ...) or a ``key=value`` override (``classifier.max_steps=500``)."""
+    """CLI: ``--run DIR`` (repeat to compare), or ``--tokenizer DIR [--samples DIR]``, or ``--images DIR_OR_NPZ
+    --reference DATASET_OR_NPZ``; ``--output DIR``; every ``EvalConfig`` field is a flag (``--protocol``,
+    ``--extractor``, ``--num-images``, ``--reference``, ...) or a ``key=value`` override (``classifier.max_steps=500``)."""
     def paths(parser):
-        parser.add_argument("--run", action="append", required=True, help="run folder; repeat to compare runs")
-        parser.add_argument("--output", help="report folder (default: the run folder; required to compare runs)")
+        parser.add_argument("--run", action="append", help="run folder; repeat to compare runs")
+        parser.add_argument("--tokenizer", help="a tokenizer folder (train_tokenizer --output-dir), instead of --run")
+        parser.add_argument("--samples", help="with --tokenizer: a samples folder (sample --output-dir)")
+        parser.add_argument("--images", help="score a folder of images (or an ADM-style .npz) from any system, against "
+                            "--reference (an ADM-style .npz, or a data set: synthetic, a hub name, an image folder, a "
+                            "YAML file, a tokenizer or run folder)")
+        parser.add_argument("--output", help="report folder (default: the run folder; required to compare runs and "
+                            "with --tokenizer or --images)")
         parser.add_argument("--reevaluate", action="store_true",
                             help="comparison: evaluate even runs with a report.json")
 
     cfg, args = parse_cli(EvalConfig, argv, "Evaluate runs: reconstruction, FID, diversity and shrinkage.", paths)
+    modes = [name for name, given in (("--run", args.run), ("--tokenizer", args.tokenizer), ("--images", args.images))
+             if given]
+    if len(modes) != 1:
+        raise EvalError("give one of --run RUN, --tokenizer DIR [--samples DIR], or --images DIR --reference REF"
+                        + (f" (got {' and '.join(modes)})" if modes else ""))
+    if args.samples and not args.tokenizer:
+        raise EvalError("--samples goes with --tokenizer (a run folder names its samples itself)")
+    if args.images:
+        reference = cfg.reference
+        if not reference or not args.output:
+            raise EvalError("--images needs --reference (an ADM .npz or a data set) and --output DIR for the report")
+        from vqgen.pipelines.score import score_images
+
+        check_output_dir(args.output, "--output")
+        report = score_images(args.images, reference, dataclasses.replace(cfg, reference=None), args.output)
+        print(f"wrote {Path(args.output) / 'report.json'} and {Path(args.output) / 'report.html'}")
+        return report
+    if args.tokenizer:
+        if not args.output:
+            raise EvalError("--tokenizer needs --output DIR for the report")
+        for flag, folder in (("--tokenizer", args.tokenizer), ("--samples", args.samples)):
+            if folder is not None and not Path(folder).is_dir():
+                raise EvalError(f"{flag} {folder} is not a folder")
+        check_output_dir(args.output, "--output")
+        report = evaluate_run(args.output, cfg, args.output, tokenizer_dir=args.tokenizer, samples_dir=args.samples)
+        print(f"wrote {Path(args.output) / 'report.json'} and {Path(args.output) / 'report.html'}")
+        return report
     if len(args.run) > 1 and not args.output:
         raise EvalError("comparing several runs needs --output DIR for the comparison table")
     for run in args.run:  # before any work

@@ -11,6 +11,7 @@ Output (``eval`` reads these names)::
     images/00000.png ...   one PNG per sample, named by its global index
     grid.png               the first (up to) 64 samples
     tokens.safetensors     "tokens" (N, h, w) int64 joint ids, "labels" (N,) int64 (-1: unconditional)
+    samples.npz            with --npz: the images as one ADM-style batch, arr_0 uint8 (N, H, W, 3)
     meta.json              sampling parameters, prior and tokenizer fingerprints, counts; written last
 
 Sample ``i`` depends only on the prior, the parameters, the seed and ``i`` (see ``prior.sampling``), so
@@ -40,6 +41,7 @@ from vqgen.tokenizer.data import denormalize, save_image_grid
 from vqgen.core.errors import MissingFileError
 from vqgen.core.provenance import provenance
 from vqgen.core.io import atomic_path, file_fingerprint, save_json
+from vqgen.eval.image_sets import pack_folder
 from vqgen.tokenizer.model import VQVAE
 
 GRID_SAMPLES = 64
@@ -91,8 +93,11 @@ def sample(
     output_dir: str | Path,
     cfg: SamplingConfig,
     tokenizer_dir: str | Path | None = None,
+    npz: bool = False,
 ) -> dict:
     """Draw ``cfg.num_samples`` images into ``output_dir``; returns the contents of ``meta.json``.
+
+    ``npz``: also write ``samples.npz`` (every image as ADM's evaluator reads a sample batch).
 
     Every process must call this under Accelerate; each samples and writes the PNGs of its share, the
     main process writes the merged tokens, the grid and ``meta.json``.
@@ -116,6 +121,7 @@ def sample(
     if accelerator.is_main_process:
         # meta.json marks a finished run: remove it (and old images) before anything new is written.
         (output_dir / "meta.json").unlink(missing_ok=True)
+        (output_dir / "samples.npz").unlink(missing_ok=True)
         shutil.rmtree(image_dir, ignore_errors=True)
         image_dir.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -156,6 +162,9 @@ def sample(
         with atomic_path(output_dir / "tokens.safetensors") as tmp:
             save_file({"tokens": all_codes.long().contiguous(), "labels": all_labels.long().contiguous()}, str(tmp))
         save_image_grid(grid, output_dir / "grid.png")
+        if npz:
+            pack_folder(image_dir, output_dir / "samples.npz")
+            meta["npz"] = "samples.npz"
         save_json(meta, output_dir / "meta.json")
     accelerator.wait_for_everyone()
     return meta
@@ -169,9 +178,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.add_argument("--prior", required=True, help="the prior's model/ directory (RUN/prior/model)")
         parser.add_argument("--tokenizer", help="tokenizer model/ directory (default: the one the prior records)")
         parser.add_argument("--output-dir", required=True, help="where to write the samples (e.g. RUN/samples)")
+        parser.add_argument("--npz", action="store_true",
+                            help="also write samples.npz: arr_0 uint8 (N, H, W, 3), the sample batch ADM's evaluator reads")
 
     cfg, args = parse_cli(SamplingConfig, argv, "Sample images from a trained prior and its tokenizer.", paths)
-    return sample(args.prior, args.output_dir, cfg, args.tokenizer)
+    return sample(args.prior, args.output_dir, cfg, args.tokenizer, npz=args.npz)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,9 @@ def test_report_of_a_tiny_run(tmp_path):
     assert all(math.isfinite(v) for v in [label_free["rfid"], *label_free["generation"].values()])
     md = (run / "report.md").read_text()
     assert "## feature spaces" in md and "| metric | offline | contrastive |" in md
+    # 40 images: every FID-type number carries its caveat, first on the page
+    assert {("handful", "rFID"), ("handful", "FID/KID")} <= {(c["code"], c["metric"]) for c in on_disk["caveats"]}
+    assert html.index('class="caveats"') < html.index("<h2>summary</h2>")
     fids = [format_value(spaces[name]["generation"]["fid"]) for name in ("offline", "contrastive")]
     assert f"| generation.fid | {fids[0]} | {fids[1]} |" in md
     assert "label-free" in (run / "report.html").read_text()

@@ -145,6 +145,7 @@ class Task:
     """
 
     name = "task"
+    description = ""  # the progress bar's label (default: the name)
     monitor: str | None = None  # the key of evaluate()'s result early stopping watches (lower is better)
     # what a user can do about a non-finite loss (the trainer's message ends with it)
     hint = ("Lower train.lr or enable clipping (train.max_grad_norm), then rerun the same command to resume.")
@@ -336,7 +337,8 @@ class Trainer:
         total = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         self.total = total
         stream = task.batches(self, self.samples_seen)
-        progress = _progress(cfg.steps, start, task.name, self.progress_enabled and show_progress(accelerator))
+        progress = _progress(cfg.steps, start, task.description or task.name,
+                             self.progress_enabled and show_progress(accelerator))
         for t in self.trained:
             t.model.train()
         stopped = lambda: self.stopper is not None and self.stopper.stopped  # noqa: E731
