@@ -14,7 +14,6 @@ import pickle
 import re
 import shutil
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any, Callable, Sequence
 from vqgen.pipelines.stages import STAGE_RECORD, code_change, read_record, with_provenance, write_record
 from vqgen.core.config import load_config, save_config
 from vqgen.core.errors import CorruptFileError, UserError
+from vqgen.core import progress
+from vqgen.core.files import ensure_folder, is_main_launch_process, os_failure_message
 from vqgen.core.io import atomic_path, check_safetensors, load_json, save_json
 from vqgen.core.training import NonFiniteLossError  # noqa: F401  (raised here, defined with the training skeleton)
 
@@ -99,8 +100,11 @@ def entry_point(body: Callable | None = None, *, known: tuple[type[BaseException
     """Decorate a command's ``main(argv)``: known failures become one line on stderr and exit code 2.
 
     Known failures are ``UserError`` (bad config, missing or corrupt file, unusable data, a stale stage,
-    a non-finite loss, ...) and the classes in ``known``. With ``--debug`` among the arguments (or
-    ``VQGEN_DEBUG=1``) they keep their traceback; any other exception is a bug and always does.
+    a non-finite loss, a full disk, ...), the classes in ``known``, and failures of the machine met outside
+    vqgen's guarded writes (a full disk, an over-long path: ``vqgen.core.files.os_failure_message``). An
+    interrupt (Ctrl-C, SIGINT) prints ``interrupted at step N ...; rerun the same command to resume`` (the step a
+    trainer reported to ``vqgen.core.progress``) and exits with code 130. With ``--debug`` among the arguments
+    (or ``VQGEN_DEBUG=1``) they keep their traceback; any other exception is a bug and always does.
     Every entry point uses this one wrapper.
     """
 
@@ -116,6 +120,20 @@ def entry_point(body: Callable | None = None, *, known: tuple[type[BaseException
                     raise
                 _close_progress_bars()  # the message starts a line of its own, not after a bar's text
                 print(f"error: {one_line(err)}", file=sys.stderr)
+                raise SystemExit(2) from None
+            except KeyboardInterrupt:  # Ctrl-C / SIGINT: every write is atomic, so nothing half-written is left
+                if debug:
+                    raise
+                _close_progress_bars()
+                if is_main_launch_process():
+                    print(progress.interrupt_message(), file=sys.stderr)
+                raise SystemExit(130) from None
+            except Exception as err:  # a full disk or an over-long path, met outside vqgen's guarded writes
+                message = os_failure_message(err)
+                if message is None or debug:
+                    raise
+                _close_progress_bars()
+                print(f"error: {one_line(message)}", file=sys.stderr)
                 raise SystemExit(2) from None
 
         return main
@@ -134,22 +152,10 @@ def _close_progress_bars() -> None:
 def check_output_dir(path: str | Path, what: str = "--output-dir") -> Path:
     """Make sure ``path`` is (or can become) a writable folder before any work; creates it.
 
-    Raises ``UserError`` naming the path when it is a file, lies under a file, or cannot be written.
+    Raises ``UserError`` naming the path when it is a file, lies under a file, or cannot be written
+    (``vqgen.core.files.ensure_folder``).
     """
-    path = Path(path)
-    for parent in (path, *path.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                where = "is a file" if parent == path else f"lies under {parent}, which is a file"
-                raise UserError(f"{what} {path} {where}; give a folder")
-            break
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".vqgen-write-test-"):
-            pass
-    except OSError as err:
-        raise UserError(f"{what} {path} is not writable ({err.strerror or err}); choose another folder") from None
-    return path
+    return ensure_folder(path, what)
 
 
 def make_accelerator(train: TrainConfig, output_dir: str | Path, project_name: str, **accelerator_kwargs):

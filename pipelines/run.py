@@ -30,12 +30,22 @@ from pathlib import Path
 from typing import Sequence
 
 from vqgen.core.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, save_config, to_dict
+from vqgen.core.files import (
+    check_inside,
+    check_removable_entry,
+    check_run_name,
+    check_writable_as,
+    owns_folder,
+    remove_owned,
+)
 from vqgen.core.io import load_json
 from vqgen.core.provenance import machine_summary, provenance
 
 from vqgen.pipelines.common import add_debug_flag, check_output_dir, entry_point
+from vqgen.pipelines.completion import OUTPUTS, outputs_complete, produced_nothing, record_outputs
 from vqgen.pipelines.encode import encode
 from vqgen.pipelines.evaluate import EvalConfig, compare_runs, evaluate_run
+from vqgen.pipelines.manifest import partial_path, samples_complete
 from vqgen.pipelines.sample import sample
 from vqgen.pipelines.stages import (
     STAGE_RECORD,
@@ -45,7 +55,6 @@ from vqgen.pipelines.stages import (
     make_record,
     read_record,
     record_changes,
-    remove_path,
     with_provenance,
     write_record,
 )
@@ -198,7 +207,10 @@ def _stage_config(cfg, stage: str):
 
 
 def _existing_record(run: Path, stage: str) -> dict | None:
-    """The record a stage folder holds, or one rebuilt from its files when it was written before records."""
+    """The record a stage folder holds, or one rebuilt from its files when it was written before records (None for
+    a trainer's folder in which nothing was produced: its record describes no results)."""
+    if stage in ("tokenizer", "prior") and produced_nothing(run / STAGE_OUTPUTS[stage][0]):
+        return None
     record = read_record(stage_record_path(run, stage))
     if record is None and stage != "evaluate":
         record = legacy_record(stage, run / STAGE_OUTPUTS[stage][0])
@@ -256,15 +268,28 @@ def check_stage_inputs(cfg, run: Path, stage: str) -> dict:
     return new
 
 
-def force_stages(run: Path, force: Sequence[str]) -> int:
-    """Delete the outputs of the earliest forced stage and of every stage after it; returns its index."""
+def forced_outputs(run: Path, force: Sequence[str]) -> list[str]:
+    """The entries of the run folder that ``--force`` deletes (the earliest forced stage's and every later one's),
+    each checked first (``vqgen.core.files.check_removable_entry``: only what vqgen wrote for this run)."""
     first = min((STAGES.index(s) for s in force), default=len(STAGES))
-    for stage in STAGES[first:]:
-        removed = [name for name in STAGE_OUTPUTS[stage] if (run / name).exists()]
-        for name in removed:
-            remove_path(run / name)
-        if removed:
-            print(f"[run] --force {STAGES[first]}: removed {stage} ({', '.join(removed)})")
+    names = [name for stage in STAGES[first:] for name in STAGE_OUTPUTS[stage]]
+    if "sample" in STAGES[first:]:
+        names.append(partial_path(run / "samples").name)  # an interrupted sampling
+    names = [n for n in names if (run / n).exists() or (run / n).is_symlink()]
+    for name in names:
+        check_removable_entry(run, name)
+    return names
+
+
+def force_stages(run: Path, force: Sequence[str]) -> int:
+    """Delete the outputs of the earliest forced stage and of every stage after it; returns its index.
+
+    Every entry is checked before the first one is deleted; nothing but what vqgen wrote for this run is.
+    """
+    first = min((STAGES.index(s) for s in force), default=len(STAGES))
+    removed = remove_owned(run, forced_outputs(run, force))
+    if removed:
+        print(f"[run] --force {STAGES[first]}: removed {', '.join(removed)}")
     return first
 
 
@@ -274,6 +299,7 @@ def write_stage_record(cfg, run: Path, stage: str, record: dict, ran: bool) -> N
     the provenance it was made with (a folder from before provenance was recorded gets none)."""
     path = stage_record_path(run, stage)
     if ran and stage in ("tokenizer", "prior"):
+        record_outputs(path, path.parent, OUTPUTS[stage])  # the trainer wrote its record; it is complete now
         return
     new = record if stage in ("tokenizer", "prior") else expected_record(cfg, run, stage)
     if ran:
@@ -281,9 +307,23 @@ def write_stage_record(cfg, run: Path, stage: str, record: dict, ran: bool) -> N
     else:
         old = read_record(path) or {}
         new = {**new, **{k: old[k] for k in ("provenance", "provenance_history") if k in old}}
+    if stage in OUTPUTS:  # written last: the stage is complete (pipelines.completion)
+        new["outputs"] = {name: (path.parent / name).stat().st_size for name in OUTPUTS[stage]}
     write_record(path, new)
 
 
+def _stage_complete(run: Path, stage: str, steps: int | None = None) -> bool:
+    """Every output of ``stage`` exists and its record, written last, lists them (``pipelines.completion``)."""
+    if stage == "sample":
+        return samples_complete(run / "samples")
+    folder = run if stage == "evaluate" else run / STAGE_OUTPUTS[stage][0]
+    last = "summary.json" if stage in ("tokenizer", "prior") else None
+    if not outputs_complete(stage_record_path(run, stage), folder, OUTPUTS[stage], last):
+        return False
+    return steps is None or _complete(folder / "summary.json", steps)
+
+
+@owns_folder(lambda cfg, *args, **kwargs: cfg.output_dir, "run", what="output_dir")
 def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
     """Run the configured stages into ``cfg.output_dir``; returns the evaluation report (or {}).
 
@@ -306,7 +346,7 @@ def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
         record = check_stage_inputs(cfg, run, stage)
         ran = True  # whether this stage computed its output now (else it is reused, with its provenance)
         if stage == "tokenizer":
-            if _complete(run / "tokenizer" / "summary.json", cfg.tokenizer.train.steps):
+            if _stage_complete(run, "tokenizer", cfg.tokenizer.train.steps):
                 print("[run] tokenizer: complete, skipped")
                 ran = False
             else:
@@ -319,26 +359,27 @@ def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
             encode(run / "tokenizer", run / "tokens", cfg.encode.splits, batch_size=cfg.encode.batch_size)
             ran = file_inputs({"meta": meta}) != before
         elif stage == "prior":
-            if _complete(run / "prior" / "summary.json", cfg.prior.train.steps):
+            if _stage_complete(run, "prior", cfg.prior.train.steps):
                 print("[run] prior: complete, skipped")
                 ran = False
             else:
                 print("[run] prior: training")
                 train_prior(cfg.prior)
         elif stage == "sample":
-            if (run / "samples" / "meta.json").is_file():
+            if _stage_complete(run, "sample"):
                 print("[run] sample: complete, skipped")
                 ran = False
             else:
                 print("[run] sample")
                 sample(run / "prior" / "model", run / "samples", cfg.sample, tokenizer_dir=run / "tokenizer" / "model")
         elif stage == "evaluate":
-            if (run / "report.json").is_file():
+            if _stage_complete(run, "evaluate"):
                 print("[run] evaluate: complete, skipped")
                 report = json.loads((run / "report.json").read_text())
                 ran = False
             else:
                 print("[run] evaluate")
+                stage_record_path(run, stage).unlink(missing_ok=True)  # written again, last, after the report
                 report = evaluate_run(run, cfg.evaluate)
         write_stage_record(cfg, run, stage, record, ran)
         seconds[stage] = time.perf_counter() - started
@@ -441,9 +482,9 @@ def expand_sweep(path: str | Path, cli_overrides: Sequence[str] = ()) -> tuple[l
         overrides = common + _override_list(entry.get("overrides"), f"{at}: 'overrides'")
         name, run_dir = entry.get("name"), _peek(config, overrides, "output_dir", at)
         if name is not None:
-            if not isinstance(name, str) or not name or "/" in name or "\\" in name:
-                raise ConfigError(f"{at}: 'name' must be a run name (a folder name, no '/'), got {name!r}")
+            check_run_name(name, at)
             run_dir = str(Path(run_dir).parent / name)
+            check_inside(run_dir, Path(run_dir).parent, f"{at}: the run folder")
         else:
             name = _peek(config, overrides, "name", at)
         for seed in seeds or [None]:
@@ -527,9 +568,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         compare_dir = sweep_compare_dir or compare_dir
     reject_shared_folders(runs)
     configs = [run.load() for run in runs]
-    for cfg in configs:  # every experiment's folders before the first one starts
+    for cfg in configs:  # every experiment's folders before the first one starts (and before anything is deleted)
+        check_writable_as(cfg.output_dir, "run", "output_dir")
         run_dir = check_output_dir(cfg.output_dir, "output_dir")
         check_stage_configs(cfg, run_dir, min((STAGES.index(s) for s in force), default=len(STAGES)))
+        forced_outputs(run_dir, force)
     reports = []
     for cfg in configs:
         report = run_experiment(cfg, force)

@@ -23,9 +23,6 @@ inference stages included (batched float arithmetic is not guaranteed to round t
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -199,13 +196,3 @@ def check_record(record_path: Path, new: dict, cls: type | None, what: str, ways
 def file_inputs(files: dict[str, Path]) -> dict[str, str]:
     """name -> sha256 of each file that exists."""
     return {name: file_fingerprint(path) for name, path in files.items() if Path(path).is_file()}
-
-
-def remove_path(path: Path) -> None:
-    """Delete a file or folder; a folder is first renamed aside, so a kill never leaves it half deleted."""
-    if path.is_dir():
-        trash = path.with_name(f".{path.name}.removed-{uuid.uuid4().hex[:8]}")
-        os.replace(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

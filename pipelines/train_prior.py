@@ -51,6 +51,8 @@ from vqgen.prior.data import TokenDataError, TokenDataset, read_token_meta, toke
 from vqgen.prior.model import Prior
 from vqgen.prior.vocab import TokenVocab
 from vqgen.core import training
+from vqgen.core.progress import report_step
+from vqgen.core.files import owns_folder
 from vqgen.tokenizer.data import make_dataloader
 
 
@@ -150,6 +152,7 @@ def prior_stage_record(cfg: PriorRunConfig, meta: dict | None = None) -> dict:
     return make_record("prior", cfg, {"tokenizer": meta["tokenizer"]["fingerprint"], **inputs})
 
 
+@owns_folder(lambda cfg, *args, **kwargs: cfg.output_dir, "prior")
 def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
     """Train (or resume) one prior run into ``cfg.output_dir``; returns the summary dict.
 
@@ -234,6 +237,7 @@ def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        report_step(step, "prior")
         t_train += time.perf_counter() - t0
         progress.update(1)
 

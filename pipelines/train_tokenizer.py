@@ -56,6 +56,8 @@ from vqgen.pipelines.common import (
 )
 from vqgen.pipelines.stages import STAGE_RECORD, check_record, make_record
 from vqgen.core import training
+from vqgen.core.progress import report_step
+from vqgen.core.files import owns_folder
 from vqgen.tokenizer.data import DataConfig, build_dataset, make_dataloader
 from vqgen.tokenizer.discriminator import build_discriminator
 from vqgen.tokenizer.losses import LossConfig, TokenizerLoss
@@ -228,6 +230,7 @@ def fake_logits(disc, recon: torch.Tensor) -> torch.Tensor:
     return torch.func.functional_call(net, params, (recon,))
 
 
+@owns_folder(lambda cfg, *args, **kwargs: cfg.output_dir, "tokenizer")
 def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> dict:
     """Train (or resume) one tokenizer run into ``cfg.output_dir``; returns the summary dict.
 
@@ -349,6 +352,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
         if phase == "quantize":
             raw.quantizer.step_schedule()  # temperature schedules count optimizer steps (device op, no sync)
         step += 1
+        report_step(step, "tokenizer")
         loss_sum += gen.loss.detach()
         t_train += time.perf_counter() - t0
         progress.update(1)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import CorruptFileError, MissingFileError
+from .files import disk_full_guard
 
 
 @contextlib.contextmanager
@@ -21,13 +22,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success rename it onto ``path``.
 
     Works for files and directories. If the body raises, the temporary is removed and ``path`` is left
-    untouched, so readers only ever see a complete file (rename is atomic on one file system).
+    untouched, so readers only ever see a complete file (rename is atomic on one file system). A write that fails
+    for lack of space raises ``DiskFullError`` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with disk_full_guard(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        yield tmp
+        with disk_full_guard(path):
+            yield tmp
         if path.is_dir() and tmp.is_dir():
             # A directory cannot be renamed over a non-empty one: move the old one aside first.
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
