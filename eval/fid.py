@@ -33,6 +33,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from vqgen.core.io import atomic_path, file_fingerprint
 
+from .caches import reference_problem, warn_rebuild
 from .contrastive import CONTRASTIVE_EXTRACTOR_NAME, ContrastiveConfig, offline_contrastive
 from .features import CLASSIFIER_EXTRACTOR_NAME, ClassifierConfig, cache_root, offline_classifier
 from .prdc import prdc
@@ -302,8 +303,11 @@ def cached_reference(key: str, compute: Callable[[], dict[str, torch.Tensor]],
     """
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "reference"
     path = root / f"{key}.safetensors"
-    if path.is_file():
-        return load_file(str(path)), True
+    if path.is_file():  # read as untrusted data: damaged features are computed again
+        problem = reference_problem(path)
+        if problem is None:
+            return load_file(str(path)), True
+        warn_rebuild(path, problem)
     tensors = {k: v.contiguous() for k, v in compute().items()}
     stats = fid_statistics(tensors["features"])
     stored = {**tensors, "mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(np.asarray(stats["sigma"]))}

@@ -23,7 +23,13 @@ from vqgen.pipelines.stages import STAGE_RECORD, code_change, read_record, with_
 from vqgen.core.config import load_config, save_config
 from vqgen.core.errors import CorruptFileError, UserError
 from vqgen.core import progress
-from vqgen.core.files import ensure_folder, is_main_launch_process, os_failure_message
+from vqgen.core.files import (
+    disk_full_guard,
+    ensure_folder,
+    is_main_launch_process,
+    os_failure_message,
+    removed_on_failure,
+)
 from vqgen.core.io import atomic_path, check_safetensors, load_json, save_json
 from vqgen.core.training import NonFiniteLossError  # noqa: F401  (raised here, defined with the training skeleton)
 
@@ -58,7 +64,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
-        if self.lr <= 0:
+        if not 0 < self.lr < math.inf:  # also NaN
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
@@ -113,6 +119,7 @@ def entry_point(body: Callable | None = None, *, known: tuple[type[BaseException
         def main(argv: Sequence[str] | None = None):
             args = list(sys.argv[1:] if argv is None else argv)
             debug = "--debug" in args or os.environ.get("VQGEN_DEBUG", "") not in ("", "0")
+            progress.clear()  # an earlier command in this process reports nothing for this one
             try:
                 return fn(args)
             except (UserError, *known) as err:
@@ -228,7 +235,7 @@ class MetricsLogger:
     def log(self, values: dict, step: int) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
+            with disk_full_guard(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         self.accelerator.log(scalars, step=step)
@@ -281,7 +288,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.parent.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        with disk_full_guard(tmp), removed_on_failure(tmp, accelerator.is_main_process):  # nothing half-written
+            accelerator.save_state(str(tmp))
         # every process writes its own RNG state into tmp: the rename waits for the slowest one
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:

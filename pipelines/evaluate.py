@@ -68,7 +68,7 @@ from vqgen.core.config import from_dict, load_config, read_yaml
 from vqgen.core.errors import UserError
 from vqgen.core.provenance import provenance
 from vqgen.core.files import owns_folder
-from vqgen.core.io import file_fingerprint, load_safetensors
+from vqgen.core.io import file_fingerprint, load_json, load_safetensors
 from vqgen.tokenizer.data import SPLITS, DataConfig, build_dataset, make_dataloader
 from vqgen.tokenizer.model import VQVAE, tokenizer_fingerprint
 
@@ -435,7 +435,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, cfg: EvalC
         while name in reports:  # two runs with the same folder name: keep both
             name += "'"
         existing = run / "report.json"
-        reports[name] = json.loads(existing.read_text()) if reuse and existing.is_file() else evaluate_run(run, cfg)
+        reports[name] = load_json(existing) if reuse and existing.is_file() else evaluate_run(run, cfg)
         curves[name] = read_jsonl(run / "tokenizer" / "metrics.jsonl")
     figures = {}
     overlay = plot_comparison(curves, out / "comparison_files" / "curves.png")

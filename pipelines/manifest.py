@@ -190,7 +190,8 @@ def verify_samples(folder: str | os.PathLike, tokenizer_fingerprint: str, prior_
                    image_size: int | None = None) -> dict | None:
     """Check that ``folder`` holds exactly what the sampler wrote, for this run; returns what it records.
 
-    Returns None when there are no samples (no folder and no interrupted one). Otherwise returns
+    Returns None when there are no samples (no folder, or one without files, and no interrupted sampling).
+    Otherwise returns
     ``{"sampling", "count", "verified"}`` (``verified``: "sha256" with a manifest, "legacy" for an older folder)
     or raises ``SamplesError`` naming the cause.
     """
@@ -208,6 +209,8 @@ def verify_samples(folder: str | os.PathLike, tokenizer_fingerprint: str, prior_
     if marker is not None and marker["kind"] != "samples":
         raise SamplesError(f"{folder} is a vqgen {marker['kind']} folder, not samples")
     manifest = _read_manifest(folder)
+    if manifest is None and not _listed(folder):  # a folder without a single file holds no samples
+        return None
     if manifest is None:
         return _verify_legacy(folder, tokenizer_fingerprint, prior_fingerprint, image_size)
     listed, present = manifest["files"], set(_listed(folder))

@@ -151,7 +151,10 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()):
     for item in overrides:
         update = parse_overrides([item])
         data = _apply_seed(merge(data, update)) if "seed" in update else merge(data, update)
-    run = Path(data.get("output_dir", cls.output_dir))
+    run = data.get("output_dir", cls.output_dir)
+    if not isinstance(run, str) or not run:
+        raise ConfigError(f"config key 'output_dir' expects a folder path, got {run!r}" + (f" (in {path})" if path else ""))
+    run = Path(run)
     for section, keys in wired_paths(run).items():
         given = data.get(section) or {}
         for key in keys:
@@ -375,7 +378,7 @@ def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
         elif stage == "evaluate":
             if _stage_complete(run, "evaluate"):
                 print("[run] evaluate: complete, skipped")
-                report = json.loads((run / "report.json").read_text())
+                report = load_json(run / "report.json")
                 ran = False
             else:
                 print("[run] evaluate")
@@ -573,6 +576,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         run_dir = check_output_dir(cfg.output_dir, "output_dir")
         check_stage_configs(cfg, run_dir, min((STAGES.index(s) for s in force), default=len(STAGES)))
         forced_outputs(run_dir, force)
+    compare_out = Path(args.compare_dir or compare_dir or "runs/comparison")
+    if len(configs) > 1:
+        check_writable_as(compare_out, "report", "the comparison folder")
     reports = []
     for cfg in configs:
         report = run_experiment(cfg, force)
@@ -585,9 +591,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         if report:
             print(f"  {headline(report)}")
     if len(configs) > 1:
-        out = Path(args.compare_dir or compare_dir or "runs/comparison")
-        compare_runs([c.output_dir for c in configs], out)
-        print(f"\ncomparison: {out}")
+        compare_runs([c.output_dir for c in configs], compare_out)
+        print(f"\ncomparison: {compare_out}")
     return reports
 
 

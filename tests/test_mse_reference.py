@@ -1,9 +1,10 @@
-"""MSE-only training is bit-identical to the code before losses moved out of the model (issue 11).
+"""MSE-only training gives the losses of the code before losses moved out of the model (issue 11).
 
 The reference numbers below were printed by ``pipelines.train_tokenizer`` at commit 7e04131 (before
-``tokenizer/losses.py`` existed): tiny config, 4 steps, ``train.deterministic=true``, one CPU thread (the
-last bit of a float sum depends on the thread count, so the test pins it). Every logged ``loss`` and
-``recon_mse`` must come out exactly equal.
+``tokenizer/losses.py`` existed): tiny config, 4 steps, ``train.deterministic=true``, one CPU thread. Every logged
+``loss`` and ``recon_mse`` must agree within a relative tolerance of ``REL`` (1e-5): float32 sums are rounded
+differently by CPUs with other vector widths (AVX-512, AVX2, none: ``ATEN_CPU_CAPABILITY``), which moves the last
+bits (7.6e-8 relative on the Gumbel arm on an Intel Xeon with AVX-512), while a changed loss moves the first ones.
 
 The kinds added later (``fsq``, ``lfq``, ``simvq``, the rotation trick) have no numbers from 7e04131; theirs were
 printed the same way by ``main`` at 0303f0b (after the quantizers merge, still with the loss inside the model),
@@ -90,6 +91,9 @@ REFERENCE = {
 }
 
 
+REL = 1e-5  # float32 rounding across CPUs, far below what a change of the loss moves
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
@@ -105,5 +109,5 @@ def test_mse_only_losses_unchanged(tmp_path, one_thread, arm):
                                                    *overrides])
     train_tokenizer(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in rows] == REFERENCE[arm]["loss"]
-    assert [r["recon_mse"] for r in rows] == REFERENCE[arm]["recon_mse"]
+    assert [r["loss"] for r in rows] == pytest.approx(REFERENCE[arm]["loss"], rel=REL, abs=0)
+    assert [r["recon_mse"] for r in rows] == pytest.approx(REFERENCE[arm]["recon_mse"], rel=REL, abs=0)

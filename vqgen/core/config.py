@@ -72,9 +72,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             # YAML 1.1 reads "1e-4" (no dot) as a string; accept any numeric spelling
             try:
-                return check_float(float(value), key)
+                number = float(value)
             except ValueError:
-                pass
+                number = None
+            if number is not None:
+                return check_float(number, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
         try:

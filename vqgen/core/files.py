@@ -130,16 +130,20 @@ def check_path(path: str | os.PathLike, what: str) -> Path:
 
 
 def check_run_name(name: Any, where: str) -> str:
-    """A run name from a sweep: a plain folder name (no separators, not ``.``/``..``, not hidden, short)."""
+    """A run name from a sweep: a plain folder name (no separators, not ``.``/``..``, not hidden, short).
+
+    Raises ``ConfigError`` naming ``where``.
+    """
+    from .config import ConfigError  # config -> io -> files: imported here
+
     if not isinstance(name, str) or not name.strip():
-        raise UnsafeFolderError(f"{where}: 'name' must be a run name (a plain folder name), got {name!r}")
+        raise ConfigError(f"{where}: 'name' must be a run name (a plain folder name), got {name!r}")
     bad = [c for c in ("/", "\\", "\x00") if c in name] + ([os.sep] if os.sep in name else [])
     if bad or name in (".", "..") or name.startswith(".") or name != name.strip():
-        raise UnsafeFolderError(f"{where}: 'name' must be a plain folder name (no '/', '\\', leading '.', or "
-                                f"'..'), got {name!r}")
+        raise ConfigError(f"{where}: 'name' must be a plain folder name (no '/', '\\', leading '.', or '..'), got "
+                          f"{name!r}")
     if len(name.encode()) > NAME_MAX - 16:  # room for a seed suffix
-        raise UnsafeFolderError(f"{where}: 'name' is {len(name.encode())} bytes long; keep it under "
-                                f"{NAME_MAX - 16}")
+        raise ConfigError(f"{where}: 'name' is {len(name.encode())} bytes long; keep it under {NAME_MAX - 16}")
     return name
 
 
@@ -279,10 +283,11 @@ def _signature(folder: Path, kind: str) -> bool:
     stage = {"tokens": "encode", "samples": "sample"}.get(kind, kind)
     if isinstance(record, dict) and record.get("stage") == stage and isinstance(record.get("config"), dict):
         return True
-    if kind in ("tokenizer", "prior"):
+    if kind in ("tokenizer", "prior"):  # the trainer's resolved config, or a saved model beside a config
         config = _yaml(folder / "config.yaml")
-        key = "data" if kind == "tokenizer" else "tokens"
-        return isinstance(config, dict) and {"model", "train", key} <= set(config)
+        key, saved = ("data", "config.json") if kind == "tokenizer" else ("tokens", "vqgen_prior.json")
+        return isinstance(config, dict) and key in config and (
+            {"model", "train"} <= set(config) or (folder / "model" / saved).is_file())
     if kind == "tokens":
         meta = _json(folder / "meta.json")
         return isinstance(meta, dict) and isinstance(meta.get("splits"), dict) and isinstance(meta.get("tokenizer"),
@@ -477,10 +482,14 @@ def folder_lock(folder: str | os.PathLike, sibling: bool = False) -> Iterator[No
 
 
 def _clean_temporaries(folder: Path) -> None:
-    """Remove what interrupted writes left in ``folder`` and below (the caller holds the folder's lock)."""
+    """Remove what interrupted writes left in ``folder`` and below (the caller holds the folder's lock).
+
+    Locks stay, and so does an interrupted sampling (``.NAME.partial``): ``evaluate`` names it, the next
+    ``sample`` into that folder removes it.
+    """
     for root, dirs, files in os.walk(folder):
         for name in [*files, *dirs]:
-            if TEMPORARY.match(name) and not name.endswith(".lock"):
+            if TEMPORARY.match(name) and not name.endswith((".lock", ".partial")):
                 path = Path(root) / name
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
@@ -682,6 +691,21 @@ def disk_full_guard(path: str | os.PathLike) -> Iterator[None]:
     except Exception as err:
         if is_disk_full(err, path):
             raise DiskFullError(path) from None
+        raise
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
+    """Delete the temporary file or folder ``path`` when the block fails or is interrupted, then re-raise."""
+    try:
+        yield
+    except BaseException:
+        if enabled:
+            target = Path(path)
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
         raise
 
 
