@@ -256,6 +256,7 @@ def test_an_interrupted_sampling_keeps_the_previous_samples(fresh, capsys, monke
     assert snapshot(fresh / "samples") == before
     with pytest.raises(SamplesError, match="interrupted"):
         verify_samples(fresh / "samples", tokenizer_fingerprint(fresh / "tokenizer" / "model"))
+    assert ".samples.partial" in run.forced_outputs(fresh, ["sample"])  # --force sample may remove it
     sample.main(argv)
     assert not partial_path(fresh / "samples").exists()
     manifest = json.loads((fresh / "samples" / MANIFEST).read_text())

@@ -158,8 +158,8 @@ def check_inside(child: str | os.PathLike, parent: str | os.PathLike, what: str)
 def protected_reason(path: str | os.PathLike) -> str | None:
     """Why vqgen never writes results into ``path`` (links resolved), or None.
 
-    ``/``, the home folder and every folder above it, a source checkout (a folder holding ``.git``), and the
-    checkout vqgen itself runs from with every folder above it.
+    ``/``, the home folder and every folder above it, a source checkout (a folder holding ``.git``) or a folder
+    inside a ``.git`` folder, and the checkout vqgen itself runs from with every folder above it.
     """
     real = Path(os.path.realpath(path))
     if real == Path(real.anchor):
@@ -169,6 +169,8 @@ def protected_reason(path: str | os.PathLike) -> str | None:
         return "your home folder" if real == home else "a folder above your home folder"
     if (real / ".git").exists():
         return "a source checkout (it holds .git)"
+    if ".git" in real.parts:
+        return "inside a git repository's .git folder"
     checkout = Path(__file__).resolve().parents[2]
     if (checkout / "pyproject.toml").is_file() and (real == checkout or real in checkout.parents):
         return "vqgen's own source checkout" if real == checkout else "a folder above vqgen's source checkout"
@@ -605,8 +607,9 @@ def remove_tree(path: Path) -> None:
 def check_removable_entry(run: Path, name: str) -> None:
     """Refuse unless the entry ``name`` of the run folder ``run`` may be deleted by ``--force``."""
     path = run / name
-    kind = RUN_STAGE_FOLDERS.get(name)
-    if kind is not None:
+    kind = RUN_STAGE_FOLDERS.get(name) or RUN_STAGE_FOLDERS.get(name[1:-len(".partial")] if name.endswith(".partial")
+                                                                 and name.startswith(".") else "")
+    if kind is not None:  # a stage folder, or the samples of an interrupted sampling
         check_removable(path, kind, run)
     elif path.is_symlink() or not (path.is_file() or path.is_dir()):
         raise UnsafeFolderError(f"{path} is a symbolic link or a special file; vqgen leaves it alone: remove it "
