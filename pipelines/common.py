@@ -23,13 +23,9 @@ from vqgen.pipelines.stages import STAGE_RECORD, code_change, read_record, with_
 from vqgen.core.config import load_config, save_config
 from vqgen.core.errors import CorruptFileError, UserError
 from vqgen.core import progress
-from vqgen.core.files import (
-    disk_full_guard,
-    ensure_folder,
-    is_main_launch_process,
-    os_failure_message,
-    removed_on_failure,
-)
+from vqgen.core.diskspace import disk_full_guard, os_failure_message, removed_on_failure
+from vqgen.core.files import ensure_folder
+from vqgen.core.locks import is_main_launch_process
 from vqgen.core.io import atomic_path, check_safetensors, load_json, save_json
 from vqgen.core.training import NonFiniteLossError  # noqa: F401  (raised here, defined with the training skeleton)
 

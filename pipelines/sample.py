@@ -37,7 +37,8 @@ from vqgen.prior.sampling import SamplingConfig, SamplingError, sample_labels, s
 from vqgen.core.config import from_dict
 from vqgen.tokenizer.data import denormalize, save_image_grid
 from vqgen.core.errors import MissingFileError
-from vqgen.core.files import disk_full_guard, owns_folder
+from vqgen.core.diskspace import disk_full_guard
+from vqgen.core.files import owns_folder
 from vqgen.core.provenance import provenance
 from vqgen.core.io import atomic_path, file_fingerprint, save_json
 from vqgen.tokenizer.model import VQVAE

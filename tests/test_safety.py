@@ -30,16 +30,9 @@ from safetensors.torch import load_file, save_file
 
 from vqgen.core.config import ConfigError, read_yaml
 from vqgen.core.errors import UserError
-from vqgen.core.files import (
-    MARKER,
-    TEMPORARY,
-    DiskFullError,
-    UnsafeFolderError,
-    check_writable_as,
-    disk_full_guard,
-    folder_lock,
-    read_marker,
-)
+from vqgen.core.diskspace import DiskFullError, disk_full_guard
+from vqgen.core.files import MARKER, TEMPORARY, UnsafeFolderError, check_writable_as, read_marker
+from vqgen.core.locks import folder_lock
 from vqgen.pipelines import evaluate, run, sample, train_tokenizer
 from vqgen.pipelines.manifest import MANIFEST, SamplesError, partial_path, verify_samples
 from vqgen.tokenizer.model import tokenizer_fingerprint
@@ -519,7 +512,7 @@ def test_sampler_settings_are_in_the_comparison_table(tmp_path):
 
 # ---------------------------------------------------------------------------------------- one writer, locks
 
-HOLD = ("import sys, time\nfrom vqgen.core.files import folder_lock\nwith folder_lock(sys.argv[1]):\n"
+HOLD = ("import sys, time\nfrom vqgen.core.locks import folder_lock\nwith folder_lock(sys.argv[1]):\n"
         "    print('held', flush=True)\n    time.sleep(120)\n")
 
 
@@ -600,7 +593,7 @@ def test_full_disk_errors_are_one_line_naming_the_file(tiny_run, tmp_path, capsy
         with disk_full_guard(tmp_path / "state.pt"):
             raise torch_failure
     with monkeypatch.context() as patch:
-        patch.setattr("vqgen.core.files._nearly_full", lambda path: True)
+        patch.setattr("vqgen.core.diskspace._nearly_full", lambda path: True)
         with pytest.raises(DiskFullError, match="state.pt"):
             with disk_full_guard(tmp_path / "state.pt"):
                 raise torch_failure

@@ -20,31 +20,25 @@ marked with the expected kind and the run's id (or recognised as above), holding
 links anywhere below. Anything else is refused with one line naming what is in the way: a user's files are
 never removed.
 
-**One writer** (:func:`folder_lock`): an exclusive ``fcntl.flock`` on ``.vqgen.lock`` inside the folder (on
+**One writer** (``vqgen.core.locks.folder_lock``): an exclusive ``fcntl.flock`` on ``.vqgen.lock`` inside the folder (on
 ``.<name>.lock`` beside a folder that is replaced as a whole), held for the whole command and released by the
 operating system when the process ends, however it ends. A folder inside a marked run folder also takes the
 run folder's lock, so a stage command and ``vqgen run`` on the same run exclude each other. Under
 ``accelerate launch`` only the process of global rank 0 takes locks and writes markers. Locks are re-entrant
 within one process (``vqgen run`` calls the stage functions in-process).
 
-**Full disks and odd paths**: :func:`disk_full_guard` turns a write that fails for lack of space (whatever the
-library's error looks like) into one ``DiskFullError`` naming the path; :func:`os_failure_message` gives the
-one-line message for such failures met elsewhere.
+Full disks and over-long paths are ``vqgen.core.diskspace``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import functools
 import json
 import os
 import re
 import shutil
-import socket
 import stat
-import sys
 import tempfile
 import time
 import uuid
@@ -52,11 +46,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import progress
+from .diskspace import DiskFullError, is_disk_full
 from .errors import UserError
+from .locks import LOCK, folder_lock, is_main_launch_process
 
 MARKER = "vqgen_folder.json"
 MARKER_FORMAT = 1
-LOCK = ".vqgen.lock"
 KINDS = ("run", "tokenizer", "tokens", "prior", "samples", "report", "cache")
 NAME_MAX = 255  # bytes in one path component on common file systems
 PATH_MAX = 4096
@@ -97,19 +92,6 @@ RUN_STAGE_FOLDERS = {"tokenizer": "tokenizer", "tokens": "tokens", "prior": "pri
 class UnsafeFolderError(UserError):
     """vqgen refuses to write into or delete a folder it did not make; the message names what is in the way."""
 
-
-class FolderBusyError(UserError):
-    """Another process holds the folder's lock; the message names its PID."""
-
-
-class DiskFullError(UserError, OSError):
-    """A write failed because the disk (or the user's quota) is full; the message names the path."""
-
-    def __init__(self, path: str | os.PathLike | None):
-        self.path = path
-        where = f"writing {path}" if path else "writing a file"
-        super().__init__(f"no space left on the device while {where}; free some space (or choose a folder on "
-                         "another disk) and rerun the same command")
 
 
 # ------------------------------------------------------------------------------------------------ names, paths
@@ -396,92 +378,6 @@ def ensure_folder(path: str | os.PathLike, what: str = "--output-dir") -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------------------ locks
-
-_HELD: dict[str, list] = {}  # real path of a lock file -> [fd, depth]
-
-
-def is_main_launch_process() -> bool:
-    """True except in the processes of rank > 0 of an ``accelerate launch`` / ``torchrun`` group."""
-    try:
-        return int(os.environ.get("RANK", "0")) == 0
-    except ValueError:
-        return True
-
-
-def _holder(fd: int) -> str:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        data = json.loads(os.read(fd, 4096).decode() or "{}")
-        pid = int(data["pid"])
-        host = str(data.get("host", ""))[:64]
-        return f"PID {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return "PID unknown"
-
-
-@contextlib.contextmanager
-def _flock(lock_path: Path, folder: Path) -> Iterator[None]:
-    key = os.path.realpath(lock_path)
-    if key in _HELD:  # this process holds it already (vqgen run calls the stage functions in-process)
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
-        return
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise UnsafeFolderError(f"{lock_path} is a symbolic link; remove it (vqgen's lock file is a plain "
-                                    "file)") from None
-        if is_disk_full(err):
-            raise DiskFullError(lock_path) from None
-        raise UserError(f"{folder} is not writable ({err.strerror or err}); choose another folder") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UnsafeFolderError(f"{lock_path} is not a regular file; remove it")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FolderBusyError(f"{folder} is in use by another vqgen process ({_holder(fd)}); wait for it to end "
-                                  "or stop it, then rerun (one writer per folder)") from None
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                 "command": " ".join(sys.argv)[:500]}).encode())
-    except BaseException:
-        os.close(fd)
-        raise
-    _HELD[key] = [fd, 1]
-    try:
-        yield
-    finally:
-        del _HELD[key]
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-@contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, sibling: bool = False) -> Iterator[None]:
-    """Hold the exclusive lock of ``folder`` (which must exist, or with ``sibling`` its parent) for the block.
-
-    ``sibling``: the lock file is ``.<name>.lock`` beside the folder (for a folder replaced as a whole). A folder
-    inside a marked run folder also takes the run folder's lock. Processes of rank > 0 take no lock.
-    Raises ``FolderBusyError`` at once (naming the holder's PID) when another process holds it.
-    """
-    folder = Path(folder)
-    if not is_main_launch_process():
-        yield
-        return
-    with contextlib.ExitStack() as stack:
-        lock_path = folder.parent / f".{folder.name}.lock" if sibling else folder / LOCK
-        stack.enter_context(_flock(lock_path, folder))
-        if parent_run(folder) is not None:
-            stack.enter_context(_flock(folder.parent / LOCK, folder.parent))
-        yield
-
 
 def _clean_temporaries(folder: Path) -> None:
     """Remove what interrupted writes left in ``folder`` and below (the caller holds the folder's lock).
@@ -516,7 +412,7 @@ def hold_folder(folder: str | os.PathLike, kind: str, what: str = "--output-dir"
         ensure_folder(folder.parent, what)
     else:
         ensure_folder(folder, what)
-    with folder_lock(folder, sibling=replaced):
+    with folder_lock(folder, sibling=replaced, with_parent=parent_run(folder) is not None):
         if not replaced and is_main_launch_process():
             state = check_writable_as(folder, kind, what)  # again, under the lock
             if state != "marked":
@@ -637,90 +533,3 @@ def remove_owned(run: Path, names: list[str]) -> list[str]:
         else:
             path.unlink()
     return present
-
-
-# ------------------------------------------------------------------------------------------- full disks, paths
-
-_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-_DISK_FULL_TEXT = re.compile(r"No space left on device|os error 28|Disk quota exceeded|os error 122|StorageFull",
-                             re.IGNORECASE)
-# what torch.save's zip writer says when a write fails (it does not pass the OS error on)
-_FAILED_WRITE_TEXT = re.compile(r"unexpected pos|iostream error|file write failed|PytorchStreamWriter", re.IGNORECASE)
-
-
-def _chain(err: BaseException) -> Iterator[BaseException]:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def _nearly_full(path: str | os.PathLike | None) -> bool:
-    if path is None:
-        return False
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        st = os.statvfs(probe)
-    except OSError:
-        return False
-    free = st.f_bavail * st.f_frsize
-    return free < max(16 << 20, 0.001 * st.f_blocks * st.f_frsize)
-
-
-def is_disk_full(err: BaseException, path: str | os.PathLike | None = None) -> bool:
-    """Whether ``err`` (or an error it came from) means the disk or quota is full.
-
-    OS errors say so by their errno and safetensors by its text; ``torch.save`` reports only a failed write, which
-    counts when the file system of ``path`` is (nearly) full.
-    """
-    for e in _chain(err):
-        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
-            return True
-        if _DISK_FULL_TEXT.search(str(e)):
-            return True
-    return any(_FAILED_WRITE_TEXT.search(str(e)) for e in _chain(err)) and _nearly_full(path)
-
-
-@contextlib.contextmanager
-def disk_full_guard(path: str | os.PathLike) -> Iterator[None]:
-    """Turn a write into ``path`` that fails for lack of space into one ``DiskFullError`` naming ``path``."""
-    try:
-        yield
-    except DiskFullError:
-        raise
-    except Exception as err:
-        if is_disk_full(err, path):
-            raise DiskFullError(path) from None
-        raise
-
-
-@contextlib.contextmanager
-def removed_on_failure(path: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
-    """Delete the temporary file or folder ``path`` when the block fails or is interrupted, then re-raise."""
-    try:
-        yield
-    except BaseException:
-        if enabled:
-            target = Path(path)
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target, ignore_errors=True)
-            else:
-                target.unlink(missing_ok=True)
-        raise
-
-
-def os_failure_message(err: BaseException) -> str | None:
-    """One line for failures of the machine rather than the code (a full disk, a name too long), else None."""
-    if isinstance(err, DiskFullError):
-        return str(err)
-    if is_disk_full(err):
-        return str(DiskFullError(getattr(err, "filename", None)))
-    for e in _chain(err):
-        if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
-            name = str(e.filename or "")
-            shown = name if len(name) < 120 else name[:60] + "..." + name[-40:]
-            return f"a path is too long for the file system ({shown}); give a shorter path or name"
-    return None

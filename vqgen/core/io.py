@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import CorruptFileError, MissingFileError
-from .files import disk_full_guard
+from .diskspace import disk_full_guard
 
 
 @contextlib.contextmanager
