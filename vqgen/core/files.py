@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import progress
+from .config import ConfigError
 from .diskspace import DiskFullError, is_disk_full
 from .errors import UserError
 from .locks import LOCK, folder_lock, is_main_launch_process
@@ -93,7 +94,6 @@ class UnsafeFolderError(UserError):
     """vqgen refuses to write into or delete a folder it did not make; the message names what is in the way."""
 
 
-
 # ------------------------------------------------------------------------------------------------ names, paths
 
 def check_path(path: str | os.PathLike, what: str) -> Path:
@@ -116,8 +116,6 @@ def check_run_name(name: Any, where: str) -> str:
 
     Raises ``ConfigError`` naming ``where``.
     """
-    from .config import ConfigError  # config -> io -> files: imported here
-
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{where}: 'name' must be a run name (a plain folder name), got {name!r}")
     bad = [c for c in ("/", "\\", "\x00") if c in name] + ([os.sep] if os.sep in name else [])
@@ -333,7 +331,7 @@ def check_writable_as(folder: str | os.PathLike, kind: str, what: str) -> str:
     """Refuse (``UnsafeFolderError``) unless vqgen may write results of ``kind`` into ``folder``; returns its
     :func:`ownership` state. Reads only."""
     folder = check_not_file(folder, what)
-    reason = protected_reason(folder) if folder.exists() or folder.is_symlink() else None
+    reason = protected_reason(folder)
     if reason:
         raise UnsafeFolderError(f"{what} {folder} is {reason}; vqgen writes results only into a new folder or one "
                                 "it made: give another folder (e.g. runs/NAME)")
@@ -378,7 +376,6 @@ def ensure_folder(path: str | os.PathLike, what: str = "--output-dir") -> Path:
     return path
 
 
-
 def _clean_temporaries(folder: Path) -> None:
     """Remove what interrupted writes left in ``folder`` and below (the caller holds the folder's lock).
 
@@ -391,7 +388,8 @@ def _clean_temporaries(folder: Path) -> None:
                 path = Path(root) / name
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
-                    dirs.remove(name) if name in dirs else None
+                    if name in dirs:
+                        dirs.remove(name)
                 else:
                     path.unlink(missing_ok=True)
 
@@ -503,8 +501,8 @@ def remove_tree(path: Path) -> None:
 def check_removable_entry(run: Path, name: str) -> None:
     """Refuse unless the entry ``name`` of the run folder ``run`` may be deleted by ``--force``."""
     path = run / name
-    kind = RUN_STAGE_FOLDERS.get(name) or RUN_STAGE_FOLDERS.get(name[1:-len(".partial")] if name.endswith(".partial")
-                                                                 and name.startswith(".") else "")
+    stage = name[1:-len(".partial")] if name.startswith(".") and name.endswith(".partial") else name
+    kind = RUN_STAGE_FOLDERS.get(stage)
     if kind is not None:  # a stage folder, or the samples of an interrupted sampling
         check_removable(path, kind, run)
     elif path.is_symlink() or not (path.is_file() or path.is_dir()):
