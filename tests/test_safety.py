@@ -270,19 +270,26 @@ class Payload:
 
 
 def plant(path: Path, sentinel: Path, form: str) -> None:
-    """Replace ``path`` by a payload: a raw pickle, or a ``torch.save`` archive holding one."""
+    """Replace ``path`` by a payload: a raw pickle, a ``torch.save`` archive holding one, or a YAML document whose
+    Python tag would create ``sentinel``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if form == "pickle":
         path.write_bytes(pickle.dumps(Payload(sentinel)))
-    else:
+    elif form == "torch-archive":
         torch.save({"state": Payload(sentinel)}, path)
+    else:
+        path.write_text(f"!!python/object/apply:os.mkdir ['{sentinel}']\n")
 
 
-def test_the_payload_runs_when_unpickled(tmp_path):
-    """The planted files really carry code: plain unpickling runs it (so the tests below can fail)."""
+def test_the_payloads_run_when_loaded_unsafely(tmp_path):
+    """The planted files really carry code: unpickling runs it, and so does an unsafe YAML load (so the tests below
+    can fail)."""
     plant(tmp_path / "p.pkl", tmp_path / "ran", "pickle")
     pickle.loads((tmp_path / "p.pkl").read_bytes())
     assert (tmp_path / "ran").exists()
+    plant(tmp_path / "p.yaml", tmp_path / "ran too", "yaml-tag")
+    yaml.unsafe_load((tmp_path / "p.yaml").read_text())
+    assert (tmp_path / "ran too").exists()
 
 
 def _samples(run_dir: Path) -> None:
@@ -347,6 +354,16 @@ def _stage_records(run_dir: Path) -> None:
     run.check_stage_configs(cfg, run_dir)
 
 
+def _tokenizer_run_config(run_dir: Path) -> None:
+    from vqgen.pipelines.encode import tokenizer_data_config
+
+    tokenizer_data_config(run_dir / "tokenizer")
+
+
+def _experiment(run_dir: Path) -> None:
+    run.load_experiment(run_dir / "experiment.yaml")
+
+
 def _marker(run_dir: Path) -> None:
     check_writable_as(run_dir / "tokenizer", "tokenizer", "--output-dir")
 
@@ -371,6 +388,8 @@ HOSTILE_FILES = [
     ("sample meta", "samples/meta.json", _samples, None),
     ("sample manifest", "samples/manifest.json", _samples, None),
     ("stage record", "tokenizer/vqgen_stage.json", _stage_records, None),
+    ("trainer config", "tokenizer/config.yaml", _tokenizer_run_config, None),
+    ("saved experiment", "experiment.yaml", _experiment, None),
     ("folder marker", f"tokenizer/{MARKER}", _marker, None),
     ("cached classifier weights", "cache/KEY/model.safetensors", _cached_classifier, _prepare_cache),
     ("cached classifier meta", "cache/KEY/meta.json", _cached_classifier, _prepare_cache),
@@ -379,7 +398,7 @@ HOSTILE_FILES = [
 ]
 
 
-@pytest.mark.parametrize("form", ["pickle", "torch-archive"])
+@pytest.mark.parametrize("form", ["pickle", "torch-archive", "yaml-tag"])
 @pytest.mark.parametrize("kind", HOSTILE_FILES, ids=[k[0] for k in HOSTILE_FILES])
 def test_a_planted_pickle_never_runs(fresh, tmp_path, capsys, kind, form):
     name, relative, read, setup = kind
