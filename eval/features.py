@@ -42,9 +42,11 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from vqgen.core import training
 from vqgen.core.config import to_dict
-from vqgen.core.trainer import Task, TrainConfig, Trainer
+from vqgen.core.files import write_marker
 from vqgen.core.io import atomic_path, load_json, save_json
+from vqgen.core.trainer import Task, TrainConfig, Trainer
 
+from .caches import cached_model_problem, warn_rebuild
 
 __all__ = [
     "BackboneFeatureExtractor",
@@ -341,14 +343,18 @@ def cached_model(kind: str, data_cfg, config_name: str, cfg, version: int,
     key = cache_key({"data": _data_identity(data_cfg), config_name: to_dict(cfg), "version": version})
     model_dir = (Path(cache_dir) if cache_dir is not None else cache_root() / kind) / key
     weights = model_dir / "model.safetensors"
-    if weights.is_file() and (model_dir / "meta.json").is_file():
-        return weights
+    if model_dir.exists():  # a cache is read as untrusted data: a damaged entry is trained again, never loaded
+        problem = cached_model_problem(model_dir, key, cfg, FeatureClassifier)
+        if problem is None:
+            return weights
+        warn_rebuild(model_dir, problem)
     model, meta = train()
     meta["cache_key"] = key
     with atomic_path(model_dir) as tmp:
         tmp.mkdir(parents=True)
         save_file(model.state_dict(), str(tmp / "model.safetensors"))
         save_json(meta, tmp / "meta.json")
+        write_marker(tmp, "cache")
     return weights
 
 

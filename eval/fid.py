@@ -39,6 +39,7 @@ from torch_fidelity.utils import create_feature_extractor
 from vqgen.core.errors import UserError
 from vqgen.core.io import atomic_path, file_fingerprint
 
+from .caches import reference_problem, warn_rebuild
 from .contrastive import CONTRASTIVE_EXTRACTOR_NAME, ContrastiveConfig, offline_contrastive
 from .dinov2 import DINOV2_EXTRACTOR_NAME, resolve_dinov2_weights
 from .features import CLASSIFIER_EXTRACTOR_NAME, ClassifierConfig, cache_root, offline_classifier
@@ -399,9 +400,16 @@ def _reference_path(key: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def load_cached_reference(key: str, cache_dir: str | Path | None = None) -> dict[str, torch.Tensor] | None:
-    """The tensors cached under ``key`` (see :func:`cached_reference`), or None."""
+    """The tensors cached under ``key`` (see :func:`cached_reference`), or None (also for a damaged entry, which is
+    then computed again: a cache is read as untrusted data)."""
     path = _reference_path(key, cache_dir)
-    return load_file(str(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    problem = reference_problem(path)
+    if problem is None:
+        return load_file(str(path))
+    warn_rebuild(path, problem)
+    return None
 
 
 def cached_reference(key: str, compute: Callable[[], dict[str, torch.Tensor]],

@@ -325,6 +325,9 @@ COMPARISON_KEYS = (
     "codebook.spread.effective_rank_codes", "generation.fid", "generation.kid", "generation.precision",
     "generation.recall", "generation.density", "generation.coverage", "generation.mode_coverage",
     "generation.token_perplexity", "generation.token_js",
+    # how the samples were drawn: numbers from different settings are different experiments
+    "generation.sampling.num_samples", "generation.sampling.cfg_scale", "generation.sampling.temperature",
+    "generation.sampling.top_k", "generation.sampling.top_p", "generation.sampling.seed",
 )
 
 

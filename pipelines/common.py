@@ -15,7 +15,10 @@ from typing import Any, Callable, Sequence
 
 from vqgen.core.config import ConfigError, load_config
 from vqgen.core.errors import UserError, one_line, warn  # noqa: F401  (warn: re-exported for the commands)
-from vqgen.core.io import check_output_dir  # noqa: F401  (re-exported for the commands)
+from vqgen.core import progress
+from vqgen.core.diskspace import os_failure_message
+from vqgen.core.files import ensure_folder as check_output_dir  # noqa: F401  (re-exported for the commands)
+from vqgen.core.locks import is_main_launch_process
 from vqgen.core.trainer import show_progress, use_cpu_processes  # noqa: F401  (re-exported for the commands)
 
 
@@ -116,8 +119,11 @@ def entry_point(body: Callable | None = None, *, known: tuple[type[BaseException
     """Decorate a command's ``main(argv)``: known failures become one line on stderr and exit code 2.
 
     Known failures are ``UserError`` (bad config, missing or corrupt file, unusable data, a stale stage,
-    a non-finite loss, ...) and the classes in ``known``. With ``--debug`` among the arguments (or
-    ``VQGEN_DEBUG=1``) they keep their traceback; any other exception is a bug and always does.
+    a non-finite loss, a full disk, ...), the classes in ``known``, and failures of the machine met outside
+    vqgen's guarded writes (a full disk, an over-long path: ``vqgen.core.diskspace.os_failure_message``). An
+    interrupt (Ctrl-C, SIGINT) prints ``interrupted at step N ...; rerun the same command to resume`` (the step a
+    trainer reported to ``vqgen.core.progress``) and exits with code 130. With ``--debug`` among the arguments
+    (or ``VQGEN_DEBUG=1``) they keep their traceback; any other exception is a bug and always does.
     Every entry point uses this one wrapper.
     """
 
@@ -126,6 +132,7 @@ def entry_point(body: Callable | None = None, *, known: tuple[type[BaseException
         def main(argv: Sequence[str] | None = None):
             args = list(sys.argv[1:] if argv is None else argv)
             debug = "--debug" in args or os.environ.get("VQGEN_DEBUG", "") not in ("", "0")
+            progress.clear()  # an earlier command in this process reports nothing for this one
             try:
                 return fn(args)
             except (UserError, *known) as err:
@@ -133,6 +140,20 @@ def entry_point(body: Callable | None = None, *, known: tuple[type[BaseException
                     raise
                 _close_progress_bars()  # the message starts a line of its own, not after a bar's text
                 print(f"error: {one_line(err)}", file=sys.stderr)
+                raise SystemExit(2) from None
+            except KeyboardInterrupt:  # Ctrl-C / SIGINT: every write is atomic, so nothing half-written is left
+                if debug:
+                    raise
+                _close_progress_bars()
+                if is_main_launch_process():
+                    print(progress.interrupt_message(), file=sys.stderr)
+                raise SystemExit(130) from None
+            except Exception as err:  # a full disk or an over-long path, met outside vqgen's guarded writes
+                message = os_failure_message(err)
+                if message is None or debug:
+                    raise
+                _close_progress_bars()
+                print(f"error: {one_line(message)}", file=sys.stderr)
                 raise SystemExit(2) from None
 
         return main

@@ -30,6 +30,7 @@ from vqgen.prior.model import tokenizer_record
 from vqgen.core.config import ConfigError, from_dict, read_yaml, to_dict
 from vqgen.tokenizer.data import SPLITS, DataConfig, build_dataset, make_dataloader
 from vqgen.core.errors import MissingFileError
+from vqgen.core.files import owns_folder
 from vqgen.core.io import load_json, save_json
 from vqgen.tokenizer.model import VQVAE
 
@@ -117,6 +118,7 @@ def encode_split(model: VQVAE, dataset, batch_size: int, accelerator, desc: str)
     return torch.cat(codes), torch.cat(labels)
 
 
+@owns_folder(lambda tokenizer_run, output_dir, *args, **kwargs: output_dir, "tokens")
 def encode(
     tokenizer_run: str | Path,
     output_dir: str | Path,

@@ -72,10 +72,12 @@ from vqgen.eval.reconstruction import SplitPass, tokenizer_pass
 from vqgen.eval.report import write_comparison, write_report
 from vqgen.core.records import file_inputs, make_record
 from vqgen.pipelines.common import check_output_dir, entry_point, parse_cli
+from vqgen.pipelines.manifest import verify_samples
 from vqgen.core.config import from_dict, load_config, read_yaml
 from vqgen.core.errors import UserError
 from vqgen.core.provenance import provenance
-from vqgen.core.io import load_safetensors
+from vqgen.core.files import owns_folder
+from vqgen.core.io import file_fingerprint, load_json, load_safetensors
 from vqgen.tokenizer.data import SPLITS, DataConfig, build_dataset, make_dataloader
 from vqgen.tokenizer.model import VQVAE, tokenizer_fingerprint
 
@@ -253,6 +255,22 @@ def codebook_report(model: VQVAE, data: SplitPass) -> tuple[dict, dict, torch.Te
     return tok, cb, codes, code_ids
 
 
+def _report_folder(run_dir, cfg=None, out_dir=None, **_) -> tuple[Path, str]:
+    """Where ``evaluate_run`` writes, and what kind of vqgen folder that is (the run folder, or a report folder)."""
+    if out_dir is None or Path(out_dir).resolve() == Path(run_dir).resolve():
+        return Path(run_dir), "run"
+    return Path(out_dir), "report"
+
+
+def _prior_fingerprint(run: Path) -> str | None:
+    """sha256 of the run's prior weights (None when the run has no prior)."""
+    weights = run / "prior" / "model" / "model.safetensors"
+    return file_fingerprint(weights) if weights.is_file() else None
+
+
+@owns_folder(lambda *args, **kwargs: _report_folder(*args, **kwargs)[0],
+             lambda *args, **kwargs: _report_folder(*args, **kwargs)[1],
+             what=lambda *args, **kwargs: "--run" if _report_folder(*args, **kwargs)[1] == "run" else "--output")
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: str | Path | None = None, *,
                  tokenizer_dir: str | Path | None = None, samples_dir: str | Path | None = None) -> dict:
     """Evaluate the run in ``run_dir``; write ``report.{json,md,html}`` and plots into ``out_dir`` (default:
@@ -291,6 +309,12 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
 
     t = time.perf_counter()
     model = VQVAE.from_pretrained(tok_dir / "model", map_location=device)
+    # the samples are exactly what the sampler wrote for this run's tokenizer and prior (refused before any work)
+    sampled = verify_samples(run / "samples", tokenizer_fingerprint(tok_dir / "model"), _prior_fingerprint(run),
+                             model.config.image_size)
+    if sampled is not None and sampled["verified"] == "legacy":
+        notes.append("the samples were written by an older vqgen without a manifest: checked by their names, count, "
+                     "image size and fingerprints, not by their hashes")
     data_cfg = from_dict(DataConfig, read_yaml(tok_dir / "config.yaml").get("data") or {}, prefix="data.")
     dataset = build_dataset(data_cfg, cfg.split)
     n = min(cfg.num_images, len(dataset))
@@ -329,10 +353,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
         if samples["images"].shape[0] <= cfg.k:
             raise EvalError(f"{samples_dir} has {samples['images'].shape[0]} samples; the k-NN metrics need "
                             f"more than k={cfg.k} (sample more images or lower k=)")
-        expected = samples["meta"].get("tokenizer", {})
-        if isinstance(expected, dict) and expected.get("fingerprint") not in (None, tokenizer_fingerprint(tok_dir / "model")):
-            notes.append("the samples were made with another tokenizer than tokenizer/model: token statistics "
-                         "compare different vocabularies")
+        generation["sampling"] = sampled["sampling"]  # cfg scale, temperature, top-k/p, seed, count
         for evaluated in spaces.values():
             evaluated.generate(samples["images"], cfg)
         fake, gen = primary.fake, primary.gen
@@ -470,6 +491,7 @@ def _figures(fig_dir: Path, tok_dir: Path, model: VQVAE, data: SplitPass, codes:
     return figures
 
 
+@owns_folder(lambda run_dirs, out_dir, *args, **kwargs: out_dir, "report", what="--output")
 def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, cfg: EvalConfig | None = None,
                  reuse: bool = True) -> dict:
     """Evaluate several runs (or reuse their ``report.json``) and write one comparison table with overlaid
@@ -482,7 +504,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, cfg: EvalC
         while name in reports:  # two runs with the same folder name: keep both
             name += "'"
         existing = run / "report.json"
-        reports[name] = json.loads(existing.read_text()) if reuse and existing.is_file() else evaluate_run(run, cfg)
+        reports[name] = load_json(existing) if reuse and existing.is_file() else evaluate_run(run, cfg)
         curves[name] = read_jsonl(run / "tokenizer" / "metrics.jsonl")
     figures = {}
     overlay = plot_comparison(curves, out / "comparison_files" / "curves.png")

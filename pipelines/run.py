@@ -35,7 +35,18 @@ from vqgen.core.records import StaleStageError, read_record, record_changes, spl
 from vqgen.core.trainer import CONTINUABLE
 from vqgen.pipelines.common import add_debug_flag, check_output_dir, entry_point
 from vqgen.pipelines.evaluate import compare_runs
-from vqgen.pipelines.stages import STAGE_NAMES, STAGES, Stage, legacy_record, remove_path, stage
+from vqgen.core.files import (
+    check_inside,
+    check_removable_entry,
+    check_run_name,
+    check_writable_as,
+    owns_folder,
+    remove_owned,
+)
+from vqgen.core.io import load_json
+from vqgen.pipelines.completion import record_outputs
+from vqgen.pipelines.manifest import partial_path
+from vqgen.pipelines.stages import STAGE_NAMES, STAGES, Stage, legacy_record, stage
 
 
 def _validate_experiment(self) -> None:
@@ -108,7 +119,10 @@ def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()):
     for item in overrides:
         update = parse_overrides([item])
         data = _apply_seed(merge(data, update)) if "seed" in update else merge(data, update)
-    run = Path(data.get("output_dir", "runs/experiment"))
+    run = data.get("output_dir", "runs/experiment")
+    if not isinstance(run, str) or not run:
+        raise ConfigError(f"config key 'output_dir' expects a folder path, got {run!r}" + (f" (in {path})" if path else ""))
+    run = Path(run)
     for section, keys in wired_paths(run).items():
         given = data.get(section) or {}
         for key in keys:
@@ -189,21 +203,38 @@ def check_stage_inputs(cfg, run: Path, s: Stage, redo_if_changed: bool = False) 
                           + _ways_out(run, s.name))
 
 
+def _entries(run: Path, stages: Sequence[Stage]) -> list[str]:
+    """The entries of the run folder the stages wrote (an interrupted sampling's folder too), each checked to be
+    removable (``vqgen.core.files.check_removable_entry``: only what vqgen wrote for this run)."""
+    names = [name for s in stages for name in s.outputs]
+    if any(s.name == "sample" for s in stages):
+        names.append(partial_path(run / "samples").name)
+    names = [n for n in names if (run / n).exists() or (run / n).is_symlink()]
+    for name in names:
+        check_removable_entry(run, name)
+    return names
+
+
+def forced_outputs(run: Path, force: Sequence[str]) -> list[str]:
+    """The entries ``--force`` deletes (the earliest forced stage's and every later one's), checked first."""
+    first = min((STAGE_NAMES.index(name) for name in force), default=len(STAGES))
+    return _entries(run, STAGES[first:])
+
+
 def remove_outputs(run: Path, s: Stage) -> list[str]:
-    """Delete what ``s`` wrote inside the run folder; returns the names removed."""
-    removed = [name for name in s.outputs if (run / name).exists()]
-    for name in removed:
-        remove_path(run / name)
-    return removed
+    """Delete what ``s`` wrote inside the run folder (every entry checked before the first goes)."""
+    return remove_owned(run, _entries(run, [s]))
 
 
 def force_stages(run: Path, force: Sequence[str]) -> int:
-    """Delete the outputs of the earliest forced stage and of every stage after it; returns its index."""
+    """Delete the outputs of the earliest forced stage and of every stage after it; returns its index.
+
+    Every entry is checked before the first one is deleted; nothing but what vqgen wrote for this run is.
+    """
     first = min((STAGE_NAMES.index(name) for name in force), default=len(STAGES))
-    for s in STAGES[first:]:
-        removed = remove_outputs(run, s)
-        if removed:
-            print(f"[run] --force {STAGE_NAMES[first]}: removed {s.name} ({', '.join(removed)})")
+    removed = remove_owned(run, forced_outputs(run, force))
+    if removed:
+        print(f"[run] --force {STAGE_NAMES[first]}: removed {', '.join(removed)}")
     return first
 
 
@@ -212,16 +243,20 @@ def write_stage_record(run: Path, s: Stage, record: dict, ran: bool) -> None:
     how the run was continued); a stage computed now gets this process's provenance; a reused stage keeps the
     provenance it was made with (a folder from before provenance was recorded gets none)."""
     path = run / s.record_path
-    if ran and s.trainer:
+    if ran and s.trainer:  # the trainer wrote its record; the outputs listed last make it complete
+        record_outputs(path, s.folder(run), s.result_files)
         return
     old = read_record(path) or {}
     if ran:
         record = with_provenance(record)
     else:
         record = {**record, **{k: old[k] for k in ("provenance", "provenance_history", "continued") if k in old}}
+    if s.result_files:  # written last: the stage is complete (pipelines.completion)
+        record["outputs"] = {name: (s.folder(run) / name).stat().st_size for name in s.result_files}
     write_record(path, record)
 
 
+@owns_folder(lambda cfg, *args, **kwargs: cfg.output_dir, "run", what="output_dir")
 def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
     """Run the configured stages into ``cfg.output_dir``; returns the evaluation report (or {}).
 
@@ -254,9 +289,11 @@ def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
             print(f"[run] {name}: complete, skipped")
             ran = False
             if name == "evaluate":
-                report = json.loads((run / "report.json").read_text())
+                report = load_json(run / "report.json")
         else:
             print(f"[run] {name}" + (": continuing" if continuing else ": training" if s.trainer else ""))
+            if not s.trainer:  # its record is written again, last, after its outputs
+                (run / s.record_path).unlink(missing_ok=True)
             result = s.run(section, run)
             if name == "evaluate":
                 report = result
@@ -363,9 +400,9 @@ def expand_sweep(path: str | Path, cli_overrides: Sequence[str] = ()) -> tuple[l
         overrides = common + _override_list(entry.get("overrides"), f"{at}: 'overrides'")
         name, run_dir = entry.get("name"), _peek(config, overrides, "output_dir", at)
         if name is not None:
-            if not isinstance(name, str) or not name or "/" in name or "\\" in name:
-                raise ConfigError(f"{at}: 'name' must be a run name (a folder name, no '/'), got {name!r}")
+            check_run_name(name, at)
             run_dir = str(Path(run_dir).parent / name)
+            check_inside(run_dir, Path(run_dir).parent, f"{at}: the run folder")
         else:
             name = _peek(config, overrides, "name", at)
         for seed in seeds or [None]:
@@ -449,9 +486,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         compare_dir = sweep_compare_dir or compare_dir
     reject_shared_folders(runs)
     configs = [run.load() for run in runs]
-    for cfg in configs:  # every experiment's folders before the first one starts
+    for cfg in configs:  # every experiment's folders before the first one starts (and before anything is deleted)
+        check_writable_as(cfg.output_dir, "run", "output_dir")
         run_dir = check_output_dir(cfg.output_dir, "output_dir")
         check_stage_configs(cfg, run_dir, min((STAGE_NAMES.index(s) for s in force), default=len(STAGES)))
+        forced_outputs(run_dir, force)
+    compare_out = Path(args.compare_dir or compare_dir or "runs/comparison")
+    if len(configs) > 1:
+        check_writable_as(compare_out, "report", "the comparison folder")
     reports = []
     for cfg in configs:
         report = run_experiment(cfg, force)
@@ -464,9 +506,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         if report:
             print(f"  {headline(report)}")
     if len(configs) > 1:
-        out = Path(args.compare_dir or compare_dir or "runs/comparison")
-        compare_runs([c.output_dir for c in configs], out)
-        print(f"\ncomparison: {out}")
+        compare_runs([c.output_dir for c in configs], compare_out)
+        print(f"\ncomparison: {compare_out}")
     return reports
 
 

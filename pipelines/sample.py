@@ -20,9 +20,7 @@ the result does not change with the batch size or the number of processes.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -33,12 +31,15 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from vqgen.core.records import file_inputs, make_record
-from vqgen.pipelines.common import check_output_dir, entry_point, parse_cli, show_progress, use_cpu_processes
+from vqgen.pipelines.common import entry_point, parse_cli, show_progress, use_cpu_processes
+from vqgen.pipelines.manifest import begin_samples, finish_samples, samples_complete
 from vqgen.prior.model import Prior, check_tokenizer
-from vqgen.prior.sampling import SamplingConfig, SamplingError, sample_tokens
+from vqgen.prior.sampling import SamplingConfig, SamplingError, sample_labels, sample_tokens
 from vqgen.core.config import from_dict
 from vqgen.tokenizer.data import denormalize, save_image_grid
 from vqgen.core.errors import MissingFileError
+from vqgen.core.diskspace import disk_full_guard
+from vqgen.core.files import owns_folder
 from vqgen.core.provenance import provenance
 from vqgen.core.io import atomic_path, file_fingerprint, save_json
 from vqgen.eval.image_sets import pack_folder
@@ -53,7 +54,7 @@ def stage_record(cfg: SamplingConfig, run: Path) -> dict:
 
 
 def stage_complete(cfg: SamplingConfig, run: Path) -> bool:
-    return (run / "samples" / "meta.json").is_file()
+    return samples_complete(run / "samples")
 
 
 def run_stage(cfg: SamplingConfig, run: Path) -> dict:
@@ -85,9 +86,11 @@ def decode_to_uint8(tokenizer: VQVAE, codes: torch.Tensor, batch_size: int) -> t
 def save_png(image: torch.Tensor, path: Path) -> None:
     """One uint8 image (C, H, W) as PNG (grey for one channel)."""
     array = image.permute(1, 2, 0).numpy()
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+    with disk_full_guard(path):
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
 
 
+@owns_folder(lambda prior_dir, output_dir, *args, **kwargs: output_dir, "samples", replaced=True)
 def sample(
     prior_dir: str | Path,
     output_dir: str | Path,
@@ -100,7 +103,10 @@ def sample(
     ``npz``: also write ``samples.npz`` (every image as ADM's evaluator reads a sample batch).
 
     Every process must call this under Accelerate; each samples and writes the PNGs of its share, the
-    main process writes the merged tokens, the grid and ``meta.json``.
+    main process writes the merged tokens, the grid and ``meta.json``. Everything is written into
+    ``.<name>.partial`` beside ``output_dir`` and put in its place with ``manifest.json`` when complete
+    (``pipelines.manifest``): a previous samples folder is replaced only then, and only when it holds nothing
+    but the sampler's files.
     """
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -109,22 +115,19 @@ def sample(
         cfg.validate()
     except ValueError as err:
         raise SamplingError(str(err)) from None
-    prior_dir, output_dir = Path(prior_dir), Path(output_dir)
-    check_output_dir(output_dir)  # before loading anything
+    prior_dir, final_dir = Path(prior_dir), Path(output_dir)
     accelerator = Accelerator(cpu=use_cpu_processes())
     prior = Prior.from_pretrained(prior_dir)
     tokenizer_dir = resolve_tokenizer(prior, prior_dir, tokenizer_dir)
+    if cfg.cfg_scale != 1.0 and not prior.vocab.class_conditional:
+        raise SamplingError("cfg_scale needs a class-conditional prior; use cfg_scale=1 for this one")
+    sample_labels(prior, cfg, torch.arange(1))  # labels that are no classes of this prior fail here
     prior.to(accelerator.device)
     tokenizer = VQVAE.from_pretrained(tokenizer_dir).to(accelerator.device)
 
+    # every file goes into the partial folder; finish_samples puts it in place of final_dir when complete
+    output_dir = begin_samples(final_dir, accelerator.is_main_process, accelerator.wait_for_everyone)
     image_dir = output_dir / "images"
-    if accelerator.is_main_process:
-        # meta.json marks a finished run: remove it (and old images) before anything new is written.
-        (output_dir / "meta.json").unlink(missing_ok=True)
-        (output_dir / "samples.npz").unlink(missing_ok=True)
-        shutil.rmtree(image_dir, ignore_errors=True)
-        image_dir.mkdir(parents=True)
-    accelerator.wait_for_everyone()
 
     with accelerator.split_between_processes(list(range(cfg.num_samples))) as share:
         indices = torch.tensor(share, dtype=torch.long)
@@ -166,6 +169,7 @@ def sample(
             pack_folder(image_dir, output_dir / "samples.npz")
             meta["npz"] = "samples.npz"
         save_json(meta, output_dir / "meta.json")
+        finish_samples(output_dir, final_dir, meta)
     accelerator.wait_for_everyone()
     return meta
 

@@ -16,9 +16,6 @@ command all read this table; adding a stage is one entry here and those three fu
 from __future__ import annotations
 
 import importlib
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +46,9 @@ class Stage:
     wired: Callable[[Path], dict] = lambda run: {}  # settings the runner sets inside the run folder
     seed_key: tuple[str, ...] | None = None  # where the experiment's seed goes in this section
     defaults: dict = field(default_factory=dict)  # the section's defaults inside an experiment
+    # the files its completeness is judged by, relative to its folder (the run folder for evaluate), listed with
+    # their sizes in its record, written last (pipelines.completion)
+    result_files: tuple[str, ...] = ()
 
     @property
     def impl(self):
@@ -65,18 +65,30 @@ class Stage:
         return self.impl.stage_record(cfg, run)
 
     def complete(self, cfg: Any, run: Path) -> bool:
+        """Its module says the result is there for these settings, and (for a stage with result files) every one
+        exists as its record, written last, lists it (``pipelines.completion``)."""
+        if self.result_files:
+            from vqgen.pipelines.completion import outputs_complete
+
+            last = "summary.json" if self.trainer else None
+            if not outputs_complete(run / self.record_path, self.folder(run), self.result_files, last):
+                return False
         return self.impl.stage_complete(cfg, run)
 
     def run(self, cfg: Any, run: Path) -> Any:
         return self.impl.run_stage(cfg, run)
 
+    def folder(self, run: Path) -> Path:
+        """Where its result files lie (its output folder; the run folder for a stage of top-level files)."""
+        return run / self.outputs[0] if len(self.outputs) == 1 else run
+
     def produced(self, run: Path) -> bool:
         """Whether the run folder holds anything of this stage's to keep (a trainer stopped before its first
-        checkpoint, e.g. by a non-finite loss, produced nothing)."""
-        main = run / self.outputs[0]
+        checkpoint, e.g. by a non-finite loss, produced nothing: ``completion.produced_nothing``)."""
         if self.trainer:
-            checkpoints = main / "checkpoints"
-            return (main / "summary.json").is_file() or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+            from vqgen.pipelines.completion import produced_nothing
+
+            return not produced_nothing(run / self.outputs[0])
         return any((run / name).exists() for name in self.outputs if name != self.record_path)
 
 
@@ -84,7 +96,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("tokenizer", "vqgen.pipelines.train_tokenizer", "train-tokenizer", "train a VQ-VAE tokenizer (stage 1)",
           "TokenizerRunConfig", ("tokenizer",), "tokenizer/" + STAGE_RECORD,
           ignored=("output_dir", *_CADENCE, "data.cache_in_memory", "data.cache_dir"), trainer=True,
-          wired=lambda run: {"output_dir": str(run / "tokenizer")}, seed_key=("train", "seed")),
+          wired=lambda run: {"output_dir": str(run / "tokenizer")}, seed_key=("train", "seed"),
+          result_files=("model/config.json", "model/model.safetensors", "summary.json")),
     Stage("encode", "vqgen.pipelines.encode", "encode", "turn a data set into token ids with a trained tokenizer",
           "EncodeConfig", ("tokens",), "tokens/" + STAGE_RECORD,
           # each encoded split records its own tokenizer and data; the prior fingerprints the files it uses
@@ -93,12 +106,13 @@ STAGES: tuple[Stage, ...] = (
           "PriorRunConfig", ("prior",), "prior/" + STAGE_RECORD,
           ignored=("output_dir", "tokens", *_CADENCE), trainer=True,
           wired=lambda run: {"output_dir": str(run / "prior"), "tokens": str(run / "tokens")},
-          seed_key=("train", "seed"), defaults={"tokens": "<set by the runner>"}),
+          seed_key=("train", "seed"), defaults={"tokens": "<set by the runner>"},
+          result_files=("model/config.json", "model/model.safetensors", "model/vqgen_prior.json", "summary.json")),
     Stage("sample", "vqgen.pipelines.sample", "sample", "sample images from a prior", "SamplingConfig",
           ("samples",), "samples/" + STAGE_RECORD, seed_key=("seed",)),
     Stage("evaluate", "vqgen.pipelines.evaluate", "evaluate", "reconstruction, FID, diversity and shrinkage reports",
           "EvalConfig", ("report.json", "report.md", "report.html", "report_files", "report_stage.json"),
-          "report_stage.json"),
+          "report_stage.json", result_files=("report.json", "report.md", "report.html")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 IGNORED: dict[str, tuple[str, ...]] = {s.name: s.ignored for s in STAGES}
@@ -140,12 +154,3 @@ def legacy_record(stage: str, folder: Path) -> dict | None:
 
 
 
-
-def remove_path(path: Path) -> None:
-    """Delete a file or folder; a folder is first renamed aside, so a kill never leaves it half deleted."""
-    if path.is_dir():
-        trash = path.with_name(f".{path.name}.removed-{uuid.uuid4().hex[:8]}")
-        os.replace(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

@@ -36,6 +36,7 @@ from vqgen.core.trainer import (
     run_complete,
 )
 from vqgen.core.errors import UserError
+from vqgen.core.files import owns_folder
 from vqgen.pipelines.common import entry_point, parse_cli
 from vqgen.pipelines.stages import legacy_record
 from vqgen.prior.config import PriorModelConfig
@@ -222,6 +223,7 @@ def run_stage(cfg: PriorRunConfig, run: Path) -> dict:
     return train_prior(cfg)
 
 
+@owns_folder(lambda cfg, *args, **kwargs: cfg.output_dir, "prior")
 def train_prior(cfg: PriorRunConfig, stop_after: int | None = None) -> dict:
     """Train (or resume, or continue) one prior run into ``cfg.output_dir``; returns the summary dict.
 

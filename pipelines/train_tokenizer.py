@@ -37,6 +37,7 @@ import torch
 
 from vqgen.core import training
 from vqgen.core.errors import warn
+from vqgen.core.files import owns_folder
 from vqgen.core.records import make_record
 from vqgen.core.trainer import (
     Task,
@@ -372,6 +373,7 @@ def run_stage(cfg: TokenizerRunConfig, run: Path) -> dict:
     return train_tokenizer(cfg)
 
 
+@owns_folder(lambda cfg, *args, **kwargs: cfg.output_dir, "tokenizer")
 def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> dict:
     """Train (or resume, or continue) one tokenizer run into ``cfg.output_dir``; returns the summary dict.
 

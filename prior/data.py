@@ -15,6 +15,7 @@ is complete.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -61,6 +62,10 @@ def read_token_meta(directory: str | Path) -> dict:
             f"`python -m vqgen.pipelines.encode --tokenizer-run RUN/tokenizer --output-dir {directory}` first"
         )
     meta = load_json(path)
+    num_classes = meta.get("num_classes", 0) if isinstance(meta, dict) else None
+    if (not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict) or isinstance(num_classes, bool)
+            or not isinstance(num_classes, int) or not 0 <= num_classes < 2**31):
+        raise TokenDataError(f"{path} is not the meta.json of a tokens folder; re-run pipelines.encode with --overwrite")
     if meta.get("format") != TOKENS_FORMAT:
         raise TokenDataError(f"{path} has format {meta.get('format')!r}; re-run pipelines.encode with --overwrite")
     return meta
@@ -74,6 +79,33 @@ def token_layout(meta: dict) -> CodebookLayout:
     return CodebookLayout.from_dict(data)
 
 
+def load_split_tensors(directory: str | Path, meta: dict, split: str) -> dict[str, torch.Tensor]:
+    """The tensors of one encoded split, checked: the file is a plain name inside ``directory``, ``tokens`` is
+    (N, h, w) of an integer type with ids of the recorded layout, ``labels`` is (N,) of an integer type.
+
+    Raises ``TokenDataError`` (or ``CorruptFileError``) naming the file.
+    """
+    entry = meta["splits"][split] if isinstance(meta.get("splits"), dict) else None
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not re.fullmatch(r"\w+\.safetensors", name):
+        raise TokenDataError(f"{Path(directory) / TOKENS_META} names {name!r} as the file of split {split!r}; a tokens "
+                             "folder holds its splits as NAME.safetensors beside meta.json: re-run pipelines.encode")
+    path = Path(directory) / name
+    tensors = load_safetensors(path)
+    tokens, labels = tensors.get("tokens"), tensors.get("labels")
+    integer = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+    grid = tuple(meta.get("grid") or ())
+    if (tokens is None or labels is None or tokens.dtype not in integer or labels.dtype not in integer
+            or tokens.dim() != 3 or labels.shape != (tokens.shape[0],) or (grid and tuple(tokens.shape[1:]) != grid)):
+        raise TokenDataError(f"{path} does not hold token grids {list(grid) or '(h, w)'} and their labels as "
+                             "pipelines.encode writes them; re-run pipelines.encode")
+    num_codes = token_layout(meta).num_codes
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= num_codes):
+        raise TokenDataError(f"{path} holds token ids outside 0..{num_codes - 1} (the tokenizer's codes); re-run "
+                             "pipelines.encode")
+    return {"tokens": tokens, "labels": labels}
+
+
 def load_token_split(directory: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (N, h, w) int64, labels (N,) int64) of one encoded split."""
     meta = read_token_meta(directory)
@@ -82,7 +114,7 @@ def load_token_split(directory: str | Path, split: str) -> tuple[torch.Tensor, t
             f"split {split!r} was not encoded in {directory} (have: {', '.join(meta['splits']) or 'none'}); "
             f"run pipelines.encode with --splits {split}"
         )
-    tensors = load_safetensors(Path(directory) / meta["splits"][split]["file"])
+    tensors = load_split_tensors(directory, meta, split)
     return tensors["tokens"].long(), tensors["labels"].long()
 
 
@@ -93,7 +125,7 @@ class TokenDataset(Dataset):
         meta = read_token_meta(directory)
         if split not in meta["splits"]:
             load_token_split(directory, split)  # raises the explanatory error
-        tensors = load_safetensors(Path(directory) / meta["splits"][split]["file"])
+        tensors = load_split_tensors(directory, meta, split)
         self.tokens = tensors["tokens"]  # (N, h, w) int16/int32
         self.labels = tensors["labels"]  # (N,) int64
         self.meta = meta

@@ -263,7 +263,8 @@ class Prior(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-ge
         load_json(directory / "config.json")  # the same for the transformer's config
         try:
             with _no_progress_bars():
-                transformer = AutoModelForCausalLM.from_pretrained(directory)
+                # safetensors only: a pickled pytorch_model.bin beside it is never read
+                transformer = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
         except (OSError, ValueError) as err:
             raise CorruptFileError(directory, f"transformers could not load it: {err}") from None
         return cls(

@@ -8,6 +8,7 @@ not depend on the batch size, on how many processes share the work, or on whethe
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -58,6 +59,11 @@ class SamplingConfig:
         """Reject values that cannot be sampled with."""
         if self.num_samples < 1 or self.batch_size < 1:
             raise ValueError("num_samples and batch_size must be >= 1")
+        if not (math.isfinite(self.temperature) and math.isfinite(self.cfg_scale) and math.isfinite(self.top_p)):
+            raise ValueError(f"temperature, cfg_scale and top_p must be finite numbers, got {self.temperature}, "
+                             f"{self.cfg_scale}, {self.top_p}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:

@@ -10,6 +10,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# torch.compile's on-disk kernel cache is not keyed by ATEN_CPU_CAPABILITY (which also picks inductor's vector ISA):
+# kernels cached by a run with another setting give wrong numbers. A run that sets it keeps a cache of its own.
+_CAPABILITY = os.environ.get("ATEN_CPU_CAPABILITY")
+if _CAPABILITY and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"torchinductor_vqgen_{_CAPABILITY}")
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):

@@ -66,7 +66,8 @@ def make_run(root: Path, kind: str = "ema", num_samples: int = 24) -> Path:
     for i, image in enumerate(images):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(samples / "images" / f"{i:05d}.png")
     save_file({"tokens": tokens, "labels": torch.full((num_samples,), -1)}, str(samples / "tokens.safetensors"))
-    meta = {"num_samples": num_samples, "tokenizer": {"fingerprint": tokenizer_fingerprint(tok / "model")}}
+    meta = {"num_samples": num_samples, "sampling": {"num_samples": num_samples, "seed": 0},
+            "tokenizer": {"fingerprint": tokenizer_fingerprint(tok / "model")}}
     (samples / "meta.json").write_text(json.dumps(meta))
     return root
 

@@ -1,9 +1,10 @@
-"""MSE-only training is bit-identical to the code before losses moved out of the model (issue 11).
+"""MSE-only training gives the losses of the code before losses moved out of the model (issue 11).
 
 The reference numbers below were printed by ``pipelines.train_tokenizer`` at commit 7e04131 (before
-``tokenizer/losses.py`` existed): tiny config, 4 steps, ``train.deterministic=true``, one CPU thread (the
-last bit of a float sum depends on the thread count, so the test pins it). Every logged ``loss`` and
-``recon_mse`` must come out exactly equal.
+``tokenizer/losses.py`` existed): tiny config, 4 steps, ``train.deterministic=true``, one CPU thread. Every logged
+``loss`` and ``recon_mse`` must agree within a relative tolerance of ``REL`` (1e-5): float32 sums are rounded
+differently by CPUs with other vector widths (AVX-512, AVX2, none: ``ATEN_CPU_CAPABILITY``), which moves the last
+bits (7.6e-8 relative on the Gumbel arm on an Intel Xeon with AVX-512), while a changed loss moves the first ones.
 
 The kinds added later (``fsq``, ``lfq``, ``simvq``, the rotation trick) have no numbers from 7e04131; theirs were
 printed the same way by ``main`` at 0303f0b (after the quantizers merge, still with the loss inside the model),
@@ -91,10 +92,6 @@ REFERENCE = {
         "loss": [0.6552059054374695, 0.6535573601722717, 0.649088442325592, 0.6443052291870117],
         "recon_mse": [0.16380147635936737, 0.16338934004306793, 0.16227079927921295, 0.16107212007045746],
     },
-    "vq-accum": {
-        "loss": [0.6915795803070068, 0.6893847584724426, 0.6708021759986877, 0.6693595051765442],
-        "recon_mse": [0.1640198975801468, 0.1642182320356369, 0.1603839099407196, 0.16073866188526154],
-    },
     # printed by main at 0303f0b
     "fsq": {
         "loss": [0.7923557162284851, 0.7904903888702393, 0.78525310754776, 0.7790490984916687],
@@ -119,6 +116,9 @@ REFERENCE = {
 }
 
 
+REL = 1e-5  # float32 rounding across CPUs, far below what a change of the loss moves
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
@@ -138,7 +138,7 @@ def test_mse_only_losses_unchanged(tmp_path, one_thread, arm):
         # two micro-batches of 4 make one update of 8; the logged values are their means, which are the values of
         # the same update in one batch of 8 (the vq arm) up to the order of the float sums
         for key in ("loss", "recon_mse"):
-            assert [r[key] for r in rows] == pytest.approx(REFERENCE["vq"][key], rel=1e-5, abs=0)
+            assert [r[key] for r in rows] == pytest.approx(REFERENCE["vq"][key], rel=REL, abs=0)
         return
-    assert [r["loss"] for r in rows] == REFERENCE[arm]["loss"]
-    assert [r["recon_mse"] for r in rows] == REFERENCE[arm]["recon_mse"]
+    assert [r["loss"] for r in rows] == pytest.approx(REFERENCE[arm]["loss"], rel=REL, abs=0)
+    assert [r["recon_mse"] for r in rows] == pytest.approx(REFERENCE[arm]["recon_mse"], rel=REL, abs=0)

@@ -45,6 +45,7 @@ def test_vqgen_run_end_to_end(tmp_path, monkeypatch, capsys):
         for key in keys:
             assert isinstance(report[section][key], (int, float)), f"{section}.{key}"
     assert report["feature_extractor"]["name"]
+    assert report["generation"]["sampling"]["cfg_scale"] == 1.5 and report["generation"]["sampling"]["num_samples"] == 24
     phases = [json.loads(line)["phase"] for line in (run / "tokenizer" / "metrics.jsonl").read_text().splitlines()]
     assert phases[0] == "ae" and phases[-1] == "quantize"
     assert "[run] wall time: tokenizer" in out and "-core " in out

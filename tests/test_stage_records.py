@@ -65,13 +65,14 @@ def test_settings_that_cannot_change_a_result_are_not_refused(run, capsys):
 
 
 def test_force_restarts_the_stage_from_scratch_and_invalidates_later_ones(run, capsys):
-    (run / "tokenizer" / "marker").write_text("old")
+    summary = json.loads((run / "tokenizer" / "summary.json").read_text())
+    (run / "tokenizer" / "summary.json").write_text(json.dumps({**summary, "old": True}))
     old_checkpoint = run / "tokenizer" / "checkpoints" / "step_00000006"
     assert old_checkpoint.is_dir()
     vqgen(run, "stages=[tokenizer, encode]", "tokenizer.model.quantizer.codebook_size=32", "--force", "tokenizer")
     out = capsys.readouterr().out
     assert "[run] tokenizer: training" in out and "resuming" not in out
-    assert not (run / "tokenizer" / "marker").exists()  # a new folder, not a resumed one
+    assert "old" not in json.loads((run / "tokenizer" / "summary.json").read_text())  # a new folder, not resumed
     for later in ("prior", "samples"):  # stale results of the old tokenizer are gone
         assert not (run / later).exists(), later
     model = json.loads((run / "tokenizer" / "model" / "config.json").read_text())

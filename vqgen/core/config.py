@@ -1,7 +1,8 @@
 """Configuration: dataclasses with defaults in code, YAML files, dotted ``key=value`` overrides.
 
 Unknown keys and values of the wrong type are rejected with one message that names the key and what is
-allowed. ``load_config(cls, path, overrides)`` is the single entry point the pipelines use.
+allowed, and so are values no config may hold (``vqgen.core.checks``: non-finite floats, seeds outside
+``[0, 2**32)``, integers beyond 64 bits, over-long names, YAML with a key written twice). ``load_config(cls, path, overrides)`` is the single entry point the pipelines use.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from .checks import check_float, check_int, check_str, load_yaml
 from .errors import UserError
 from .io import atomic_path
 
@@ -70,18 +72,23 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             # YAML 1.1 reads "1e-4" (no dot) as a string; accept any numeric spelling
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                number = None
+            if number is not None:
+                return check_float(number, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
-        return float(value)
+        try:
+            return check_float(float(value), key)
+        except OverflowError:
+            raise ConfigError(f"config key '{key}' is too large a number") from None
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
-                return int(value)
+                return check_int(int(value), key)
             raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
-        return value
+        return check_int(value, key)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
@@ -89,7 +96,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
-        return value
+        return check_str(value, key)
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
     return value
@@ -153,7 +160,7 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
         if not key:
             raise ConfigError(f"override '{item}' has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             message = " ".join(str(err).split())
             raise ConfigError(f"override '{item}': value is not valid YAML ({message})") from None
@@ -180,7 +187,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; check the --config path")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         message = " ".join(str(err).split())  # PyYAML's message spans several lines
         raise ConfigError(f"config file {path} is not valid YAML: {message}") from None

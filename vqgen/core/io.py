@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import CorruptFileError, MissingFileError
+from .diskspace import disk_full_guard
 
 
 @contextlib.contextmanager
@@ -21,13 +22,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success rename it onto ``path``.
 
     Works for files and directories. If the body raises, the temporary is removed and ``path`` is left
-    untouched, so readers only ever see a complete file (rename is atomic on one file system).
+    untouched, so readers only ever see a complete file (rename is atomic on one file system). A write that fails
+    for lack of space raises ``DiskFullError`` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with disk_full_guard(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        yield tmp
+        with disk_full_guard(path):
+            yield tmp
         if path.is_dir() and tmp.is_dir():
             # A directory cannot be renamed over a non-empty one: move the old one aside first.
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
@@ -107,27 +111,3 @@ def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def check_output_dir(path: str | os.PathLike, what: str = "--output-dir") -> Path:
-    """Make sure ``path`` is (or can become) a writable folder before any work; creates it.
-
-    Raises ``UserError`` naming the path when it is a file, lies under a file, or cannot be written.
-    """
-    import tempfile
-
-    from .errors import UserError
-
-    path = Path(path)
-    for parent in (path, *path.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                where = "is a file" if parent == path else f"lies under {parent}, which is a file"
-                raise UserError(f"{what} {path} {where}; give a folder")
-            break
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".vqgen-write-test-"):
-            pass
-    except OSError as err:
-        raise UserError(f"{what} {path} is not writable ({err.strerror or err}); choose another folder") from None
-    return path

@@ -51,7 +51,10 @@ from torch import nn
 from . import training
 from .config import save_config
 from .errors import CorruptFileError, MissingFileError, UserError, one_line, warn
-from .io import atomic_path, check_output_dir, check_safetensors, file_fingerprint, load_json, save_json
+from .diskspace import disk_full_guard, removed_on_failure
+from .files import ensure_folder
+from .io import atomic_path, check_safetensors, file_fingerprint, load_json, save_json
+from .progress import report_step
 from .records import (
     STAGE_RECORD,
     StaleStageError,
@@ -108,7 +111,7 @@ class TrainConfig:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+            raise ValueError(f"lr must be positive (and finite), got {self.lr}")
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -322,7 +325,7 @@ class Trainer:
         out = self.output_dir
         self.checkpoints = CheckpointStore(out / "checkpoints", cfg.keep_checkpoints) if out is not None else None
         if out is not None:
-            check_output_dir(out)
+            ensure_folder(out)
             self.resuming = bool(self.checkpoints.all())
             if self.resuming:
                 self._check_continuation()
@@ -348,6 +351,7 @@ class Trainer:
             self.update(step, stream)
             step += 1
             self.step = step
+            report_step(step, task.name)  # what an interrupt's message names
             self._steps_in_sums += 1
             self.train_seconds += time.perf_counter() - t0
             progress.update(1)
@@ -718,7 +722,7 @@ class MetricsLogger:
     def log(self, values: dict, step: int) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
+            with disk_full_guard(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         self.accelerator.log(scalars, step=step)
@@ -825,9 +829,10 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        _torch_save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-        if accelerator.is_main_process:
-            self._write_state(trainer, tmp, step)
+        with disk_full_guard(tmp), removed_on_failure(tmp, accelerator.is_main_process):  # nothing half-written
+            _torch_save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+            if accelerator.is_main_process:
+                self._write_state(trainer, tmp, step)
         accelerator.wait_for_everyone()  # every RNG file is in place before the record lists them
         if accelerator.is_main_process:
             files = {p.name: {"size": p.stat().st_size, "sha256": file_fingerprint(p)}
