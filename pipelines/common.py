@@ -53,6 +53,8 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     # run the training forward through torch.compile (inductor); the first steps pay the compilation
     compile: bool = False
+    # PyTorch's fused AdamW kernel (vqgen.core.training.make_optimizer); same update up to float rounding
+    fused: bool = False
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:

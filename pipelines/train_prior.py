@@ -109,7 +109,7 @@ def build_optimizer(model: Prior, train: TrainConfig, num_training_steps: int):
     The scheduler is stepped once per optimizer update by the loop (it is not handed to ``prepare``,
     which would step it once per process).
     """
-    optimizer = training.make_optimizer(model, train.lr, train.betas, train.weight_decay)
+    optimizer = training.make_optimizer(model, train.lr, train.betas, train.weight_decay, fused=train.fused)
     return optimizer, training.make_schedule(optimizer, train.lr_schedule, num_training_steps, train.warmup_steps)
 
 

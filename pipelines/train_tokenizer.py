@@ -204,7 +204,7 @@ LOGGED_DISTANCE_CODES = 2048  # codes per codebook used for the logged (not the 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig):
     """AdamW (weight decay on weight tensors only) and the warm-up/cosine or constant schedule, from the shared
     skeleton (:mod:`tokenizer.training`)."""
-    optimizer = training.make_optimizer(model, train.lr, train.betas, train.weight_decay)
+    optimizer = training.make_optimizer(model, train.lr, train.betas, train.weight_decay, fused=train.fused)
     return optimizer, training.make_schedule(optimizer, train.lr_schedule, train.steps, train.warmup_steps)
 
 
@@ -215,7 +215,8 @@ def build_gan(cfg: TokenizerRunConfig):
     disc_cfg = cfg.loss.disc
     # its own seed: adding a discriminator leaves the tokenizer's initialisation and the data order unchanged
     disc = build_discriminator(cfg.model.in_channels, disc_cfg, seed=cfg.train.seed + 7919)
-    optimizer = training.make_optimizer(disc, disc_cfg.lr or cfg.train.lr, disc_cfg.betas, disc_cfg.weight_decay)
+    optimizer = training.make_optimizer(disc, disc_cfg.lr or cfg.train.lr, disc_cfg.betas, disc_cfg.weight_decay,
+                                        fused=cfg.train.fused)
     return disc, optimizer
 
 

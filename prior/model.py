@@ -100,12 +100,23 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
+def sdpa_backend(name: str):
+    """A context in which ``scaled_dot_product_attention`` may only use the kernel ``name`` (``auto``: any)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel(backends[name])
+
+
 def build_transformer(cfg: PriorModelConfig, vocab: TokenVocab) -> nn.Module:
     """A randomly initialised HF causal LM whose vocabulary and context fit ``vocab``."""
     # Untied output head (as in LlamaGen): image-token embeddings and next-token classifiers need not agree,
     # and an untied model has no shared tensors for checkpoints to deduplicate.
     common = dict(vocab_size=vocab.vocab_size, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                  tie_word_embeddings=False)
+                  tie_word_embeddings=False, attn_implementation=cfg.attn_implementation)
     if cfg.arch == "gpt2":
         config = GPT2Config(
             n_positions=vocab.seq_len,
@@ -171,7 +182,8 @@ class Prior(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-ge
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> PriorOutput:
         """Teacher-forced NLL of token grids ``codes`` (B, h, w) given class ``labels`` (B,) (or None)."""
         ids = self.sequences(codes, labels)  # (B, T)
-        logits = self.transformer(input_ids=ids[:, :-1]).logits  # (B, T-1, V)
+        with sdpa_backend(self.cfg.sdpa_backend):
+            logits = self.transformer(input_ids=ids[:, :-1]).logits  # (B, T-1, V)
         token_nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
         nll = token_nll.mean(dim=1)
         return PriorOutput(logits=logits, nll=nll, loss=nll.mean())
@@ -261,13 +273,15 @@ class Prior(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-ge
         for path in weights:  # a truncated file is named here rather than deep inside transformers
             check_safetensors(path)
         load_json(directory / "config.json")  # the same for the transformer's config
+        cfg = from_dict(PriorModelConfig, rec["model"])
         try:
             with _no_progress_bars():
-                transformer = AutoModelForCausalLM.from_pretrained(directory)
+                transformer = AutoModelForCausalLM.from_pretrained(directory,
+                                                                   attn_implementation=cfg.attn_implementation)
         except (OSError, ValueError) as err:
             raise CorruptFileError(directory, f"transformers could not load it: {err}") from None
         return cls(
-            from_dict(PriorModelConfig, rec["model"]),
+            cfg,
             TokenVocab.from_dict(rec["vocab"]),
             tokenizer=rec["tokenizer"],
             transformer=transformer,
