@@ -60,13 +60,24 @@ def make_optimizer(params: nn.Module | Iterable[nn.Parameter] | list[dict], lr: 
 
     ``fused``: PyTorch's fused AdamW kernel (one kernel per parameter group and device instead of a few
     ``foreach`` ones; the same update up to float rounding). Left off, PyTorch picks its default (``foreach``
-    on CUDA).
+    on CUDA). Loading a checkpoint keeps this choice, whichever kernel the checkpoint was saved with.
     """
     if isinstance(params, list) and params and isinstance(params[0], dict):
         groups = params
     else:
         groups = param_groups(params, weight_decay, decay_all)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True if fused else None)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True if fused else None)
+
+    def keep_kernel(_, state_dict: dict) -> dict:
+        # a checkpoint's groups carry the kernel choice they were saved with; the configured one wins (same update)
+        for group in state_dict["param_groups"]:
+            group["fused"] = True if fused else None
+            if fused:
+                group["foreach"] = None
+        return state_dict
+
+    optimizer.register_load_state_dict_pre_hook(keep_kernel)
+    return optimizer
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, kind: str, steps: int, warmup_steps: int = 0):
