@@ -18,7 +18,9 @@ one call allocates beyond what was live before it, ``benchmarks/peak_memory.py``
   ``--batch-256`` images: training steps with the MSE-only loss and with L2 + LPIPS (random VGG16 trunk: same cost)
   + PatchGAN with the adaptive weight (discriminator step included), each without and with
   ``model.activation_checkpointing``; encode / decode of ``--infer-256`` images;
-- ``tokenizer 32px``: training steps of the papers' preset, EMA 512 x 128 and the adaptive W = 65536 ladder;
+- ``tokenizer 32px``: training steps of the papers' preset, EMA 512 x 128 and the adaptive W = 65536 ladder, and the
+  adaptive one again with the nearest-code search in the CPU's 2-MiB blocks (``tokenizer.search``; how every device
+  ran it before: the *before* row);
 - extras (the most compilation time, last): sampling with the compiled and captured vqgen step and with the compiled
   transformers forward (*before*), training with each SDPA backend (``model.sdpa_backend``) and at 2 and 4 times the
   batch (tokens per step), the adaptive tokenizer step through ``torch.compile``.
@@ -29,9 +31,10 @@ reference's greedy tokens one at a time) and one forward over the full sequences
 reference), in bf16 autocast against the bf16 forward, and bf16 against the fp32 forward. ``min_top2_margin`` is
 the smallest gap between the two largest logits of the reference, the scale below which a greedy choice can flip.
 
-MFU (nanoGPT's, from PaLM appendix B): model FLOPs per token ``6 N + 12 L H Q T`` (N: parameters that take part in
-matrix products, i.e. all but the input token embedding and GPT-2's position table; L layers, H heads, Q head size,
-T context) times tokens/s over the device's dense bf16 peak (H100 / H200 SXM 989.4 TFLOP/s; ``--peak-tflops``).
+MFU (nanoGPT's, from PaLM appendix B): model FLOPs per token ``6 N + 12 L H Q T`` (``Prior.flops_per_token``; N:
+parameters that take part in matrix products, i.e. all but the input token embedding and GPT-2's position table;
+L layers, H heads, Q head size, T context) times tokens/s over the device's dense bf16 peak (H100 / H200 SXM
+989.4 TFLOP/s; ``--peak-tflops``).
 
 ``--only GROUP[,GROUP]`` (``prior`` = ``sample`` + ``train``, ``tokenizer256``, ``tokenizer32``, ``extras``) runs a
 subset; ``--budget-s S`` skips the rows that would start after S seconds (listed in ``skipped``), so one run fits a
@@ -119,18 +122,6 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
-
-
-def prior_flops_per_token(prior: Prior) -> tuple[float, dict]:
-    """Model FLOPs per trained token, ``6 N + 12 L H Q T`` (see ``MFU_FORMULA``), and its terms."""
-    model, cfg = prior.transformer, prior.cfg
-    skip = model.get_input_embeddings().weight.numel()
-    if cfg.arch == "gpt2":
-        skip += model.transformer.wpe.weight.numel()
-    n = prior.num_parameters - skip
-    layers, heads, head_size, context = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, prior.vocab.seq_len - 1
-    flops = 6 * n + 12 * layers * heads * head_size * context
-    return float(flops), {"N": n, "L": layers, "H": heads, "Q": head_size, "T": context}
 
 
 class Suite:
@@ -308,7 +299,7 @@ def training_rows(suite: Suite, shape: dict, codebook: int, grid: int, batch: in
     """Item 1: the prior's training step before / fused / compiled, with MFU; the loss curves of both ends."""
     device = suite.device
     prior = build_prior("llama", shape, codebook, grid, device).train()
-    flops, terms = prior_flops_per_token(prior)
+    flops, terms = prior.flops_per_token()
     group = f"prior llama {prior.num_parameters / 1e6:.0f}M, {grid * grid} tokens, training"
     suite.result["sizes"]["prior_train"] = {**shape, "arch": "llama", "parameters": prior.num_parameters,
                                             "flops_per_token": flops, "flops_terms": terms}
@@ -417,6 +408,20 @@ def tokenizer32_ops(batch: int, device: torch.device, tiny: bool, compiled_adapt
     return ops
 
 
+def with_cpu_search_blocks(fn):
+    """``fn`` with the nearest-code search in the CPU's 2-MiB blocks on every device (how it ran before)."""
+    from vqgen.tokenizer import search
+
+    def run():
+        saved = search.ACCELERATOR_CHUNK_ELEMENTS
+        search.ACCELERATOR_CHUNK_ELEMENTS = search.DEFAULT_CHUNK_ELEMENTS
+        try:
+            fn()
+        finally:
+            search.ACCELERATOR_CHUNK_ELEMENTS = saved
+    return run
+
+
 def tokenizer256_rows(suite: Suite, res: int, tiny: bool) -> None:
     """Item 4: the VQ-16 steps without and with activation checkpointing; encode / decode."""
     args = suite.args
@@ -509,8 +514,12 @@ def main(argv=None) -> dict:
         if "tokenizer256" in only:
             tokenizer256_rows(suite, res, args.tiny)
         if "tokenizer32" in only:
-            for name, (fn, items) in tokenizer32_ops(args.batch_32, device, args.tiny).items():
+            ops = tokenizer32_ops(args.batch_32, device, args.tiny)
+            for name, (fn, items) in ops.items():
                 suite.row("tokenizer 32px", name, fn, items)
+            adaptive, items = next(op for name, op in ops.items() if "adaptive" in name)
+            suite.row("tokenizer 32px", "train step, adaptive W=65536, 2-MiB search blocks (before)",
+                      with_cpu_search_blocks(adaptive), items)
         if "extras" in only and compile_rows:
             for arch, prior in priors.items():
                 group = f"prior {arch} {prior.num_parameters / 1e6:.0f}M, {grid * grid} tokens"

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from vqgen.pipelines.common import add_debug_flag, check_output_dir, die, entry_point, show_progress, use_cpu_processes
 from vqgen.prior.model import Prior, check_tokenizer
-from vqgen.prior.sampling import SamplingConfig, SamplingError, sample_tokens
+from vqgen.prior.sampling import DECODERS, SamplingConfig, SamplingError, sample_tokens
 from vqgen.core.config import from_dict
 from vqgen.tokenizer.data import denormalize, save_image_grid
 from vqgen.core.errors import MissingFileError
@@ -166,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--no-cache", action="store_true", help="re-run the whole prefix each step (slow; for checks)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decoding step (the first batch pays the compilation)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture the decoding step as one CUDA graph per batch size (CUDA only)")
+    parser.add_argument("--decoder", choices=DECODERS, default=defaults.decoder,
+                        help="vqgen: vqgen's decoding step; transformers: the model's forward with its StaticCache")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     try:
@@ -176,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "num_samples": args.num_samples, "batch_size": args.batch_size, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "cfg_scale": args.cfg_scale, "labels": labels,
         "use_cache": not args.no_cache, "compile": args.compile, "seed": args.seed,
+        "cuda_graph": args.cuda_graph, "decoder": args.decoder,
     })
     return sample(args.prior, args.output_dir, cfg, args.tokenizer)
 

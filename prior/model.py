@@ -192,6 +192,22 @@ class Prior(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-ge
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self) -> tuple[float, dict]:
+        """Model FLOPs of one trained token (forward and backward), ``6 N + 12 L H Q T``, and its terms.
+
+        PaLM's formula (appendix B), as nanoGPT's ``estimate_mfu``: N the parameters that take part in matrix
+        products (all but the input token embedding, a lookup, and GPT-2's position table), L layers, H heads,
+        Q head size, T the context (``seq_len - 1`` tokens). MFU is this times tokens/s over the device's peak.
+        """
+        model, cfg = self.transformer, self.cfg
+        skip = model.get_input_embeddings().weight.numel()
+        if cfg.arch == "gpt2":
+            skip += model.transformer.wpe.weight.numel()
+        n = self.num_parameters - skip
+        layers, heads, head_size, context = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, self.vocab.seq_len - 1
+        return float(6 * n + 12 * layers * heads * head_size * context), {
+            "N": n, "L": layers, "H": heads, "Q": head_size, "T": context}
+
     def record(self) -> dict:
         """Contents of ``vqgen_prior.json``: everything besides the HF files needed to rebuild and check it."""
         return {

@@ -24,7 +24,8 @@ def test_gpu_suite_tiny_writes_every_row(benchmark_script, tmp_path):
         ("tokenizer", "train step, MSE only, activation checkpointing"),
         ("tokenizer", "train step, L2 + LPIPS + PatchGAN (adaptive weight), activation checkpointing"),
         ("tokenizer", "encode"), ("tokenizer", "decode"),
-        ("tokenizer", "train step, ema 512x128"), ("tokenizer", "train step, adaptive W=65536")]
+        ("tokenizer", "train step, ema 512x128"), ("tokenizer", "train step, adaptive W=65536"),
+        ("tokenizer", "train step, adaptive W=65536, 2-MiB search blocks (before)")]
     for row in result["rows"]:
         assert "error" not in row, row
         assert row["per_second"] > 0 and row["peak_mb"] >= 0 and len(row["seconds_all"]) == 1
@@ -56,4 +57,4 @@ def test_gpu_suite_only_and_budget(benchmark_script):
     assert {r["group"].split()[0] for r in result["rows"]} == {"tokenizer"}
     assert result["sizes"]["groups"] == ["tokenizer32"]
     skipped = suite.main(["--tiny", "--device", "cpu", "--only", "tokenizer32", "--budget-s", "1e-9"])
-    assert not skipped["rows"] and len(skipped["skipped"]) == 2
+    assert not skipped["rows"] and len(skipped["skipped"]) == 3

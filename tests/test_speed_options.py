@@ -97,6 +97,16 @@ def test_attention_options_are_checked_and_kept_by_a_saved_prior(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_flops_per_token_is_the_palm_formula(arch):
+    prior = tiny_prior(arch)
+    flops, terms = prior.flops_per_token()
+    embeddings = {"gpt2": ("transformer.wte.weight", "transformer.wpe.weight"), "llama": ("model.embed_tokens.weight",)}
+    matmul = sum(p.numel() for name, p in prior.transformer.named_parameters() if name not in embeddings[arch])
+    assert terms == {"N": matmul, "L": 2, "H": 2, "Q": 16, "T": VOCAB.seq_len - 1}
+    assert flops == 6 * matmul + 12 * 2 * 2 * 16 * (VOCAB.seq_len - 1)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_compiled_training_forward_is_one_graph(arch):
     """No value check reads the device inside torch.compile: the whole forward is one graph (train.compile)."""
     import torch._dynamo
@@ -192,3 +202,19 @@ def test_speed_options_through_the_trainers(tmp_path):
     assert len(default) == 4
     for a, b in zip(default, fast):
         assert b == pytest.approx(a, rel=1e-3, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ search blocks
+def test_accelerator_search_blocks_pick_the_same_codes():
+    """The nearest-code search runs in 2-MiB blocks on a CPU and 128-MiB blocks elsewhere: blocks split the rows,
+    so every row's argmin is over the same distances."""
+    from vqgen.tokenizer import search
+
+    assert search.default_chunk(torch.device("cpu")) == search.DEFAULT_CHUNK_ELEMENTS
+    assert search.default_chunk(torch.device("cuda")) == search.ACCELERATOR_CHUNK_ELEMENTS > search.DEFAULT_CHUNK_ELEMENTS
+    gen = torch.Generator().manual_seed(0)
+    x, codes = torch.randn(600, 2, generator=gen), torch.randn(4096, 2, generator=gen)  # 128 rows per 2-MiB block
+    small = search.nearest(x, codes)
+    assert torch.equal(search.nearest(x, codes, search.ACCELERATOR_CHUNK_ELEMENTS), small)
+    brute = torch.cdist(x.double(), codes.double()).argmin(dim=1)
+    assert (small == brute).float().mean() > 0.99  # float32 ||e||^2 - 2 x.e vs float64 distances: ties aside
