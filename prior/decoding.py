@@ -125,10 +125,13 @@ class StaticDecoder:
         self.scaling = [self._attn(b).scaling for b in self.blocks]
         self.embed = body.wte if self.arch == "gpt2" else body.embed_tokens
         self.head = _Linear.of(model.lm_head, cast)
-        shape = (len(self.blocks), rows, self.kv_heads, max_len, self.head_dim)
-        # zeros, not empty: masked attention multiplies the unfilled entries by exactly 0, which NaN garbage would spoil
-        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        shape = (rows, self.kv_heads, max_len, self.head_dim)
+        # one tensor per layer (a compiled step then updates each in place; views of one tensor would be copied whole)
+        # of zeros, not empty: masked attention multiplies the unfilled entries by exactly 0, which NaN would spoil
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
+        for cache in (*self.keys, *self.values):
+            torch._dynamo.mark_static_address(cache)  # fixed buffers, as transformers' StaticCache marks its own
         # buffers of the fixed-shape step (compiled / captured): inputs written in place, positions for the mask
         self.token_buffer = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.position_buffer = torch.zeros(1, dtype=torch.long, device=self.device)

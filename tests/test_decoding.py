@@ -39,10 +39,10 @@ def test_step_logits_match_the_full_forward(arch, fixed):
     ids = torch.randint(0, VOCAB.vocab_size, (5, VOCAB.seq_len), generator=torch.Generator().manual_seed(1))
     full = prior.transformer(input_ids=ids).logits  # (B, T, V)
     decoder = StaticDecoder(prior.transformer, 5, VOCAB.seq_len)
-    cache = (decoder.keys.data_ptr(), decoder.values.data_ptr())
+    cache = [t.data_ptr() for t in (*decoder.keys, *decoder.values)]
     got = step_logits(decoder, ids, fixed)
     assert (got - full).abs().max() < 1e-5
-    assert (decoder.keys.data_ptr(), decoder.values.data_ptr()) == cache
+    assert [t.data_ptr() for t in (*decoder.keys, *decoder.values)] == cache  # written in place, never reallocated
     # the weights are the model's own tensors (fp32, no autocast): no copy
     assert decoder.head.weight.data_ptr() == prior.transformer.lm_head.weight.data_ptr()
 
@@ -69,7 +69,7 @@ def test_bf16_autocast_matches_the_transformers_forward_under_autocast(arch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         full = prior.transformer(input_ids=ids).logits.float()
         decoder = StaticDecoder(prior.transformer, 4, VOCAB.seq_len)
-        assert decoder.keys.dtype == torch.bfloat16 and decoder.head.weight.dtype == torch.bfloat16
+        assert decoder.keys[0].dtype == torch.bfloat16 and decoder.head.weight.dtype == torch.bfloat16
         for fixed in (False, True):
             # bf16 has 8 bits of mantissa: the tolerance is a few units in the last place of logits of size ~0.5
             assert (step_logits(decoder, ids, fixed).float() - full).abs().max() < 2e-2
