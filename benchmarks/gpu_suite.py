@@ -222,8 +222,8 @@ def decoder_state(prior: Prior) -> dict:
 def sampling_rows(suite: Suite, prior: Prior, group: str, batch: int, before: bool, exact_batch: int) -> None:
     """Item 2: sampling with vqgen's step (captured, eager), transformers' (before), the forward floor, exactness."""
     rows = []
-    graph = suite.row(group, "sample, vqgen step + CUDA graph (sample.cuda_graph)", sampler(prior, batch, cuda_graph=True),
-                      batch, extra=lambda r: decoder_state(prior))
+    graph = suite.row(group, "sample, vqgen step + CUDA graph (sample.cuda_graph)",
+                      sampler(prior, batch, cuda_graph=True), batch, extra=lambda r: decoder_state(prior))
     rows.append(graph)
     rows.append(suite.row(group, "sample, vqgen step (eager)", sampler(prior, batch), batch))
     if before:

@@ -214,7 +214,8 @@ def main(argv=None) -> dict:
     print(f"{'variant':<44}{'s / batch':>10}{'images/s':>10}{'x forward':>10}")
     for name in variants:
         if name != "forward":
-            print(f"{name:<44}{median[name]:>10.3f}{batch / median[name]:>10.1f}{median[name] / median['forward']:>10.2f}")
+            over = median[name] / median["forward"]
+            print(f"{name:<44}{median[name]:>10.3f}{batch / median[name]:>10.1f}{over:>10.2f}")
     print(f"{'uncached (full prefix, one batch)':<44}{t_uncached:>10.3f}{batch / t_uncached:>10.1f}")
     print(f"{'one forward, full batch':<44}{median['forward']:>10.4f}")
     if "minimal_decoder" in variants:
@@ -225,8 +226,9 @@ def main(argv=None) -> dict:
           f"{result['identical_to_transformers']}")
     if compiled:
         print(f"compiled decoding step: {compiled['images_per_second']:.1f} images/s, one batch = "
-              f"{compiled['cached_batch_over_forward']:.2f} forward passes (first batch {compiled['first_batch_seconds']:.0f}"
-              f" s; greedy tokens identical to uncompiled: {compiled['greedy_identical_to_uncompiled']})")
+              f"{compiled['cached_batch_over_forward']:.2f} forward passes (first batch "
+              f"{compiled['first_batch_seconds']:.0f} s; greedy tokens identical to uncompiled: "
+              f"{compiled['greedy_identical_to_uncompiled']})")
     print(f"exactness: greedy tokens identical {result['greedy_identical']}, max |logit difference| step vs full "
           f"prefix {result['max_logit_diff']:.2e}; sampled tokens identical {result['identical_tokens']} "
           f"({result['identical_samples_share']:.1%} of the samples)")

@@ -40,7 +40,8 @@ RECORD_FORMAT = 1
 _CADENCE = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.trackers",
             "train.num_workers", "train.compile", "train.fused")  # how a run computes, not what: resumable either way
 IGNORED: dict[str, tuple[str, ...]] = {
-    "tokenizer": ("output_dir", *_CADENCE, "data.cache_in_memory", "data.cache_dir", "model.activation_checkpointing"),
+    "tokenizer": ("output_dir", *_CADENCE, "data.cache_in_memory", "data.cache_dir",
+                  "model.activation_checkpointing"),
     "encode": ("splits",),
     "prior": ("output_dir", "tokens", *_CADENCE, "model.attn_implementation", "model.sdpa_backend"),
     "sample": (),

@@ -202,7 +202,8 @@ class StaticDecoder:
         return self.head(self.final_norm(h))  # (R, 1, V)
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        """Next-token logits (rows, V) after feeding ``tokens`` (rows,) at position ``pos`` (eager, prefix attention)."""
+        """Next-token logits (rows, V) after feeding ``tokens`` (rows,) at position ``pos`` (eager; attention over
+        the filled prefix)."""
         if not 0 <= pos < self.max_len:
             raise IndexError(f"position {pos} outside the cache of {self.max_len}")
         with self._autocast():

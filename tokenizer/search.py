@@ -6,7 +6,7 @@ matrix product (``addmm``) per chunk of rows, chunked so that the (rows, K) dist
 time. Blocks this small are reused from the allocator's cache instead of being faulted in afresh, and the
 bias copy and argmin over a block stay in cache: on 2 CPU threads 2**19 measured 1.8x faster than 2**22 at
 N >= 16384 and the same at N <= 1024. On a GPU such blocks turn one search into hundreds of tiny kernel launches
-(2,048 blocks for the eight codebooks of the adaptive W = 65536 ladder at 16,384 vectors), so there the default
+(2,032 blocks for the codebooks of the adaptive W = 65536 ladder at 16,384 vectors), so there the default
 is ``ACCELERATOR_CHUNK_ELEMENTS`` (128 MiB blocks); the chunking is over rows, so every row's argmin is taken over
 the same distances either way. ``nearest_scalar`` handles D = 1 by binary search over the sorted codebook,
 O(M log K).

@@ -6,8 +6,9 @@ decide when to log through these helpers, so a change to any of them (a second o
 is made once. This is a library module: it never imports ``pipelines``.
 
 - :func:`param_groups` / :func:`make_optimizer`: AdamW (optionally the fused kernel) with weight decay on weight
-  matrices and kernels only (``p.dim() >= 2``), not on biases and norm gains; ``decay_all=True`` decays everything (what the cached
-  feature extractors were trained with, kept so that their cached weights stay what this code trains).
+  matrices and kernels only (``p.dim() >= 2``), not on biases and norm gains; ``decay_all=True`` decays
+  everything (what the cached feature extractors were trained with, kept so that their cached weights stay what
+  this code trains).
 - :func:`make_schedule`: ``constant`` or ``cosine`` with linear warm-up (``transformers``' schedules), or
   ``one_cycle``; stepped by the loop once per optimizer update (never handed to ``accelerator.prepare``,
   which would step it once per process).
