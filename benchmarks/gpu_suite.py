@@ -540,4 +540,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu" or not torch.cuda.is_available():
+        from peak_memory import pin_mmap_threshold
+
+        pin_mmap_threshold()  # on a CPU the peak follows live tensors only so (process-wide: a script's own process)
     main()

@@ -54,6 +54,7 @@ class _Linear:
     weight: torch.Tensor
     bias: torch.Tensor | None
     conv1d: bool
+    source: nn.Module
 
     @classmethod
     def of(cls, module: nn.Module, dtype: torch.dtype | None) -> "_Linear":
@@ -61,7 +62,15 @@ class _Linear:
         if dtype is not None and weight.dtype != dtype:  # the cast autocast would make at every call, made once
             weight = weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        return cls(weight, bias, not isinstance(module, nn.Linear))
+        return cls(weight, bias, not isinstance(module, nn.Linear), module)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the module's current weights into a cast copy (in place: a captured graph keeps reading it)."""
+        if self.weight.data_ptr() != self.source.weight.data_ptr():
+            self.weight.copy_(self.source.weight)
+            if self.bias is not None:
+                self.bias.copy_(self.source.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv1d:  # transformers' Conv1D: addmm over the flattened rows, weight (in, out)
@@ -139,6 +148,12 @@ class StaticDecoder:
         self._compiled = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_logits: torch.Tensor | None = None
+
+    def refresh(self) -> None:
+        """Bring the cast copies of the matrices (under autocast) up to the model's current weights, which an
+        optimizer may have changed in place since; without autocast the step reads the weights themselves."""
+        for linear in (*(w for layer in self.layers for w in layer.values()), self.head):
+            linear.refresh()
 
     def _attn(self, block: nn.Module) -> nn.Module:
         return block.attn if self.arch == "gpt2" else block.self_attn

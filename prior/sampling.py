@@ -182,6 +182,7 @@ def owned_decoder(prior: Prior, rows: int, cfg: SamplingConfig) -> StaticDecoder
     key = (rows, autocast, cfg.compile, graph)
     entry = store.get(key)
     if entry is not None and entry[0] == weights:
+        entry[1].refresh()  # the weights may have been trained in place since
         return entry[1]
     try:
         decoder = StaticDecoder(model, rows, prior.vocab.seq_len)

@@ -131,3 +131,19 @@ def test_compiled_owned_step_gives_the_same_tokens():
     assert torch.equal(sample_tokens(prior, cfg)[0], eager)
     compiled = [decoder for key, (_, decoder) in prior.__dict__["_decoders"].items() if key[2]]
     assert len(compiled) == 1 and compiled[0].compiled  # the compiled step is what ran
+
+
+def test_a_kept_decoder_follows_weights_trained_in_place_under_autocast():
+    """Under autocast the step reads cast copies of the matrices: a decoder kept on the prior refreshes them, so
+    sampling after an in-place update uses the new weights."""
+    prior = tiny_prior("gpt2")
+    cfg = SamplingConfig(num_samples=4, batch_size=4, temperature=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sample_tokens(prior, cfg)
+        with torch.no_grad():
+            for p in prior.transformer.parameters():
+                p.add_(torch.randn_like(p) * 0.5)  # in place: same tensors, the decoder is kept
+        after, _ = sample_tokens(prior, cfg)
+        fresh, _ = sample_tokens(prior, SamplingConfig(**{**cfg.__dict__, "decoder": "transformers"}))
+    assert len(prior.__dict__["_decoders"]) == 1
+    assert torch.equal(after, fresh)
