@@ -37,8 +37,8 @@ L layers, H heads, Q head size, T context) times tokens/s over the device's dens
 989.4 TFLOP/s; ``--peak-tflops``).
 
 ``--only GROUP[,GROUP]`` (``prior`` = ``sample`` + ``train``, ``tokenizer256``, ``tokenizer32``, ``extras``) runs a
-subset; ``--budget-s S`` skips the rows that would start after S seconds (listed in ``skipped``), so one run fits a
-device lease; the JSON is rewritten after every row. A row that fails records its ``error`` and the suite goes on.
+subset; ``--budget-s S`` skips the rows that would start after S seconds, or after S - 120 for a row that compiles
+(listed in ``skipped``), so one run fits a device lease; the JSON is rewritten after every row. A row that fails records its ``error`` and the suite goes on.
 
 Everything runs under ``--precision`` autocast (bf16 by default, as ``accelerate launch --mixed_precision bf16``)::
 
@@ -84,6 +84,7 @@ from vqgen.tokenizer.model import ModelConfig, VQVAE  # noqa: E402
 LLAMAGEN_B = {"n_layer": 12, "n_head": 12, "n_embd": 768}
 TINY_PRIOR = {"n_layer": 2, "n_head": 2, "n_embd": 32}
 GROUPS = ("sample", "train", "tokenizer256", "tokenizer32", "extras")
+COMPILE_RESERVE_S = 120.0  # what a row that compiles may take (a 138M prior's training step: about a minute or two)
 # dense bf16 tensor-core peaks (TFLOP/s), by a substring of the device name; the first match wins
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("A100", 312.0),
                     ("L40S", 362.05), ("A10G", 70.0))
@@ -137,8 +138,9 @@ class Suite:
         self.peak = peak_tflops(device, args.precision, args.peak_tflops)
         self.result: dict = {}
 
-    def over_budget(self) -> bool:
-        return bool(self.args.budget_s) and time.perf_counter() - self.start > self.args.budget_s
+    def over_budget(self, reserve: float = 0.0) -> bool:
+        """Whether a row expected to take ``reserve`` seconds would end past ``--budget-s``."""
+        return bool(self.args.budget_s) and time.perf_counter() - self.start + reserve > self.args.budget_s
 
     def save(self) -> None:
         self.result.update(rows=self.rows, records=self.records, skipped=self.skipped,
@@ -147,9 +149,11 @@ class Suite:
             save_json(self.result, self.args.json)  # atomic; makes the folder
 
     def row(self, group: str, operation: str, fn, items: int, unit: str = "images", warmup: int | None = None,
-            repeats: int | None = None, extra=None) -> dict | None:
-        """Time ``fn`` (``items`` per call) as one row; ``extra(row)`` adds fields. None when skipped or failed."""
-        if self.over_budget():
+            repeats: int | None = None, extra=None, reserve: float = 0.0) -> dict | None:
+        """Time ``fn`` (``items`` per call) as one row; ``extra(row)`` adds fields. None when skipped or failed.
+
+        ``reserve``: seconds the row may take (a compilation), kept free of the budget before it starts."""
+        if self.over_budget(reserve):
             self.skipped.append(f"{group}: {operation}")
             self.save()
             return None
@@ -330,7 +334,8 @@ def training_rows(suite: Suite, shape: dict, codebook: int, grid: int, batch: in
 
     def timed(name: str, fused: bool, use_compiled: bool, rows: int = batch, backend: str = "auto"):
         step, optimizer = variant(fused, use_compiled, rows, backend)
-        suite.row(group, name, step, rows * grid * grid, unit="tokens", extra=mfu)
+        suite.row(group, name, step, rows * grid * grid, unit="tokens", extra=mfu,
+                  reserve=COMPILE_RESERVE_S if use_compiled else 0.0)
         del optimizer
         prior.cfg.sdpa_backend = "auto"
         prior.load_state_dict(initial)
@@ -525,16 +530,16 @@ def main(argv=None) -> dict:
                 group = f"prior {arch} {prior.num_parameters / 1e6:.0f}M, {grid * grid} tokens"
                 suite.row(group, "sample, vqgen step compiled + CUDA graph (sample.compile + sample.cuda_graph)",
                           sampler(prior, args.sample_batch, compile=True, cuda_graph=True), args.sample_batch,
-                          warmup=2, extra=lambda r, prior=prior: decoder_state(prior))
+                          warmup=2, extra=lambda r, prior=prior: decoder_state(prior), reserve=COMPILE_RESERVE_S)
             if "llama" in priors:
                 group = f"prior llama {priors['llama'].num_parameters / 1e6:.0f}M, {grid * grid} tokens"
                 suite.row(group, "sample, transformers StaticCache compiled (before: decoder=transformers, compile)",
                           sampler(priors["llama"], args.sample_batch, decoder="transformers", compile=True),
-                          args.sample_batch, warmup=2, repeats=min(3, args.repeats))
+                          args.sample_batch, warmup=2, repeats=min(3, args.repeats), reserve=COMPILE_RESERVE_S)
             for deferred in suite.deferred:
                 deferred()
             for name, (fn, items) in tokenizer32_ops(args.batch_32, device, args.tiny, compiled_adaptive=True).items():
-                suite.row("tokenizer 32px", name, fn, items)
+                suite.row("tokenizer 32px", name, fn, items, reserve=COMPILE_RESERVE_S)
     suite.save()
     return suite.result
 
