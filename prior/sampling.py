@@ -199,7 +199,6 @@ def owned_decoder(prior: Prior, rows: int, cfg: SamplingConfig) -> StaticDecoder
         try:
             decoder.capture()
         except Exception as err:  # noqa: BLE001 - a failed capture leaves the (exact) uncaptured step
-            decoder._graph = None
             prior.__dict__["_graph_failed"] = True
             warnings.warn(f"CUDA graph capture of the decoding step failed ({type(err).__name__}: {str(err)[:200]}); "
                           "sampling without the graph", RuntimeWarning, stacklevel=2)
