@@ -9,8 +9,9 @@ batch 64, AdamW), trained as ``pipelines.train_prior`` does, with the MLP activa
 - ``gelu_pytorch_tanh``: the same approximation as one PyTorch kernel.
 
 Every variant starts from the same weights and sees the same batch; repeats are interleaved (every variant once per
-round), so load swings hit every variant alike. The table gives the median step time, tokens/s and the ratio to
-``gelu_new`` measured in this run::
+round), so load swings hit every variant alike. The table gives the median step time, tokens/s, model GFLOP/s
+(``Prior.flops_per_token``: ``6 N + 12 L H Q T`` per token, PaLM's and nanoGPT's formula; MFU where ``--peak-gflops``
+gives the CPU's peak, which no file on the machine states) and the ratio to ``gelu_new`` measured in this run::
 
     python benchmarks/prior_step_speed.py --json benchmarks/results/prior_step_speed.json
 """
@@ -57,7 +58,7 @@ def build(activation: str, vocab: TokenVocab, shape: dict, batch: int):
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    return step, prior.num_parameters
+    return step, prior
 
 
 def main(argv=None) -> dict:
@@ -67,6 +68,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--tiny", action="store_true", help="a 1-layer width-32 prior (CPU test)")
+    parser.add_argument("--peak-gflops", type=float, help="the CPU's peak GFLOP/s, for MFU (default: not reported)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.threads:
@@ -84,16 +86,23 @@ def main(argv=None) -> dict:
                 steps[v]()
             times[v].append((time.perf_counter() - start) / args.steps * 1000)
     tokens = args.batch_size * vocab.seq_len
+    flops, terms = built[BASELINE][1].flops_per_token()
     base = statistics.median(times[BASELINE])
     rows = []
     for v in VARIANTS:
         ms = statistics.median(times[v])
+        gflops = flops * args.batch_size * (vocab.seq_len - 1) / ms / 1e6  # predicted tokens per second x FLOPs
         rows.append({"variant": v, "ms_per_step": ms, "tokens_per_second": tokens / ms * 1000,
+                     "model_gflops_per_second": gflops,
+                     "mfu": gflops / args.peak_gflops if args.peak_gflops else None,
                      "speedup_vs_gelu_new": base / ms, "first_loss": first_loss[v], "ms_all": times[v]})
-        print(f"{v:<20} {ms:8.1f} ms/step {tokens / ms * 1000:9.0f} tokens/s {base / ms:5.2f}x vs {BASELINE}")
+        print(f"{v:<20} {ms:8.1f} ms/step {tokens / ms * 1000:9.0f} tokens/s {gflops:7.1f} GFLOP/s "
+              f"{base / ms:5.2f}x vs {BASELINE}")
     result = {"device": "cpu", "processor": platform.processor() or platform.machine(),
               "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
-              "model": {"arch": "gpt2", **shape, "parameters": built[BASELINE][1]},
+              "model": {"arch": "gpt2", **shape, "parameters": built[BASELINE][1].num_parameters},
+              "flops_per_token": flops, "flops_terms": terms,
+              "mfu_formula": "6 N + 12 L H Q T per predicted token (Prior.flops_per_token) x tokens/s / peak",
               "tokens_per_step": tokens, "steps": args.steps, "repeats": args.repeats, "rows": rows}
     if args.json:
         save_json(result, args.json)

@@ -6,7 +6,7 @@ that share the data and the initial weights:
 
 - ``default``: what the trainer runs today;
 - ``channels_last``: model and images in channels-last memory format (oneDNN's preferred layout);
-- ``fused_adamw``: ``train.fused_optimizer: true`` (``torch.optim.AdamW(fused=True)``);
+- ``fused_adamw``: ``train.fused: true`` (``torch.optim.AdamW(fused=True)``);
 - ``compile``: the forward through ``torch.compile`` (inductor), as ``train.compile: true`` does; its
   compilation is timed separately and not counted in the step time.
 
@@ -50,7 +50,7 @@ def build(variant: str, images: torch.Tensor, tiny: bool):
         data=DataConfig(source="synthetic", image_size=32, channels=3, num_train=n, num_validation=n, num_test=n),
         model=ModelConfig(quantizer=QuantizerConfig(kind="ema", codebook_size=64 if tiny else 512, dim=128), **shape),
         train=TrainConfig(lr=1e-4, batch_size=n, trackers=[], compile=variant == "compile",
-                          fused_optimizer=variant == "fused_adamw"),
+                          fused=variant == "fused_adamw"),
     )
     step = task_step(TokenizerTask(cfg), cfg.train, {"image": images})
     if variant == "channels_last":

@@ -27,7 +27,7 @@ from vqgen.core.records import STAGE_RECORD, make_record
 
 # how a run computes, not what: resumable either way
 _CADENCE = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.trackers",
-            "train.num_workers", "train.compile")
+            "train.num_workers", "train.compile", "train.fused")
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,8 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("tokenizer", "vqgen.pipelines.train_tokenizer", "train-tokenizer", "train a VQ-VAE tokenizer (stage 1)",
           "TokenizerRunConfig", ("tokenizer",), "tokenizer/" + STAGE_RECORD,
-          ignored=("output_dir", *_CADENCE, "data.cache_in_memory", "data.cache_dir"), trainer=True,
+          ignored=("output_dir", *_CADENCE, "data.cache_in_memory", "data.cache_dir", "model.activation_checkpointing"),
+          trainer=True,
           wired=lambda run: {"output_dir": str(run / "tokenizer")}, seed_key=("train", "seed"),
           result_files=("model/config.json", "model/model.safetensors", "summary.json")),
     Stage("encode", "vqgen.pipelines.encode", "encode", "turn a data set into token ids with a trained tokenizer",
@@ -104,7 +105,7 @@ STAGES: tuple[Stage, ...] = (
           ignored=("splits",)),
     Stage("prior", "vqgen.pipelines.train_prior", "train-prior", "train a GPT prior on token ids (stage 2)",
           "PriorRunConfig", ("prior",), "prior/" + STAGE_RECORD,
-          ignored=("output_dir", "tokens", *_CADENCE), trainer=True,
+          ignored=("output_dir", "tokens", *_CADENCE, "model.attn_implementation", "model.sdpa_backend"), trainer=True,
           wired=lambda run: {"output_dir": str(run / "prior"), "tokens": str(run / "tokens")},
           seed_key=("train", "seed"), defaults={"tokens": "<set by the runner>"},
           result_files=("model/config.json", "model/model.safetensors", "model/vqgen_prior.json", "summary.json")),

@@ -211,7 +211,8 @@ def build_gan(cfg: TokenizerRunConfig):
     disc_cfg = cfg.loss.disc
     # its own seed: adding a discriminator leaves the tokenizer's initialisation and the data order unchanged
     disc = build_discriminator(cfg.model.in_channels, disc_cfg, seed=cfg.train.seed + 7919)
-    optimizer = training.make_optimizer(disc, disc_cfg.lr or cfg.train.lr, disc_cfg.betas, disc_cfg.weight_decay)
+    optimizer = training.make_optimizer(disc, disc_cfg.lr or cfg.train.lr, disc_cfg.betas, disc_cfg.weight_decay,
+                                        fused=cfg.train.fused)
     return disc, optimizer
 
 

@@ -100,12 +100,23 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
+def sdpa_backend(name: str):
+    """A context in which ``scaled_dot_product_attention`` may only use the kernel ``name`` (``auto``: any)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel(backends[name])
+
+
 def build_transformer(cfg: PriorModelConfig, vocab: TokenVocab) -> nn.Module:
     """A randomly initialised HF causal LM whose vocabulary and context fit ``vocab``."""
     # Untied output head (as in LlamaGen): image-token embeddings and next-token classifiers need not agree,
     # and an untied model has no shared tensors for checkpoints to deduplicate.
     common = dict(vocab_size=vocab.vocab_size, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                  tie_word_embeddings=False)
+                  tie_word_embeddings=False, attn_implementation=cfg.attn_implementation)
     if cfg.arch == "gpt2":
         config = GPT2Config(
             n_positions=vocab.seq_len,
@@ -171,7 +182,8 @@ class Prior(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-ge
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> PriorOutput:
         """Teacher-forced NLL of token grids ``codes`` (B, h, w) given class ``labels`` (B,) (or None)."""
         ids = self.sequences(codes, labels)  # (B, T)
-        logits = self.transformer(input_ids=ids[:, :-1]).logits  # (B, T-1, V)
+        with sdpa_backend(self.cfg.sdpa_backend):
+            logits = self.transformer(input_ids=ids[:, :-1]).logits  # (B, T-1, V)
         token_nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
         nll = token_nll.mean(dim=1)
         return PriorOutput(logits=logits, nll=nll, loss=nll.mean())
@@ -179,6 +191,22 @@ class Prior(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-ge
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> tuple[float, dict]:
+        """Model FLOPs of one trained token (forward and backward), ``6 N + 12 L H Q T``, and its terms.
+
+        PaLM's formula (appendix B), as nanoGPT's ``estimate_mfu``: N the parameters that take part in matrix
+        products (all but the input token embedding, a lookup, and GPT-2's position table), L layers, H heads,
+        Q head size, T the context (``seq_len - 1`` tokens). MFU is this times tokens/s over the device's peak.
+        """
+        model, cfg = self.transformer, self.cfg
+        skip = model.get_input_embeddings().weight.numel()
+        if cfg.arch == "gpt2":
+            skip += model.transformer.wpe.weight.numel()
+        n = self.num_parameters - skip
+        layers, heads, head_size, context = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, self.vocab.seq_len - 1
+        return float(6 * n + 12 * layers * heads * head_size * context), {
+            "N": n, "L": layers, "H": heads, "Q": head_size, "T": context}
 
     def record(self) -> dict:
         """Contents of ``vqgen_prior.json``: everything besides the HF files needed to rebuild and check it."""
@@ -261,14 +289,16 @@ class Prior(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-ge
         for path in weights:  # a truncated file is named here rather than deep inside transformers
             check_safetensors(path)
         load_json(directory / "config.json")  # the same for the transformer's config
+        cfg = from_dict(PriorModelConfig, rec["model"])
         try:
             with _no_progress_bars():
                 # safetensors only: a pickled pytorch_model.bin beside it is never read
-                transformer = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+                transformer = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True,
+                                                                   attn_implementation=cfg.attn_implementation)
         except (OSError, ValueError) as err:
             raise CorruptFileError(directory, f"transformers could not load it: {err}") from None
         return cls(
-            from_dict(PriorModelConfig, rec["model"]),
+            cfg,
             TokenVocab.from_dict(rec["vocab"]),
             tokenizer=rec["tokenizer"],
             transformer=transformer,

@@ -1,5 +1,9 @@
 """Sampling token grids from a ``Prior``: KV-cached or full-prefix, with temperature, top-k, top-p and CFG.
 
+The cached path runs vqgen's decoding step (``prior.decoding.StaticDecoder``: the transformers model's weights, a
+static KV cache, optionally compiled and captured as a CUDA graph) or, with ``decoder=transformers``, the model's
+own forward with a ``StaticCache``.
+
 Randomness is drawn per *sample*, not per batch: sample ``i`` of a run with seed ``s`` takes its uniforms
 from a generator seeded by ``(s, i)`` and turns them into tokens by inverse-CDF sampling. So a sample does
 not depend on the batch size, on how many processes share the work, or on whether the KV cache is used
@@ -19,7 +23,10 @@ from transformers import StaticCache
 
 from vqgen.core.errors import UserError
 
+from .decoding import StaticDecoder, UnsupportedModelError
 from .model import Prior
+
+DECODERS = ("vqgen", "transformers")
 
 
 class SamplingError(UserError, ValueError):
@@ -35,11 +42,17 @@ class SamplingConfig:
     class-conditional priors). ``labels`` are cycled over the samples; empty means classes
     ``0, 1, 2, ...`` in turn (class-conditional) or no class (unconditional, label -1).
 
-    ``use_cache``: a static KV cache (allocated once per batch for the whole sequence, so no step allocates
-    memory that grows with the length); false re-runs the whole prefix each step (slow; for checks).
-    ``compile``: run each decoding step through ``torch.compile`` (shapes are fixed by the static cache, so it
-    compiles once per batch size; the first batch pays the compilation, a minute or two on a CPU). Where
-    compilation fails (no C++ compiler, an unsupported platform) sampling warns once and runs uncompiled.
+    ``use_cache``: a static KV cache (allocated once for the whole sequence, so no step allocates memory that
+    grows with the length); false re-runs the whole prefix each step (slow; for checks).
+    ``decoder`` (with the cache): ``vqgen``, the decoding step of ``prior.decoding`` (the transformers model's
+    weights, vqgen's own cache and step, several times less overhead per token), or ``transformers``, the model's
+    own forward with its ``StaticCache``. The two give the same logits up to float rounding.
+    ``compile``: run each decoding step through ``torch.compile`` (fixed shapes, so it compiles once per batch
+    size; the first batch pays the compilation, a minute or two on a CPU). Where compilation fails (no C++
+    compiler, an unsupported platform) sampling warns once and runs uncompiled.
+    ``cuda_graph`` (``decoder=vqgen``, CUDA only; elsewhere the step runs eagerly): capture the decoding step as
+    one CUDA graph per batch size, so a step is one launch and allocates nothing. Where capture fails, sampling
+    warns once and runs the step without the graph.
     """
 
     num_samples: int = 64
@@ -50,7 +63,9 @@ class SamplingConfig:
     cfg_scale: float = 1.0
     labels: list[int] = field(default_factory=list)
     use_cache: bool = True
+    decoder: str = "vqgen"
     compile: bool = False
+    cuda_graph: bool = False
     seed: int = 0
 
     cli_aliases = {"--no-cache": ("use_cache", False)}  # pipelines.sample: re-run the whole prefix each step
@@ -70,6 +85,10 @@ class SamplingConfig:
             raise ValueError("top_k must be >= 0 (0 = off) and top_p in (0, 1] (1 = off)")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if self.cuda_graph and (self.decoder != "vqgen" or not self.use_cache):
+            raise ValueError("cuda_graph needs decoder=vqgen and use_cache=true (the graph is vqgen's cached step)")
 
 
 def sample_labels(prior: Prior, cfg: SamplingConfig, indices: torch.Tensor) -> torch.Tensor:
@@ -128,7 +147,8 @@ def choose_tokens(logits: torch.Tensor, u: torch.Tensor, cfg: SamplingConfig) ->
 
 
 def decode_step(prior: Prior) -> Callable:
-    """The prior's transformer compiled for one cached decoding step (made once per prior, then reused)."""
+    """``decoder=transformers``: the prior's transformer compiled for one cached decoding step (made once per prior,
+    then reused)."""
     compiled = prior.__dict__.get("_compiled_decode")
     if compiled is None:
         compiled = torch.compile(prior.transformer, dynamic=False)
@@ -154,6 +174,70 @@ _CACHE_IGNORED = (
     "sample with use_cache=false")
 
 
+def owned_decoder(prior: Prior, rows: int, cfg: SamplingConfig) -> StaticDecoder:
+    """The ``StaticDecoder`` for ``rows`` sequences, set up as ``cfg`` asks (compiled, captured).
+
+    Decoders are kept on the prior (outside its state_dict) per (rows, autocast dtype, compile, graph), so that
+    compilation and capture happen once per batch size; they are rebuilt when the prior's weights move (another
+    device, new tensors).
+    """
+    model = prior.transformer
+    device = next(model.parameters()).device
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    graph = cfg.cuda_graph and device.type == "cuda"
+    weights = tuple(p.data_ptr() for p in model.parameters())
+    store = prior.__dict__.setdefault("_decoders", {})
+    key = (rows, autocast, cfg.compile, graph)
+    entry = store.get(key)
+    if entry is not None and entry[0] == weights:
+        entry[1].refresh()  # the weights may have been trained in place since
+        return entry[1]
+    try:
+        decoder = StaticDecoder(model, rows, prior.vocab.seq_len)
+    except UnsupportedModelError as err:
+        raise SamplingError(str(err)) from None
+    if cfg.compile and not prior.__dict__.get("_compile_failed"):
+        try:
+            decoder.compile()
+        except Exception as err:  # noqa: BLE001 - any compiler failure: the eager step is exact
+            prior.__dict__["_compile_failed"] = True
+            warnings.warn(f"torch.compile of the decoding step failed ({type(err).__name__}: {str(err)[:200]}); "
+                          "sampling without compilation", RuntimeWarning, stacklevel=2)
+    if graph and not prior.__dict__.get("_graph_failed"):
+        try:
+            decoder.capture()
+        except Exception as err:  # noqa: BLE001 - a failed capture leaves the (exact) uncaptured step
+            prior.__dict__["_graph_failed"] = True
+            warnings.warn(f"CUDA graph capture of the decoding step failed ({type(err).__name__}: {str(err)[:200]}); "
+                          "sampling without the graph", RuntimeWarning, stacklevel=2)
+    if len(store) >= 4:  # a few batch sizes at most; each holds a KV cache
+        store.pop(next(iter(store)))
+    store[key] = (weights, decoder)
+    return decoder
+
+
+def _sample_owned(prior: Prior, first: torch.Tensor, uniforms: torch.Tensor, cfg: SamplingConfig,
+                  guided: bool) -> torch.Tensor:
+    """``sample_batch`` through vqgen's decoding step: first tokens (B,) -> sequences (B, seq_len)."""
+    vocab = prior.vocab
+    batch, seq_len = first.shape[0], vocab.seq_len
+    decoder = owned_decoder(prior, 2 * batch if guided else batch, cfg)
+    step = decoder.step_at if decoder.compiled or decoder.captured else decoder.step
+    ids = torch.empty(batch, seq_len, dtype=torch.long, device=first.device)  # filled position by position
+    ids[:, 0] = first
+    tokens = torch.cat([first, torch.full_like(first, vocab.null_class)]) if guided else first  # (B or 2B,)
+    for t in range(1, seq_len):
+        logits = step(tokens, t - 1).float()  # (B or 2B, V)
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + cfg.cfg_scale * (cond - uncond)
+        logits = logits.masked_fill(~vocab.allowed(ids[:, :t]), float("-inf"))
+        nxt = choose_tokens(logits, uniforms[:, t - 1], cfg)  # (B,)
+        ids[:, t] = nxt
+        tokens = torch.cat([nxt, nxt]) if guided else nxt
+    return ids
+
+
 @torch.inference_mode()
 def sample_batch(prior: Prior, labels: torch.Tensor, uniforms: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Generate one batch of full sequences (B, seq_len) for class ``labels`` (B,) with ``uniforms`` (B, T-1)."""
@@ -161,7 +245,10 @@ def sample_batch(prior: Prior, labels: torch.Tensor, uniforms: torch.Tensor, cfg
     device = next(model.parameters()).device
     guided = vocab.class_conditional and cfg.cfg_scale != 1.0
     batch = labels.shape[0]
-    ids = vocab.condition_tokens(labels.to(device), batch, device)[:, None]  # (B, 1)
+    first = vocab.condition_tokens(labels.to(device), batch, device)  # (B,)
+    if cfg.use_cache and cfg.decoder == "vqgen":
+        return _sample_owned(prior, first, uniforms.to(device), cfg, guided)
+    ids = first[:, None]  # (B, 1)
     if guided:
         null = torch.full_like(ids, vocab.null_class)
     cache = StaticCache(config=model.config, max_cache_len=vocab.seq_len) if cfg.use_cache else None

@@ -28,6 +28,12 @@ class VocabError(UserError, ValueError):
     """Tokens or labels do not fit the prior's vocabulary; the message says what is wrong."""
 
 
+def _checking() -> bool:
+    """Whether to check token and label values: not inside ``torch.compile`` (``train.compile``), where each check
+    would read a value back from the device and split the compiled graph at every batch."""
+    return not torch.compiler.is_compiling()
+
+
 @dataclass(frozen=True)
 class TokenVocab:
     """Maps tokenizer codes (+ labels) to prior token ids and back, and says which ids are valid where."""
@@ -146,7 +152,7 @@ class TokenVocab:
         if labels is None:
             return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
         labels = labels.to(device=device, dtype=torch.long)
-        if labels.numel() and (labels.min() < -1 or labels.max() >= self.num_classes):
+        if _checking() and labels.numel() and (labels.min() < -1 or labels.max() >= self.num_classes):
             raise VocabError(
                 f"class labels must be in [0, {self.num_classes}) (or -1 for unconditional), "
                 f"got values in [{int(labels.min())}, {int(labels.max())}]"
@@ -162,12 +168,12 @@ class TokenVocab:
         if tuple(codes.shape[1:]) != self.grid:
             raise VocabError(f"token grid {tuple(codes.shape[1:])} does not match the prior's grid {self.grid}")
         codes = codes.long().flatten(1)  # (B, h*w)
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.num_codes):
+        if _checking() and codes.numel() and (codes.min() < 0 or codes.max() >= self.num_codes):
             raise VocabError(f"code ids must be in [0, {self.num_codes}); these tokens come from another tokenizer")
         parts = [self.condition_tokens(labels, codes.shape[0], codes.device)[:, None]]
         if self.per_image_codebook:
             books = self.codebook_of(codes)  # (B, h*w)
-            if (books != books[:, :1]).any():
+            if _checking() and (books != books[:, :1]).any():
                 raise VocabError("this tokenizer chooses one codebook per image, but a token grid mixes codebooks")
             parts.append(books[:, :1] + self.codebook_token_offset)
         parts.append(codes)

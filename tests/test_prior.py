@@ -87,16 +87,17 @@ def test_allowed_masks():
 
 
 # ---------------------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("decoder", ["vqgen", "transformers"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize(
     "params",
     [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_k=5, top_p=0.9, cfg_scale=2.0)],
     ids=["greedy", "sampled", "topk-topp-cfg"],
 )
-def test_kv_cache_matches_full_prefix(arch, params):
+def test_kv_cache_matches_full_prefix(arch, params, decoder):
     v = TokenVocab((16, 16), (3, 3), num_classes=3, class_conditional=True, per_image_codebook=True)
     prior = tiny_prior(v, arch)
-    cfg = SamplingConfig(num_samples=6, batch_size=4, seed=7, **params)
+    cfg = SamplingConfig(num_samples=6, batch_size=4, seed=7, decoder=decoder, **params)
     cached, labels = sample_tokens(prior, cfg)
     cfg.use_cache = False
     uncached, labels2 = sample_tokens(prior, cfg)
@@ -110,7 +111,7 @@ def test_a_transformer_that_ignores_the_cache_is_refused():
     forward = prior.transformer.forward
     prior.transformer.forward = lambda *a, cache=None, **kw: forward(*a, **kw)  # what the old signature did
     with pytest.raises(SamplingError, match="ignored the KV cache"):  # a user error: one line, exit 2
-        sample_tokens(prior, SamplingConfig(num_samples=2, batch_size=2))
+        sample_tokens(prior, SamplingConfig(num_samples=2, batch_size=2, decoder="transformers"))
     assert sample_tokens(prior, SamplingConfig(num_samples=2, batch_size=2, use_cache=False))[0].shape == (2, 2, 2)
 
 
@@ -222,15 +223,17 @@ def test_prior_configs_load(path):
 
 
 def test_compiled_decoding_gives_the_same_tokens():
+    """decoder=transformers: the model's own forward compiled (vqgen's compiled step: tests/test_decoding.py)."""
     prior = tiny_prior(TokenVocab((16,), (2, 2)))
-    cfg = SamplingConfig(num_samples=4, batch_size=4, seed=2)
+    cfg = SamplingConfig(num_samples=4, batch_size=4, seed=2, decoder="transformers")
     eager, _ = sample_tokens(prior, cfg)
     cfg.compile = True
     assert torch.equal(sample_tokens(prior, cfg)[0], eager)
     assert "_compiled_decode" in prior.__dict__ and not any("_compiled" in k for k in prior.state_dict())
 
 
-def test_compile_failure_falls_back_to_eager(monkeypatch):
+@pytest.mark.parametrize("decoder", ["vqgen", "transformers"])
+def test_compile_failure_falls_back_to_eager(monkeypatch, decoder):
     def broken(*args, **kwargs):
         def fail(**kw):
             raise RuntimeError("no compiler here")
@@ -238,7 +241,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     prior = tiny_prior(TokenVocab((16,), (2, 2)))
-    cfg = SamplingConfig(num_samples=3, batch_size=3, seed=1)
+    cfg = SamplingConfig(num_samples=3, batch_size=3, seed=1, decoder=decoder)
     eager, _ = sample_tokens(prior, cfg)
     cfg.compile = True
     with pytest.warns(RuntimeWarning, match="no compiler here"):

@@ -147,6 +147,20 @@ def test_train_prior_resume_matches_uninterrupted(run, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def test_train_prior_speed_options_give_the_same_model_and_resume(run, tmp_path):
+    """train.fused and model.sdpa_backend change how the prior trains, not what: the same model, and a run begun
+    without them resumes with them (the checkpoint's optimizer state takes the configured kernel)."""
+    args = [f"tokens={run / 'tokens'}", "model.class_conditional=false", "train.steps=12"]
+    plain = train_prior(load_config(PriorRunConfig, TINY_PRIOR, args + [f"output_dir={tmp_path / 'plain'}"]))
+    parts = args + [f"output_dir={tmp_path / 'parts'}"]
+    assert train_prior(load_config(PriorRunConfig, TINY_PRIOR, parts), stop_after=10)["stopped_early"]
+    fast = train_prior(load_config(PriorRunConfig, TINY_PRIOR, parts + ["train.fused=true", "model.sdpa_backend=math"]))
+    assert fast["steps"] == 12 and fast["val_nll"] == pytest.approx(plain["val_nll"], rel=1e-5)
+    wa = load_file(str(tmp_path / "plain" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "parts" / "model" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
 # ---------------------------------------------------------------------------------------------- early stopping
 @pytest.fixture(scope="module")
 def varied_tokens(tmp_path_factory) -> Path:

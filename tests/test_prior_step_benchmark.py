@@ -20,6 +20,11 @@ def test_prior_step_variants_differ_only_in_the_activation(benchmark_script, tmp
     assert rows["gelu"]["first_loss"] == pytest.approx(rows["gelu_new"]["first_loss"], rel=1e-3)
     assert all(len(r["ms_all"]) == 2 and r["tokens_per_second"] > 0 for r in rows.values())
     assert result["tokens_per_step"] == 4 * 65
+    # model FLOP/s by the formula of Prior.flops_per_token over the 64 predicted tokens per sequence; no MFU without
+    # the CPU's peak
+    gelu = rows["gelu"]
+    expected = result["flops_per_token"] * 4 * 64 / gelu["ms_per_step"] / 1e6
+    assert gelu["model_gflops_per_second"] == pytest.approx(expected) and gelu["mfu"] is None
 
 
 def test_the_prior_builds_gpt2_with_the_exact_gelu():

@@ -326,7 +326,7 @@ def test_hub_mixin_round_trip_with_model_card(tmp_path):
     assert saved["format_version"] == legacy["format_version"] == 1  # the same format, plus the new fields' defaults
     # every field of the old file kept; fields added since (the vqgan preset's, the newer quantizer kinds') at defaults
     new_model = {k: v for k, v in saved["model"].items() if k not in legacy["model"]}
-    assert new_model == {"arch": "papers", "channel_mult": None, "attention": True}
+    assert new_model == {"arch": "papers", "channel_mult": None, "attention": True, "activation_checkpointing": False}
     saved_q, legacy_q = saved["model"].pop("quantizer"), legacy["model"].pop("quantizer")
     assert {k: v for k, v in saved["model"].items() if k in legacy["model"]} == legacy["model"]
     assert {k: v for k, v in saved_q.items() if k in legacy_q} == legacy_q

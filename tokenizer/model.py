@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from huggingface_hub import ModelHubMixin
 from safetensors.torch import save_file
 from torch import nn
@@ -59,7 +60,7 @@ class ModelConfig:
 
     ``arch=papers`` reads ``hidden``, ``res_hidden``, ``num_res_layers``; ``arch=vqgan`` reads ``hidden`` (base
     width), ``channel_mult`` (widths per level; null: the preset for ``downsample``), ``num_res_layers``
-    (ResNet blocks per level) and ``attention``.
+    (ResNet blocks per level), ``attention`` and ``activation_checkpointing``.
     """
 
     image_size: int = 32
@@ -72,6 +73,9 @@ class ModelConfig:
     arch: str = "papers"  # "papers" | "vqgan"
     channel_mult: list[int] | None = None  # vqgan: len = log2(downsample) + 1; null: VQGAN_CHANNEL_MULT
     attention: bool = True  # vqgan: self-attention at the lowest resolution and in the middle block
+    # vqgan: recompute each ResNet / attention block's activations in the backward instead of keeping them
+    # (torch.utils.checkpoint): less training memory for about one more forward pass of those blocks; same values
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -80,6 +84,8 @@ class ModelConfig:
             raise ValueError(f"downsample must be a power of two >= 2 (e.g. 4 or 8), got {self.downsample}")
         if self.arch == "papers" and self.channel_mult is not None:
             raise ValueError("channel_mult applies to arch=vqgan only; remove it or set arch=vqgan")
+        if self.arch == "papers" and self.activation_checkpointing:
+            raise ValueError("activation_checkpointing applies to arch=vqgan only; remove it or set arch=vqgan")
         if self.arch == "vqgan":
             levels = int(math.log2(self.downsample)) + 1
             if self.channel_mult is None and self.downsample not in VQGAN_CHANNEL_MULT:
@@ -276,12 +282,27 @@ def _vqgan_level(channels: int, width: int, num_blocks: int, attention: bool) ->
     return level
 
 
-def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def _block(module: nn.Module, h: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """``module(h)``; with ``checkpointing`` (and autograd recording) its inner activations are recomputed in the
+    backward instead of kept (only ``h`` is stored)."""
+    if checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(module, h, use_reentrant=False)
+    return module(h)
+
+
+def _run_level(level: nn.Module, h: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
     """The blocks (and attention layers) of a :func:`_vqgan_level`, without its resampling layer."""
     for i, block in enumerate(level.blocks):
-        h = block(h)
+        h = _block(block, h, checkpointing)
         if len(level.attns):
-            h = level.attns[i](h)
+            h = _block(level.attns[i], h, checkpointing)
+    return h
+
+
+def _run_middle(mid: nn.Sequential, h: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """The middle blocks of :func:`_vqgan_middle`, each checkpointed when ``checkpointing``."""
+    for block in mid:
+        h = _block(block, h, checkpointing)
     return h
 
 
@@ -310,12 +331,13 @@ class VQGANEncoder(nn.Module):
         self.norm_out = _group_norm(channels)
         self.conv_out = nn.Conv2d(channels, channels, 3, padding=1)
         self.out_channels = channels
+        self.checkpointing = cfg.activation_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.levels:
-            h = level.down(_run_level(level, h))
-        h = self.mid(h)
+            h = level.down(_run_level(level, h, self.checkpointing))
+        h = _run_middle(self.mid, h, self.checkpointing)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -339,6 +361,7 @@ class VQGANDecoder(nn.Module):
             self.levels.append(level)
         self.norm_out = _group_norm(channels)
         self.conv_out = nn.Conv2d(channels, cfg.in_channels, 3, padding=1)
+        self.checkpointing = cfg.activation_checkpointing
 
     @property
     def last_layer(self) -> nn.Module:
@@ -346,9 +369,9 @@ class VQGANDecoder(nn.Module):
         return self.conv_out
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        h = _run_middle(self.mid, self.conv_in(z), self.checkpointing)
         for level in self.levels:
-            h = level.up(_run_level(level, h))
+            h = level.up(_run_level(level, h, self.checkpointing))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -99,7 +99,8 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     # run the training forward through torch.compile (inductor); the first steps pay the compilation
     compile: bool = False
-    fused_optimizer: bool = False  # AdamW's fused kernel (torch.optim.AdamW(fused=True))
+    # PyTorch's fused AdamW kernel (vqgen.core.training.make_optimizer); the same update up to float rounding
+    fused: bool = False
     # an exponential moving average of the weights, used for evaluation and the saved model (null: off)
     ema_decay: float | None = None
     # 0: off. Otherwise stop after this many evaluations (every eval_every steps) in a row whose monitored
@@ -582,7 +583,7 @@ class Trainer:
 def optimizer_and_schedule(model: nn.Module, train: TrainConfig):
     """AdamW (weight decay on weight tensors only) and the ``train.lr_schedule`` over ``train.steps`` updates; the
     trainer steps the schedule once per update (never ``prepare`` it: that would step it once per process)."""
-    optimizer = training.make_optimizer(model, train.lr, train.betas, train.weight_decay, fused=train.fused_optimizer)
+    optimizer = training.make_optimizer(model, train.lr, train.betas, train.weight_decay, fused=train.fused)
     return optimizer, training.make_schedule(optimizer, train.lr_schedule, train.steps, train.warmup_steps)
 
 

@@ -5,9 +5,10 @@ The tokenizer and prior trainers (``pipelines/``) and the feature-extractor loop
 decide when to log through these helpers, so a change to any of them (a second optimizer, a new schedule)
 is made once. This is a library module: it never imports ``pipelines``.
 
-- :func:`param_groups` / :func:`make_optimizer`: AdamW with weight decay on weight matrices and kernels only
-  (``p.dim() >= 2``), not on biases and norm gains; ``decay_all=True`` decays everything (what the cached
-  feature extractors were trained with, kept so that their cached weights stay what this code trains).
+- :func:`param_groups` / :func:`make_optimizer`: AdamW (optionally the fused kernel) with weight decay on weight
+  matrices and kernels only (``p.dim() >= 2``), not on biases and norm gains; ``decay_all=True`` decays
+  everything (what the cached feature extractors were trained with, kept so that their cached weights stay what
+  this code trains).
 - :func:`make_schedule`: ``constant`` or ``cosine`` with linear warm-up (``transformers``' schedules), or
   ``one_cycle``; stepped by the loop once per optimizer update (never handed to ``accelerator.prepare``,
   which would step it once per process).
@@ -59,12 +60,28 @@ def param_groups(params: nn.Module | Iterable[nn.Parameter], weight_decay: float
 def make_optimizer(params: nn.Module | Iterable[nn.Parameter] | list[dict], lr: float,
                    betas: Iterable[float] = (0.9, 0.999), weight_decay: float = 0.0,
                    decay_all: bool = False, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` of ``params`` (or over ready-made groups); ``fused``: its fused kernel."""
+    """AdamW over :func:`param_groups` of ``params`` (or over ready-made groups).
+
+    ``fused``: PyTorch's fused AdamW kernel (one kernel per parameter group and device instead of a few
+    ``foreach`` ones; the same update up to float rounding). Left off, PyTorch picks its default (``foreach``
+    on CUDA). Loading a checkpoint keeps this choice, whichever kernel the checkpoint was saved with.
+    """
     if isinstance(params, list) and params and isinstance(params[0], dict):
         groups = params
     else:
         groups = param_groups(params, weight_decay, decay_all)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **({"fused": True} if fused else {}))
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True if fused else None)
+
+    def keep_kernel(_, state_dict: dict) -> dict:
+        # a checkpoint's groups carry the kernel choice they were saved with; the configured one wins (same update)
+        for group in state_dict["param_groups"]:
+            group["fused"] = True if fused else None
+            if fused:
+                group["foreach"] = None
+        return state_dict
+
+    optimizer.register_load_state_dict_pre_hook(keep_kernel)
+    return optimizer
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, kind: str, steps: int, warmup_steps: int = 0):
