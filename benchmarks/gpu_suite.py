@@ -63,23 +63,23 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmark modules
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's library
 
 from peak_memory import peak_mb  # noqa: E402
-from tokenizer_throughput import PRESETS, res256_operations, vq16_config  # noqa: E402
+from tokenizer_throughput import PRESETS, res256_operations, tokenizer_step, vq16_config  # noqa: E402
 
 from vqgen.core.io import save_json  # noqa: E402
-from vqgen.core.training import make_optimizer  # noqa: E402
+from vqgen.core.trainer import task_step  # noqa: E402
+from vqgen.pipelines.train_prior import PriorRunConfig, PriorTask, PriorTrainConfig  # noqa: E402
 from vqgen.prior.config import PriorModelConfig  # noqa: E402
 from vqgen.prior.decoding import StaticDecoder  # noqa: E402
 from vqgen.prior.model import Prior  # noqa: E402
 from vqgen.prior.sampling import SamplingConfig, sample_tokens  # noqa: E402
 from vqgen.prior.vocab import TokenVocab  # noqa: E402
-from vqgen.tokenizer.model import ModelConfig, VQVAE  # noqa: E402
+from vqgen.tokenizer.model import ModelConfig  # noqa: E402
 
 LLAMAGEN_B = {"n_layer": 12, "n_head": 12, "n_embd": 768}
 TINY_PRIOR = {"n_layer": 2, "n_head": 2, "n_embd": 32}
@@ -299,17 +299,35 @@ def structured_tokens(codebook: int, grid: int, pool: int, device: torch.device)
     return torch.randint(0, codebook, (pool, grid, grid), generator=gen).to(device)
 
 
+def prior_step(shape: dict, codebook: int, grid: int, rows: int, pool: torch.Tensor, device: torch.device,
+               fused: bool, compiled: bool, backend: str = "auto"):
+    """The prior stage's own training step (``PriorTask`` under the trainer: AdamW (0.9, 0.95), weight decay 0.05,
+    clipping at 1.0, ``train.fused`` / ``train.compile`` / ``model.sdpa_backend`` as given) on ``rows`` grids drawn
+    from ``pool`` each step; the same initial weights for every variant (the trainer's seed)."""
+    cfg = PriorRunConfig(tokens="<in memory>",
+                         model=PriorModelConfig(arch="llama", sdpa_backend=backend, **shape),
+                         train=PriorTrainConfig(lr=3e-4, weight_decay=0.05, warmup_steps=0, lr_schedule="constant",
+                                                batch_size=rows, fused=fused, compile=compiled, steps=10**9))
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def batches():
+        while True:
+            yield {"codes": pool[torch.randint(0, pool.shape[0], (rows,), generator=gen, device=device)]}
+
+    task = PriorTask(cfg, vocab=TokenVocab((codebook,), (grid, grid)))
+    return task_step(task, cfg.train, batches())
+
+
 def training_rows(suite: Suite, shape: dict, codebook: int, grid: int, batch: int, compile_rows: bool) -> None:
     """Item 1: the prior's training step before / fused / compiled, with MFU; the loss curves of both ends."""
     device = suite.device
-    prior = build_prior("llama", shape, codebook, grid, device).train()
-    flops, terms = prior.flops_per_token()
-    group = f"prior llama {prior.num_parameters / 1e6:.0f}M, {grid * grid} tokens, training"
-    suite.result["sizes"]["prior_train"] = {**shape, "arch": "llama", "parameters": prior.num_parameters,
-                                            "flops_per_token": flops, "flops_terms": terms}
-    initial = {k: v.detach().clone() for k, v in prior.state_dict().items()}
     pool = structured_tokens(codebook, grid, 8 * batch, device)
-    compiled = torch.compile(prior, dynamic=False) if compile_rows else None
+    probe = build_prior("llama", shape, codebook, grid, device)
+    flops, terms = probe.flops_per_token()
+    group = f"prior llama {probe.num_parameters / 1e6:.0f}M, {grid * grid} tokens, training"
+    suite.result["sizes"]["prior_train"] = {**shape, "arch": "llama", "parameters": probe.num_parameters,
+                                            "flops_per_token": flops, "flops_terms": terms}
+    del probe
 
     def mfu(row: dict) -> dict:
         model_flops = flops * row["per_second"]
@@ -317,50 +335,39 @@ def training_rows(suite: Suite, shape: dict, codebook: int, grid: int, batch: in
                 "mfu": model_flops / (suite.peak * 1e12) if suite.peak else None,
                 "peak_tflops": suite.peak, "batch": row["items_per_call"] // (grid * grid)}
 
-    def variant(fused: bool, use_compiled: bool, rows: int = batch, backend: str = "auto"):
-        optimizer = make_optimizer(prior, 3e-4, (0.9, 0.95), 0.05, fused=fused)
-        model = compiled if use_compiled else prior
-        gen = torch.Generator(device=device).manual_seed(0)
-
-        def step() -> torch.Tensor:
-            prior.cfg.sdpa_backend = backend
-            codes = pool[torch.randint(0, pool.shape[0], (rows,), generator=gen, device=device)]
-            loss = model(codes).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach()
-        return step, optimizer
-
-    def timed(name: str, fused: bool, use_compiled: bool, rows: int = batch, backend: str = "auto"):
-        step, optimizer = variant(fused, use_compiled, rows, backend)
-        suite.row(group, name, step, rows * grid * grid, unit="tokens", extra=mfu,
-                  reserve=COMPILE_RESERVE_S if use_compiled else 0.0)
-        del optimizer
-        prior.cfg.sdpa_backend = "auto"
-        prior.load_state_dict(initial)
+    def release() -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def timed(name: str, fused: bool, use_compiled: bool, rows: int = batch, backend: str = "auto"):
+        step = prior_step(shape, codebook, grid, rows, pool, device, fused, use_compiled, backend)
+        suite.row(group, name, step, rows * grid * grid, unit="tokens", extra=mfu,
+                  reserve=COMPILE_RESERVE_S if use_compiled else 0.0)
+        del step
+        release()
+
     timed("train step (eager, AdamW foreach: the trainer's default)", fused=False, use_compiled=False)
     timed("train step (eager, fused AdamW: train.fused; the suite's earlier row)", fused=True, use_compiled=False)
-    if compiled is not None:
+    if compile_rows:
         timed("train step (compiled, fused AdamW: train.compile + train.fused)", fused=True, use_compiled=True)
 
     def curves() -> dict:
         out = {}
         variants = {"before": (False, False)}  # the trainer's default
-        if compiled is not None:
+        if compile_rows:
             variants["compiled_fused"] = (True, True)
         else:
             variants["fused"] = (True, False)
         for name, (fused, use_compiled) in variants.items():
-            prior.load_state_dict(initial)
-            step, optimizer = variant(fused, use_compiled)
-            out[name] = [float(step()) for _ in range(suite.args.curve_steps)]
-            del optimizer
-        prior.load_state_dict(initial)
+            step = prior_step(shape, codebook, grid, batch, pool, device, fused, use_compiled)
+            losses = []
+            for _ in range(suite.args.curve_steps):
+                step()
+                losses.append(float(step.trainer.last_values["loss"]))
+            out[name] = losses
+            del step
+            release()
         a, b = out["before"], out[list(variants)[1]]
         diffs = [abs(x - y) for x, y in zip(a, b)]
         half = a[len(a) // 2:]
@@ -371,7 +378,7 @@ def training_rows(suite: Suite, shape: dict, codebook: int, grid: int, batch: in
                 "batch": batch, "pool": pool.shape[0]}
 
     suite.record(group, "loss_curves", curves)
-    suite.deferred.append(lambda: extra_training_rows(suite, timed, compiled is not None, batch))
+    suite.deferred.append(lambda: extra_training_rows(suite, timed, compile_rows, batch))
 
 
 def extra_training_rows(suite: Suite, timed, can_compile: bool, batch: int) -> None:
@@ -388,7 +395,8 @@ def extra_training_rows(suite: Suite, timed, can_compile: bool, batch: int) -> N
 
 # ------------------------------------------------------------------------------------------------ tokenizer
 def tokenizer32_ops(batch: int, device: torch.device, tiny: bool, compiled_adaptive: bool = False) -> dict:
-    """The papers' preset: one training step per quantizer (``compiled_adaptive``: the adaptive one compiled)."""
+    """The papers' preset: one training step per quantizer, the tokenizer stage's own (``TokenizerTask`` under the
+    trainer, MSE-only; ``compiled_adaptive``: the adaptive one with ``train.compile``)."""
     ops = {}
     images = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
     presets = {f"{name}, compiled": q for name, q in PRESETS.items() if q.kind == "adaptive"} if compiled_adaptive \
@@ -397,19 +405,9 @@ def tokenizer32_ops(batch: int, device: torch.device, tiny: bool, compiled_adapt
         if tiny:
             qcfg = type(qcfg)(**{**qcfg.__dict__, **({"capacity": 256} if qcfg.kind == "adaptive" else
                                                    {"codebook_size": 64})})
-        torch.manual_seed(0)
-        model = VQVAE(ModelConfig(quantizer=qcfg, **({"hidden": 32, "res_hidden": 16} if tiny else {})))
-        model = model.to(device).train()
-        forward = torch.compile(model) if compiled_adaptive else model
-        optimizer = make_optimizer(model, 1e-4, fused=device.type == "cuda")
-
-        def step(model=forward, optimizer=optimizer):
-            out = model(images)
-            (F.mse_loss(out.recon.float(), images) + out.quant.loss).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        ops[f"train step, {name}"] = (step, batch)
+        model = ModelConfig(quantizer=qcfg, **({"hidden": 32, "res_hidden": 16} if tiny else {}))
+        ops[f"train step, {name}"] = (tokenizer_step(model, images, fused=device.type == "cuda",
+                                                     compiled=compiled_adaptive), batch)
     return ops
 
 

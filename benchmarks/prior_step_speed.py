@@ -31,34 +31,35 @@ from transformers.activations import ACT2FN
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vqgen.prior.config import PriorModelConfig  # noqa: E402
-from vqgen.prior.model import Prior  # noqa: E402
 from vqgen.prior.vocab import TokenVocab  # noqa: E402
 from vqgen.core.io import save_json  # noqa: E402
+from vqgen.core.trainer import task_step  # noqa: E402
+from vqgen.pipelines.train_prior import PriorRunConfig, PriorTask, PriorTrainConfig  # noqa: E402
 
 VARIANTS = ("gelu", "gelu_new", "gelu_pytorch_tanh")
 BASELINE = "gelu_new"
 
 
 def build(activation: str, vocab: TokenVocab, shape: dict, batch: int):
-    """(one training step, parameter count) for a prior whose GPT-2 MLP uses ``activation``."""
-    torch.manual_seed(0)
-    prior = Prior(PriorModelConfig(arch="gpt2", class_conditional=True, **shape), vocab).train()
-    prior.transformer.config.activation_function = activation
-    for block in prior.transformer.transformer.h:  # the MLP looks its activation up once, when it is built
-        block.mlp.act = ACT2FN[activation]
-    optimizer = torch.optim.AdamW(prior.parameters(), lr=1e-3, weight_decay=0.05)
+    """(one training step, parameter count) of the prior stage's own task (``PriorTask`` under the trainer: AdamW,
+    clipping at 1.0) for a GPT-2 prior whose MLP uses ``activation``; the same initial weights for every variant."""
+    cfg = PriorRunConfig(tokens="<in memory>", model=PriorModelConfig(arch="gpt2", class_conditional=True, **shape),
+                         train=PriorTrainConfig(lr=1e-3, weight_decay=0.05, warmup_steps=0, lr_schedule="constant",
+                                                batch_size=batch, steps=10**9))
     gen = torch.Generator().manual_seed(1)
     codes = torch.randint(0, vocab.num_codes, (batch, *vocab.grid), generator=gen)
     labels = torch.randint(0, vocab.num_classes, (batch,), generator=gen)
+    step = task_step(PriorTask(cfg, vocab=vocab), cfg.train, {"codes": codes, "label": labels})
+    prior = step.trainer.unwrap(step.trainer.main)
+    prior.transformer.config.activation_function = activation
+    for block in prior.transformer.transformer.h:  # the MLP looks its activation up once, when it is built
+        block.mlp.act = ACT2FN[activation]
 
-    def step() -> float:
-        loss = prior(codes, labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+    def run() -> float:
+        step()
+        return float(step.trainer.last_values["loss"])
 
-    return step, prior
+    return run, prior
 
 
 def main(argv=None) -> dict:

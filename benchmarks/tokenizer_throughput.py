@@ -45,14 +45,17 @@ PRESETS = {
 }
 
 
-def tokenizer_step(model: ModelConfig, images: torch.Tensor, loss: LossConfig | None = None):
+def tokenizer_step(model: ModelConfig, images: torch.Tensor, loss: LossConfig | None = None, fused: bool = False,
+                   compiled: bool = False):
     """One optimizer update of the tokenizer stage's own task (``TokenizerTask`` under the trainer: AdamW with
-    clipping at 1.0, the configured loss, the discriminator's step once a GAN is on) on ``images``, as a callable;
-    ``step.trainer`` holds the models."""
+    clipping at 1.0, the configured loss, the discriminator's step once a GAN is on; ``train.fused``,
+    ``train.compile`` as given) on ``images``, as a callable; ``step.trainer`` holds the models."""
     n, size = images.shape[0], images.shape[-1]
     cfg = TokenizerRunConfig(
-        data=DataConfig(source="synthetic", image_size=size, channels=3, num_train=n, num_validation=n, num_test=n),
-        model=model, loss=loss or LossConfig(), train=TrainConfig(lr=1e-4, batch_size=n, trackers=[]),
+        data=DataConfig(source="synthetic", image_size=size, channels=model.in_channels, num_train=n,
+                        num_validation=n, num_test=n),
+        model=model, loss=loss or LossConfig(),
+        train=TrainConfig(lr=1e-4, batch_size=n, trackers=[], fused=fused, compile=compiled),
     )
     return task_step(TokenizerTask(cfg), cfg.train, {"image": images})
 

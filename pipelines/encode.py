@@ -13,7 +13,6 @@ silently mixed with new ones.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Sequence

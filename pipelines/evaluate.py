@@ -23,7 +23,6 @@ numbers); every report carries its ``caveats`` (:mod:`vqgen.eval.caveats`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -73,7 +72,7 @@ from vqgen.eval.report import write_comparison, write_report
 from vqgen.core.records import file_inputs, make_record
 from vqgen.pipelines.common import check_output_dir, entry_point, parse_cli
 from vqgen.pipelines.manifest import verify_samples
-from vqgen.core.config import from_dict, load_config, read_yaml
+from vqgen.core.config import from_dict, read_yaml
 from vqgen.core.errors import UserError
 from vqgen.core.provenance import provenance
 from vqgen.core.files import owns_folder
@@ -298,6 +297,9 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
     if cfg.protocol is not None:
         from vqgen.pipelines.score import evaluate_protocol
 
+        if samples_dir is not None:  # exactly what the sampler wrote for this tokenizer (and this run's prior)
+            verify_samples(samples_dir, tokenizer_fingerprint(tok_dir / "model"),
+                           _prior_fingerprint(run) if tokenizer_dir is None else None)
         return evaluate_protocol(tok_dir, samples_dir, cfg, out)
     for key in ("reference", "reference_split"):
         if getattr(cfg, key) is not None:
@@ -310,8 +312,9 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
     t = time.perf_counter()
     model = VQVAE.from_pretrained(tok_dir / "model", map_location=device)
     # the samples are exactly what the sampler wrote for this run's tokenizer and prior (refused before any work)
-    sampled = verify_samples(run / "samples", tokenizer_fingerprint(tok_dir / "model"), _prior_fingerprint(run),
-                             model.config.image_size)
+    sampled = None if samples_dir is None else verify_samples(
+        samples_dir, tokenizer_fingerprint(tok_dir / "model"), _prior_fingerprint(run) if tokenizer_dir is None else None,
+        model.config.image_size)
     if sampled is not None and sampled["verified"] == "legacy":
         notes.append("the samples were written by an older vqgen without a manifest: checked by their names, count, "
                      "image size and fingerprints, not by their hashes")
@@ -353,7 +356,8 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, out_dir: st
         if samples["images"].shape[0] <= cfg.k:
             raise EvalError(f"{samples_dir} has {samples['images'].shape[0]} samples; the k-NN metrics need "
                             f"more than k={cfg.k} (sample more images or lower k=)")
-        generation["sampling"] = sampled["sampling"]  # cfg scale, temperature, top-k/p, seed, count
+        if sampled is not None:
+            generation["sampling"] = sampled["sampling"]  # cfg scale, temperature, top-k/p, seed, count
         for evaluated in spaces.values():
             evaluated.generate(samples["images"], cfg)
         fake, gen = primary.fake, primary.gen

@@ -35,7 +35,6 @@ from vqgen.pipelines.common import entry_point, parse_cli, show_progress, use_cp
 from vqgen.pipelines.manifest import begin_samples, finish_samples, samples_complete
 from vqgen.prior.model import Prior, check_tokenizer
 from vqgen.prior.sampling import SamplingConfig, SamplingError, sample_labels, sample_tokens
-from vqgen.core.config import from_dict
 from vqgen.tokenizer.data import denormalize, save_image_grid
 from vqgen.core.errors import MissingFileError
 from vqgen.core.diskspace import disk_full_guard

@@ -118,38 +118,49 @@ class PriorTask(Task):
     name = "prior"
     monitor = "val_nll"
 
-    def __init__(self, cfg: PriorRunConfig, meta: dict):
+    def __init__(self, cfg: PriorRunConfig, meta: dict | None = None, vocab: TokenVocab | None = None):
+        """``meta``: the token folder's ``meta.json`` (the vocabulary, the token files); or, in memory (a benchmark
+        of the step), only ``vocab``: no data, no validation."""
         self.cfg = cfg
         self.meta = meta
+        self.vocab = vocab
 
     def setup(self, trainer: Trainer) -> None:
         cfg, meta = self.cfg, self.meta
         accelerator = trainer.accelerator
-        vocab = TokenVocab.from_layout(token_layout(meta), meta["num_classes"], cfg.model.class_conditional)
-        train_ds = TokenDataset(cfg.tokens, "train")
-        self.val_split = "validation" if "validation" in meta["splits"] else "train"
-        if self.val_split == "train":
-            accelerator.print("warning: no encoded validation split; validation NLL is measured on the train split")
-        val_ds = TokenDataset(cfg.tokens, self.val_split)
-        model = Prior(cfg.model, vocab, tokenizer=meta["tokenizer"])
+        vocab = (self.vocab if meta is None else
+                 TokenVocab.from_layout(token_layout(meta), meta["num_classes"], cfg.model.class_conditional))
+        model = Prior(cfg.model, vocab, tokenizer=meta["tokenizer"] if meta is not None else None)
         if cfg.init_from and not trainer.resuming:
             self.init_record = load_prior_weights(model, cfg.init_from, meta)
             accelerator.print(f"prior: weights from {cfg.init_from} (fine-tuning; fresh optimizer)")
         optimizer, scheduler = optimizer_and_schedule(model, cfg.train)
-        train_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                                       drop_last=True, num_workers=cfg.train.num_workers)
-        val_loader = make_dataloader(val_ds, cfg.train.batch_size, shuffle=False)
-        model, optimizer, self.train_loader, self.val_loader = trainer.prepare(model, optimizer, train_loader,
-                                                                               val_loader)
+        if meta is None:
+            model, optimizer = trainer.prepare(model, optimizer)
+            self.train_loader = self.val_loader = None
+        else:
+            train_ds = TokenDataset(cfg.tokens, "train")
+            self.num_train = len(train_ds)
+            self.val_split = "validation" if "validation" in meta["splits"] else "train"
+            if self.val_split == "train":
+                accelerator.print("warning: no encoded validation split; validation NLL is measured on the train split")
+            val_ds = TokenDataset(cfg.tokens, self.val_split)
+            train_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                                           drop_last=True, num_workers=cfg.train.num_workers)
+            val_loader = make_dataloader(val_ds, cfg.train.batch_size, shuffle=False)
+            model, optimizer, self.train_loader, self.val_loader = trainer.prepare(model, optimizer, train_loader,
+                                                                                   val_loader)
         trainer.add_trained("prior", model, optimizer, scheduler)
         self.raw: Prior = trainer.unwrap(model)
         self.forward = trainer.forward_fn(model)
         self.vocab = vocab
         self.tokens_per_seq = vocab.seq_len - 1  # predicted positions per sequence
-        accelerator.print(
-            f"prior: {self.raw.num_parameters / 1e6:.2f}M parameters, vocabulary {vocab.vocab_size}, sequence "
-            f"{vocab.seq_len}, {len(train_ds)} training sequences, {accelerator.num_processes} process(es)"
-        )
+        if meta is not None:
+            accelerator.print(
+                f"prior: {self.raw.num_parameters / 1e6:.2f}M parameters, vocabulary {vocab.vocab_size}, sequence "
+                f"{vocab.seq_len}, {self.num_train} training sequences, {accelerator.num_processes} "
+                "process(es)"
+            )
 
     def micro_step(self, trainer: Trainer, batch, step: int) -> dict:
         output = self.forward(batch["codes"], batch["label"] if self.vocab.class_conditional else None)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -39,7 +39,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -629,17 +628,19 @@ def load_init_weights(model: nn.Module, source: str | Path, what: str = "model")
 
 
 def task_step(task: Task, train: TrainConfig, batch) -> Callable[[], None]:
-    """One optimizer update of ``task`` on the fixed micro-batch ``batch``, as a callable: what a benchmark times
-    is the stage's own step (its task under the trainer, in memory), never a copy of it. ``step.trainer`` is the
-    trainer (its models, e.g. to change their memory format), ``step.batch`` the batch it trains on (the same object
-    every step), ``step.trainer.last_values`` the values the last micro-batch returned (``loss``, ...)."""
+    """One optimizer update of ``task`` as a callable, on the fixed micro-batch ``batch`` (or on the next
+    micro-batches of ``batch`` when it is an iterator): what a benchmark times is the stage's own step (its task
+    under the trainer, in memory), never a copy of it. ``step.trainer`` is the trainer (its models, e.g. to change
+    their memory format), ``step.batch`` the fixed batch (the same object every step), ``step.trainer.last_values``
+    the values the last micro-batch returned (``loss``, ...)."""
     import itertools
 
     trainer = Trainer(task, dataclasses.replace(train, trackers=[]), progress=False)
     trainer.start()
     for t in trainer.trained:
         t.model.train()
-    stream, counter = itertools.repeat(batch), itertools.count()
+    stream = batch if isinstance(batch, Iterator) else itertools.repeat(batch)
+    counter = itertools.count()
 
     def step() -> None:
         trainer.update(next(counter), stream)
