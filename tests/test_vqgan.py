@@ -329,8 +329,11 @@ def test_hub_mixin_round_trip_with_model_card(tmp_path):
     assert new_model == {"arch": "papers", "channel_mult": None, "attention": True, "activation_checkpointing": False}
     saved_q, legacy_q = saved["model"].pop("quantizer"), legacy["model"].pop("quantizer")
     assert {k: v for k, v in saved["model"].items() if k in legacy["model"]} == legacy["model"]
-    assert {k: v for k, v in saved_q.items() if k in legacy_q} == legacy_q
-    new_q, defaults = {k: v for k, v in saved_q.items() if k not in legacy_q}, dataclasses.asdict(QuantizerConfig())
+    # the old flat quantizer section carried every kind's fields; the file written now carries the ema kind's own
+    ema_fields = {f.name for f in dataclasses.fields(type(QuantizerConfig(kind="ema")))}
+    assert set(saved_q) == ema_fields
+    assert {k: v for k, v in legacy_q.items() if k in ema_fields} == {k: saved_q[k] for k in legacy_q if k in ema_fields}
+    new_q, defaults = {k: v for k, v in saved_q.items() if k not in legacy_q}, dataclasses.asdict(QuantizerConfig(kind="ema"))
     assert new_q == {k: defaults[k] for k in new_q}
     card = (tmp_path / "tok" / "README.md").read_text()
     assert "library_name: vqgen" in card and "steps: 7" in card and "| `psnr` | 21.5 |" in card
