@@ -38,7 +38,7 @@ STAGE_RECORD = "vqgen_stage.json"
 RECORD_FORMAT = 1
 
 _CADENCE = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.trackers",
-            "train.num_workers", "train.compile")  # how a run computes, not what: resumable either way
+            "train.num_workers", "train.compile", "train.recon_every")  # how a run computes or shows, not what
 IGNORED: dict[str, tuple[str, ...]] = {
     "tokenizer": ("output_dir", *_CADENCE, "data.cache_in_memory", "data.cache_dir"),
     "encode": ("splits",),

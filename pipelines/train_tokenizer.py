@@ -56,11 +56,12 @@ from vqgen.pipelines.common import (
 )
 from vqgen.pipelines.stages import STAGE_RECORD, check_record, make_record
 from vqgen.core import training
-from vqgen.tokenizer.data import DataConfig, build_dataset, make_dataloader
+from vqgen.tokenizer.data import DataConfig, augmented, build_dataset, make_dataloader
 from vqgen.tokenizer.discriminator import build_discriminator
 from vqgen.tokenizer.losses import LossConfig, TokenizerLoss
 from vqgen.tokenizer.model import ModelConfig, VQVAE
-from vqgen.tokenizer.perceptual import build_perceptual
+from vqgen.tokenizer.monitor import fixed_batch, recon_due, write_recon_grid
+from vqgen.tokenizer.perceptual import build_perceptual, random_trunk_warning
 from vqgen.tokenizer.quantizers import registered_kinds, spec_of
 from vqgen.eval.codebook import all_code_distance, codebook_metrics
 from vqgen.tokenizer.stats import code_counts, live_code_distance
@@ -90,13 +91,25 @@ class ScheduleConfig:
 
 
 @dataclass
+class TokenizerTrainConfig(TrainConfig):
+    """``train.*`` of a tokenizer run: the shared settings plus what only a tokenizer shows while it trains."""
+
+    recon_every: int = 0  # RUN/recon/step_N.png (a fixed validation batch over its reconstructions) every N steps; 0: off
+
+    def validate(self) -> None:
+        super().validate()
+        if self.recon_every < 0:
+            raise ValueError(f"recon_every must be >= 0 (0: no reconstruction grids), got {self.recon_every}")
+
+
+@dataclass
 class TokenizerRunConfig:
     """Everything one tokenizer run needs; saved as ``config.yaml`` in the run folder."""
 
     output_dir: str = "runs/tokenizer"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -261,10 +274,13 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
         warn(accelerator, long_schedule)
     optimizer, scheduler = build_optimizer(model, cfg.train)
     perceptual, perceptual_info = build_perceptual(cfg.loss.perceptual) if cfg.loss.uses_perceptual else (None, None)
+    if random_trunk_warning(perceptual_info):
+        warn(accelerator, random_trunk_warning(perceptual_info))
     loss_fn = TokenizerLoss(cfg.loss, perceptual).to(accelerator.device)  # frozen; rebuilt from the config, never saved
     disc, disc_optimizer = build_gan(cfg)
-    train_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, drop_last=True,
-                                   num_workers=cfg.train.num_workers)
+    # data.random_crop / data.hflip: the training view only (k-means, validation and the grids see plain images)
+    train_loader = make_dataloader(augmented(train_ds, cfg.data, cfg.train.seed), cfg.train.batch_size, shuffle=True,
+                                   seed=cfg.train.seed, drop_last=True, num_workers=cfg.train.num_workers)
     val_loader = make_dataloader(val_ds, cfg.train.batch_size, shuffle=False)
     kmeans_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed + 1)
     if len(train_loader) == 0:
@@ -283,6 +299,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
     raw: VQVAE = accelerator.unwrap_model(model)
     forward = training_forward(model, cfg.train)
     raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
+    recon_images = fixed_batch(val_ds) if cfg.train.recon_every else None
 
     start = resume_latest(accelerator, checkpoints)
     if start == 0 and cfg.schedule.mode == "early" and cfg.schedule.init == "kmeans":
@@ -376,6 +393,8 @@ def train_tokenizer(cfg: TokenizerRunConfig, stop_after: int | None = None) -> d
             loss_sum.zero_()
             logger.log(record, step)
             progress.set_postfix(loss=f"{record['loss']:.4f}", phase=phase)
+        if recon_due(step, cfg.train.recon_every, cfg.train.steps):
+            write_recon_grid(raw, recon_images, out, step, phase == "quantize", alpha, accelerator)
         if step % cfg.train.checkpoint_every == 0 or is_last:
             checkpoints.save(accelerator, step)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not is_last:
