@@ -57,7 +57,7 @@ from vqgen.eval.plots import (
     plot_per_image,
     plot_projection,
     plot_selection,
-    plot_training_curves,
+    plot_stage_curves,
     save_grids,
 )
 from vqgen.eval.reconstruction import SplitPass, tokenizer_pass
@@ -375,12 +375,10 @@ def _figures(fig_dir: Path, run: Path, model: VQVAE, data: SplitPass, codes: tor
     if samples is not None:
         rows["sampled"] = samples["images"]
     figures["real vs reconstructed vs sampled"] = save_grids(rows, fig_dir / "grid.png", cfg.grid_images)
-    curves = plot_training_curves(read_jsonl(run / "tokenizer" / "metrics.jsonl"), fig_dir / "tokenizer_curves.png",
-                                  "tokenizer training")
+    curves = plot_stage_curves(run / "tokenizer", fig_dir / "tokenizer_curves.png", "tokenizer training")
     if curves:
         figures["tokenizer training curves"] = curves
-    prior_curves = plot_training_curves(read_jsonl(run / "prior" / "metrics.jsonl"), fig_dir / "prior_curves.png",
-                                        "prior training")
+    prior_curves = plot_stage_curves(run / "prior", fig_dir / "prior_curves.png", "prior training")
     if prior_curves:
         figures["prior training curves"] = prior_curves
     hists = {"data tokens": data.code_counts}
