@@ -29,7 +29,7 @@ def _folder(root: Path, splits=("train",)) -> Path:
 
 def _experiment(tmp_path: Path, *data: str, extra: tuple[str, ...] = ()):
     return load_experiment(TINY, [f"output_dir={tmp_path / 'run'}", "tokenizer.data.source=hf",
-                                  "tokenizer.data.num_train=1", f"tokenizer.data.cache_dir={tmp_path / 'hf-cache'}",
+                                  f"tokenizer.data.cache_dir={tmp_path / 'hf-cache'}",
                                   *data, *extra])
 
 
@@ -56,12 +56,12 @@ def test_parquet_and_hub_hints_and_what_passes(tmp_path, monkeypatch):
     train = tmp_path / "train.parquet"
     datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})
                                ).to_parquet(str(train))
-    cfg = _experiment(tmp_path, f"tokenizer.data.data_files={{train: {train}}}")
+    cfg = _experiment(tmp_path, f"tokenizer.data.data_files={{train: {train}}}", "tokenizer.data.validation_fraction=0.25")
     with pytest.raises(DataError, match="add data.data_files.test=") as err:
         check_splits(cfg)
     assert "evaluate.split=validation" in str(err.value)
     # without the stages that read test, the same data is fine (validation is carved from train)
-    fine = _experiment(tmp_path, f"tokenizer.data.data_files={{train: {train}}}",
+    fine = _experiment(tmp_path, f"tokenizer.data.data_files={{train: {train}}}", "tokenizer.data.validation_fraction=0.25",
                        extra=("stages=[tokenizer, encode, prior]", "encode.splits=[train, validation]"))
     assert set(needed_splits(fine)) == {"train", "validation"}
     check_splits(fine)
@@ -70,7 +70,7 @@ def test_parquet_and_hub_hints_and_what_passes(tmp_path, monkeypatch):
     table = datasets.DatasetDict({"train": datasets.load_dataset("parquet", data_files={"train": str(train)},
                                                                  cache_dir=str(tmp_path / "hf-cache"))["train"]})
     monkeypatch.setattr(data_module, "_load", lambda cfg: table)
-    hub = _experiment(tmp_path, "tokenizer.data.path=someone/images")
+    hub = _experiment(tmp_path, "tokenizer.data.path=someone/images", "tokenizer.data.validation_fraction=0.25")
     with pytest.raises(DataError, match="'someone/images' has no test split to offer"):
         check_splits(hub)
 
