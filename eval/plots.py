@@ -50,7 +50,8 @@ PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
 NOT_CURVES = frozenset({"step", "best_step", "stopped_step", "early_stopped", "steps"})
 # key -> (title, log) for the panels of single keys (plot_comparison).
 CURVES = {**{key: (title, log) for title, keys, log in PANELS for key in keys},
-          "recon_mse": ("reconstruction MSE ([0,1] scale)", True), "recon_l1": ("reconstruction L1 ([-1,1] scale)", True)}
+          "recon_mse": ("reconstruction MSE ([0,1] scale)", True),
+          "recon_l1": ("reconstruction L1 ([-1,1] scale)", True)}
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

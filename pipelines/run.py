@@ -322,8 +322,8 @@ def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
     """Run the configured stages into ``cfg.output_dir``; returns the evaluation report (or {}).
 
     Before anything runs, every stage already in the folder is compared with ``cfg`` (``StaleStageError``
-    names the changed keys) and the data is checked for every split the stages will read (``check_splits``). ``force`` lists stages to redo from scratch: their outputs and those of every
-    later stage are deleted first.
+    names the changed keys) and the data is checked for every split the stages will read (``check_splits``).
+    ``force`` lists stages to redo from scratch: their outputs and those of every later stage are deleted first.
     """
     unknown = [s for s in force if s not in STAGES]
     if unknown:

@@ -13,9 +13,9 @@ is only reused or resumed when the new config and inputs match its record; ``cha
 Keys in ``IGNORED`` do not take part in the comparison because they cannot change a stage's result: where
 files go (``output_dir``, ``tokens`` (its files are fingerprinted as inputs instead), ``data.cache_dir``), how
 often the run logs and checkpoints (``log_every``; ``checkpoint_every`` and ``keep_checkpoints`` because
-resuming from a checkpoint is exact), where it logs (``trackers``) and how often it draws reconstruction grids (``recon_every``), and how data is fetched
-(``num_workers``: the order comes from the seeded sampler; ``data.cache_in_memory``: the same decoding,
-done once). ``encode.splits`` only says which splits to add: each encoded split records its own tokenizer
+resuming from a checkpoint is exact), where it logs (``trackers``), how often it draws reconstruction grids
+(``recon_every``: outside the random streams), and how data is fetched (``num_workers``: the order comes from
+the seeded sampler; ``data.cache_in_memory``: the same decoding, done once). ``encode.splits`` only says which splits to add: each encoded split records its own tokenizer
 and data, and the prior fingerprints the files it trains on. Everything else counts, batch sizes of the
 inference stages included (batched float arithmetic is not guaranteed to round the same way).
 """

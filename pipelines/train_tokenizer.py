@@ -94,7 +94,8 @@ class ScheduleConfig:
 class TokenizerTrainConfig(TrainConfig):
     """``train.*`` of a tokenizer run: the shared settings plus what only a tokenizer shows while it trains."""
 
-    recon_every: int = 0  # RUN/recon/step_N.png (a fixed validation batch over its reconstructions) every N steps; 0: off
+    # RUN/recon/step_N.png (a fixed validation batch above its reconstructions) every N steps; 0: off
+    recon_every: int = 0
 
     def validate(self) -> None:
         super().validate()

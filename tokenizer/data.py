@@ -266,7 +266,8 @@ class SyntheticShapes(Dataset):
 # ---------------------------------------------------------------------------------------------- hf
 
 
-Crop = tuple[float, float, float]  # (side as a fraction of the short side in (0, 1], x in [0, 1], y in [0, 1]): a square in an image
+# A square in an image: (side as a fraction of the short side in (0, 1], x in [0, 1], y in [0, 1]); see crop_box
+Crop = tuple[float, float, float]
 CENTRE: Crop = (1.0, 0.5, 0.5)  # the central square
 
 
