@@ -404,14 +404,15 @@ def batch_stream(accelerator, loader, start_step: int, grad_accum: int):
     """Endless micro-batches that continue exactly where optimizer step ``start_step`` left off.
 
     Each epoch's shuffle is seeded by (data seed, epoch) through ``set_epoch`` (Accelerate's seedable
-    sampler; a dataset with ``set_epoch`` is told the epoch too, for its augmentation), and the batches of a
-    partly used epoch are skipped, so a resumed run sees the same data in the same order as an uninterrupted one.
+    sampler; a dataset with ``set_augment_epoch`` is told the epoch too, for its augmentation), and the batches
+    of a partly used epoch are skipped, so a resumed run sees the same data in the same order as an uninterrupted
+    one.
     """
     epoch, skip = divmod(start_step * grad_accum, len(loader))
     while True:
         loader.set_epoch(epoch)
-        if hasattr(loader.dataset, "set_epoch"):  # per-epoch augmentation (vqgen.tokenizer.data.Augmented)
-            loader.dataset.set_epoch(epoch)
+        if hasattr(loader.dataset, "set_augment_epoch"):  # augmentation per epoch (vqgen.tokenizer.data.Augmented)
+            loader.dataset.set_augment_epoch(epoch)
         yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
         skip, epoch = 0, epoch + 1
 

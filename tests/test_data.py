@@ -476,7 +476,7 @@ def test_denormalize_and_save_image_grid(tmp_path):
 
 
 def _epoch_images(ds, epoch: int, n: int = 8) -> torch.Tensor:
-    ds.set_epoch(epoch)
+    ds.set_augment_epoch(epoch)
     return torch.stack([ds[i]["image"] for i in range(n)])
 
 
@@ -490,7 +490,7 @@ def test_hflip_mirrors_about_half_the_images_and_keeps_labels():
     base = build_dataset(cfg, "train")
     aug = augmented(base, cfg, seed=3)
     assert isinstance(aug, Augmented) and len(aug) == len(base) and aug.num_classes == base.num_classes
-    aug.set_epoch(0)
+    aug.set_augment_epoch(0)
     flipped = 0
     for i in range(64):
         item, plain = aug[i], base[i]
@@ -512,7 +512,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index():
     state = torch.get_rng_state()
     first = _epoch_images(a, 1)
     assert torch.equal(torch.get_rng_state(), state)
-    b.set_epoch(1)
+    b.set_augment_epoch(1)
     backwards = torch.stack([b[i]["image"] for i in reversed(range(8))]).flip(0)
     assert torch.equal(first, backwards)
     torch.manual_seed(999)  # another global state changes nothing
@@ -535,7 +535,7 @@ def test_random_crop_on_real_images_cuts_squares_of_the_source(tmp_path):
     aug = augmented(base, cfg, seed=0)
     spans = set()
     for epoch in range(3):
-        aug.set_epoch(epoch)
+        aug.set_augment_epoch(epoch)
         for i in range(len(aug)):
             img = (aug[i]["image"][0] + 1) * 127.5  # (16, 16) in [0, 255]
             left, right = float(img[:, 0].mean()), float(img[:, -1].mean())
@@ -549,12 +549,12 @@ def test_random_crop_on_real_images_cuts_squares_of_the_source(tmp_path):
 
 
 def test_augmented_views_reach_data_loader_workers():
-    """The epoch lives in shared memory: persistent workers see set_epoch."""
+    """The epoch lives in shared memory: persistent workers see set_augment_epoch."""
     cfg = _synth(hflip=True, random_crop=True)
     aug = augmented(build_dataset(cfg, "train"), cfg, seed=0)
     loader = make_dataloader(aug, batch_size=8, shuffle=False, num_workers=1)
     for epoch in (0, 1):
-        aug.set_epoch(epoch)
+        aug.set_augment_epoch(epoch)
         got = next(iter(loader))["image"]
         assert torch.equal(got, _epoch_images(aug, epoch))
 

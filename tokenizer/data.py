@@ -722,9 +722,11 @@ class Augmented(Dataset):
     """A training split with ``data.random_crop`` / ``data.hflip``: item ``i`` of epoch ``e`` is item ``i`` of
     ``base`` seen through :meth:`view` ``(i, e)``, a pure function of (seed, epoch, index).
 
-    The trainer calls :meth:`set_epoch` before each epoch (``pipelines.common.batch_stream``); the epoch lives in
-    shared memory, so data-loader workers (persistent or not) see it. Nothing here touches the global random
-    state, so resuming a run (which restores the epoch from the step) gives the same images.
+    The trainer calls :meth:`set_augment_epoch` before each epoch (``pipelines.common.batch_stream``); the epoch
+    lives in shared memory, so data-loader workers (persistent or not) see it. It is not called ``set_epoch``:
+    Accelerate would call that too, and some releases pass 0 for the rest of a resumed epoch. Nothing here
+    touches the global random state, so resuming a run (which restores the epoch from the step) gives the same
+    images.
     """
 
     def __init__(self, base: Dataset, cfg: DataConfig, seed: int):
@@ -735,7 +737,7 @@ class Augmented(Dataset):
         for name in ("num_classes", "factor_names", "factor_sizes", "class_names", "fingerprint", "labels"):
             setattr(self, name, getattr(base, name, None))
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_augment_epoch(self, epoch: int) -> None:
         """The epoch whose views :meth:`__getitem__` returns."""
         self._epoch.fill_(int(epoch))
 
