@@ -6,6 +6,7 @@ windows, safe to call from any process.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +19,39 @@ __all__ = [
     "plot_per_image",
     "plot_projection",
     "plot_selection",
+    "plot_stage_curves",
     "plot_training_curves",
+    "read_metrics",
+    "schedule_markers",
     "save_grids",
 ]
 
-# Curves drawn from metrics.jsonl when present: key -> (panel title, log scale on y).
-CURVES = {
-    "loss": ("loss", True),
-    "recon_mse": ("reconstruction MSE ([0,1] scale)", True),
-    "perplexity": ("code perplexity (batch)", False),
-    "usage": ("code usage (batch fraction)", False),
-    "code_distance": ("mean pairwise code distance", False),
-    "tau": ("temperature tau", True),
-}
+# Panels of a training-curve figure: (title, keys drawn together, log scale on y when every value is positive and
+# they span a decade or more).
+# A logged ``val_<key>`` joins the panel of ``<key>`` (dashed); any other numeric key gets a panel of its own.
+PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    ("loss", ("loss",), True),
+    ("reconstruction (MSE on [0,1]; L1 on [-1,1])", ("recon_mse", "recon_l1"), True),
+    ("perceptual loss", ("perceptual_loss",), False),
+    ("GAN: generator loss", ("gan_g_loss",), False),
+    ("discriminator loss", ("disc_loss",), False),
+    ("discriminator logits (mean)", ("logits_real", "logits_fake"), False),
+    ("adaptive GAN weight", ("adaptive_weight",), True),
+    ("code perplexity (batch)", ("perplexity",), False),
+    ("code usage (batch fraction)", ("usage",), False),
+    ("code distance", ("code_distance", "live_code_distance"), False),
+    ("temperature tau", ("tau",), True),
+    ("blend weight alpha", ("alpha",), False),
+    ("selector gradient", ("selector_grad_norm", "selector_grad_rms"), True),
+    ("prior validation NLL (nats/token)", ("val_nll", "best_val_nll"), False),
+    ("learning rate", ("lr",), False),
+)
+# Logged numbers that are not curves: bookkeeping of early stopping.
+NOT_CURVES = frozenset({"step", "best_step", "stopped_step", "early_stopped", "steps"})
+# key -> (title, log) for the panels of single keys (plot_comparison).
+CURVES = {**{key: (title, log) for title, keys, log in PANELS for key in keys},
+          "recon_mse": ("reconstruction MSE ([0,1] scale)", True),
+          "recon_l1": ("reconstruction L1 ([-1,1] scale)", True)}
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -40,8 +61,12 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+    pts = [(r["step"], r[key]) for r in records if _is_number(r.get(key)) and "step" in r]
     if not pts:
         return np.zeros(0), np.zeros(0)
     steps, values = zip(*pts)
@@ -49,22 +74,75 @@ def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _phase_changes(records: list[dict]) -> list[tuple[float, str]]:
-    """(step, new phase) wherever ``phase`` changes, e.g. deferred quantization switching on."""
-    out, last = [], None
+    """(step, new phase) wherever ``phase`` changes in the records: the line sits before the first record of the
+    new phase (at the last step of the old one)."""
+    out, last, last_step = [], None, 0.0
     for r in records:
         phase = r.get("phase")
         if phase is not None and last is not None and phase != last:
-            out.append((float(r["step"]), str(phase)))
+            out.append((last_step, str(phase)))
         last = phase if phase is not None else last
+        last_step = float(r.get("step", last_step))
     return out
 
 
-def plot_training_curves(records: list[dict], path: str | Path, title: str = "training") -> Path | None:
-    """One panel per logged curve (see ``CURVES``) plus stacked codebook-selection fractions.
+def schedule_markers(config: dict | None) -> list[tuple[float, str]]:
+    """Where a run's configuration switches something on, as (step, label) for the curves: quantization after the
+    continuous phase (``schedule.ae_steps`` of a deferred run), the end of the soft blend, the GAN's start. A step
+    ``s`` here is the boundary after ``s`` optimizer steps, i.e. between logged steps ``s`` and ``s + 1``. Reads the
+    resolved ``config.yaml`` of a tokenizer run (a dict); a prior's config (or None) gives no markers."""
+    if not isinstance(config, dict) or not isinstance(config.get("schedule"), dict):
+        return []
+    schedule, loss = config["schedule"], config.get("loss") or {}
+    deferred = schedule.get("mode") == "deferred"
+    ae_steps = int(schedule.get("ae_steps") or 0) if deferred else 0
+    out = []
+    if deferred:
+        out.append((float(ae_steps), "quantize"))
+        if schedule.get("transition_steps"):
+            out.append((float(ae_steps + schedule["transition_steps"]), "blend done"))
+    if (loss.get("disc_weight") or 0) > 0:
+        start = loss.get("disc_start")
+        start = ae_steps if start is None else int(start)
+        if start > 0:
+            out.append((float(start), "GAN on"))
+    return sorted(out)
 
-    Phase changes (continuous -> quantize) are marked with a dashed line. Returns None without data.
+
+def _panels(records: list[dict]) -> list[tuple[str, list[str], bool]]:
+    """The panels with data: ``PANELS`` in order, then one per other numeric key; ``val_<key>`` joins ``<key>``."""
+    present = []
+    for r in records:
+        for key, value in r.items():
+            if _is_number(value) and key not in NOT_CURVES and key not in present:
+                present.append(key)
+    placed: set[str] = set()
+    panels = []
+    for title, keys, log in PANELS:
+        members = [k for k in keys if k in present] + [f"val_{k}" for k in keys if f"val_{k}" in present]
+        if members:
+            panels.append((title, members, log))
+            placed.update(members)
+    for key in present:
+        if key in placed:
+            continue
+        members = [key] + ([f"val_{key}"] if f"val_{key}" in present else [])
+        if key.startswith("val_") and key[4:] in present:
+            continue  # drawn with its training counterpart
+        panels.append((key.replace("_", " "), members, False))
+        placed.update(members)
+    return panels
+
+
+def plot_training_curves(records: list[dict], path: str | Path, title: str = "training",
+                         markers: list[tuple[float, str]] | None = None) -> Path | None:
+    """Every logged numeric curve of a ``metrics.jsonl`` (grouped as ``PANELS`` says) plus the stacked
+    codebook-selection fractions.
+
+    ``markers`` ((step, label), e.g. from :func:`schedule_markers`) are drawn as dashed lines; without them the
+    places where the logged ``phase`` changes are marked. Returns None without data.
     """
-    panels = [k for k in CURVES if _series(records, k)[0].size]
+    panels = _panels(records)
     selection = [(r["step"], r["selection"]) for r in records if isinstance(r.get("selection"), list)]
     n = len(panels) + (1 if selection else 0)
     if n == 0:
@@ -72,19 +150,26 @@ def plot_training_curves(records: list[dict], path: str | Path, title: str = "tr
     cols = min(3, n)
     rows = (n + cols - 1) // cols
     fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
-    changes = _phase_changes(records)
-    for i, key in enumerate(panels):
+    changes = _phase_changes(records) if markers is None else list(markers)
+    for i, (label, keys, log) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
-        steps, values = _series(records, key)
-        ax.plot(steps, values, lw=1.2)
-        label, log = CURVES[key]
-        if log and (values > 0).all():
+        drawn = []
+        for key in keys:
+            steps, values = _series(records, key)
+            few = steps.size <= 20  # a handful of evaluations: show the points
+            ax.plot(steps, values, lw=1.2, ls="--" if key.startswith("val_") else "-", marker="o" if few else None,
+                    ms=3, label=key)
+            drawn.append(values)
+        values = np.concatenate(drawn)
+        if log and (values > 0).all() and values.max() > 10 * values.min():  # log scale for a decade or more
             ax.set_yscale("log")
+        if len(keys) > 1:
+            ax.legend(fontsize=6)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-        for step, phase in changes:
+        for step, what in changes:
             ax.axvline(step, color="grey", ls="--", lw=0.8)
-            ax.text(step, ax.get_ylim()[1], f" {phase}", fontsize=7, va="top", color="grey")
+            ax.text(step, ax.get_ylim()[1], f" {what}", fontsize=7, va="top", color="grey")
         ax.tick_params(labelsize=7)
     if selection:
         ax = fig.add_subplot(rows, cols, n)
@@ -99,6 +184,35 @@ def plot_training_curves(records: list[dict], path: str | Path, title: str = "tr
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (empty when the file is missing; a line cut short by a kill is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def plot_stage_curves(stage_dir: str | Path, path: str | Path, title: str) -> Path | None:
+    """:func:`plot_training_curves` of a trainer's run folder (``metrics.jsonl``), with the markers its
+    ``config.yaml`` implies (:func:`schedule_markers`; a folder without one marks the logged phase changes)."""
+    import yaml
+
+    stage_dir = Path(stage_dir)
+    config = None
+    if (stage_dir / "config.yaml").is_file():
+        config = yaml.safe_load((stage_dir / "config.yaml").read_text())
+    markers = schedule_markers(config) if isinstance(config, dict) else None
+    return plot_training_curves(read_metrics(stage_dir / "metrics.jsonl"), path, title, markers)
 
 
 def plot_code_usage(histograms: dict[str, torch.Tensor], path: str | Path) -> Path:
@@ -228,7 +342,7 @@ def plot_comparison(runs: dict[str, list[dict]], path: str | Path,
             steps, values = _series(records, key)
             if steps.size:
                 ax.plot(steps, values, lw=1.2, label=name)
-        label, log = CURVES[key]
+        label, log = CURVES.get(key, (key.replace("_", " "), False))
         if log:
             ax.set_yscale("log")
         ax.set_title(label, fontsize=9)

@@ -64,7 +64,7 @@ from vqgen.eval.plots import (
     plot_per_image,
     plot_projection,
     plot_selection,
-    plot_training_curves,
+    plot_stage_curves,
     save_grids,
 )
 from vqgen.eval.reconstruction import SplitPass, tokenizer_pass
@@ -469,12 +469,10 @@ def _figures(fig_dir: Path, tok_dir: Path, model: VQVAE, data: SplitPass, codes:
     if samples is not None:
         rows["sampled"] = samples["images"]
     figures["real vs reconstructed vs sampled"] = save_grids(rows, fig_dir / "grid.png", cfg.grid_images)
-    curves = plot_training_curves(read_jsonl(tok_dir / "metrics.jsonl"), fig_dir / "tokenizer_curves.png",
-                                  "tokenizer training")
+    curves = plot_stage_curves(tok_dir, fig_dir / "tokenizer_curves.png", "tokenizer training")
     if curves:
         figures["tokenizer training curves"] = curves
-    prior_curves = plot_training_curves(read_jsonl(tok_dir.parent / "prior" / "metrics.jsonl"),
-                                        fig_dir / "prior_curves.png", "prior training")
+    prior_curves = plot_stage_curves(tok_dir.parent / "prior", fig_dir / "prior_curves.png", "prior training")
     if prior_curves:
         figures["prior training curves"] = prior_curves
     hists = {"data tokens": data.code_counts}

@@ -47,6 +47,7 @@ from vqgen.core.io import load_json
 from vqgen.pipelines.completion import record_outputs
 from vqgen.pipelines.manifest import partial_path
 from vqgen.pipelines.stages import STAGE_NAMES, STAGES, Stage, legacy_record, stage
+from vqgen.tokenizer.data import DataError, missing_splits
 
 
 def _validate_experiment(self) -> None:
@@ -256,12 +257,46 @@ def write_stage_record(run: Path, s: Stage, record: dict, ran: bool) -> None:
     write_record(path, record)
 
 
+def needed_splits(cfg) -> dict[str, list[str]]:
+    """split -> the settings of the stages in ``cfg.stages`` that read it (all from ``tokenizer.data``)."""
+    needs: dict[str, list[str]] = {}
+    stages = set(cfg.stages)
+    if "tokenizer" in stages:
+        needs.setdefault("train", []).append("tokenizer")
+        needs.setdefault("validation", []).append("tokenizer")
+    if "encode" in stages:
+        for split in cfg.encode.splits:
+            needs.setdefault(split, []).append("encode.splits")
+    if "evaluate" in stages:
+        needs.setdefault(cfg.evaluate.split, []).append(f"evaluate.split={cfg.evaluate.split}")
+    return needs
+
+
+def check_splits(cfg) -> None:
+    """Refuse, before any stage runs, when the data lacks a split a stage of this run will read; the one line
+    names the split, who needs it, how to add it to the data and how to run without it."""
+    needs = needed_splits(cfg)
+    missing = missing_splits(cfg.tokenizer.data, needs)
+    if not missing:
+        return
+    split, reason = next(iter(missing.items()))
+    ways = []
+    if any(who.startswith("encode") for who in needs[split]):
+        ways.append(f"encode.splits={json.dumps([s for s in cfg.encode.splits if s != split])}")
+    if any(who.startswith("evaluate") for who in needs[split]):
+        ways.append("evaluate.split=" + next(s for s in ("validation", "train") if s not in missing))
+    without = f", or run without it: {' '.join(ways)}" if ways and "tokenizer" not in needs[split] else ""
+    raise DataError(f"this run needs the {split} split ({', '.join(needs[split])}) and the data cannot give it: "
+                    f"{reason}{without}")
+
+
 @owns_folder(lambda cfg, *args, **kwargs: cfg.output_dir, "run", what="output_dir")
 def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
     """Run the configured stages into ``cfg.output_dir``; returns the evaluation report (or {}).
 
     Before anything runs, every stage already in the folder is compared with ``cfg`` (``StaleStageError``
-    names the changed keys). ``force`` lists stages to redo from scratch: their outputs and those of every
+    names the changed keys) and the data is checked for every split the stages will read (``check_splits``).
+    ``force`` lists stages to redo from scratch: their outputs and those of every
     later stage are deleted first. A trainer whose ``train.steps``, batch size or accumulation changed continues
     from its newest checkpoint, and every later stage that used its result is redone.
     """
@@ -271,6 +306,7 @@ def run_experiment(cfg, force: Sequence[str] = ()) -> dict:
     run = check_output_dir(cfg.output_dir, "output_dir")
     first_forced = min((STAGE_NAMES.index(name) for name in force), default=len(STAGES))
     check_stage_configs(cfg, run, first_forced)
+    check_splits(cfg)
     force_stages(run, force)
     save_experiment(cfg, run / "experiment.yaml")
     report: dict = {}
@@ -490,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         check_writable_as(cfg.output_dir, "run", "output_dir")
         run_dir = check_output_dir(cfg.output_dir, "output_dir")
         check_stage_configs(cfg, run_dir, min((STAGE_NAMES.index(s) for s in force), default=len(STAGES)))
+        check_splits(cfg)
         forced_outputs(run_dir, force)
     compare_out = Path(args.compare_dir or compare_dir or "runs/comparison")
     if len(configs) > 1:

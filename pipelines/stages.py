@@ -95,7 +95,8 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("tokenizer", "vqgen.pipelines.train_tokenizer", "train-tokenizer", "train a VQ-VAE tokenizer (stage 1)",
           "TokenizerRunConfig", ("tokenizer",), "tokenizer/" + STAGE_RECORD,
-          ignored=("output_dir", *_CADENCE, "data.cache_in_memory", "data.cache_dir", "model.activation_checkpointing"),
+          ignored=("output_dir", *_CADENCE, "train.recon_every", "data.cache_in_memory", "data.cache_dir",
+                   "model.activation_checkpointing"),  # recon grids are drawn outside the random streams
           trainer=True,
           wired=lambda run: {"output_dir": str(run / "tokenizer")}, seed_key=("train", "seed"),
           result_files=("model/config.json", "model/model.safetensors", "summary.json")),

@@ -51,11 +51,12 @@ from vqgen.core.trainer import (
 from vqgen.eval.codebook import all_code_distance, codebook_metrics
 from vqgen.pipelines.common import entry_point, parse_cli
 from vqgen.pipelines.stages import legacy_record
-from vqgen.tokenizer.data import DataConfig, build_dataset, make_dataloader
+from vqgen.tokenizer.data import DataConfig, augmented, build_dataset, make_dataloader
 from vqgen.tokenizer.discriminator import build_discriminator
 from vqgen.tokenizer.losses import LossConfig, TokenizerLoss
 from vqgen.tokenizer.model import ModelConfig, VQVAE
-from vqgen.tokenizer.perceptual import build_perceptual
+from vqgen.tokenizer.monitor import fixed_batch, recon_due, write_recon_grid
+from vqgen.tokenizer.perceptual import build_perceptual, random_trunk_warning
 from vqgen.tokenizer.quantizers import registered_kinds, spec_of
 from vqgen.tokenizer.stats import code_counts, live_code_distance
 
@@ -84,13 +85,26 @@ class ScheduleConfig:
 
 
 @dataclass
+class TokenizerTrainConfig(TrainConfig):
+    """``train.*`` of a tokenizer run: the shared settings plus what only a tokenizer shows while it trains."""
+
+    # RUN/recon/step_N.png (a fixed validation batch above its reconstructions) every N steps; 0: off
+    recon_every: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.recon_every < 0:
+            raise ValueError(f"recon_every must be >= 0 (0: no reconstruction grids), got {self.recon_every}")
+
+
+@dataclass
 class TokenizerRunConfig:
     """Everything one tokenizer run needs; saved as ``config.yaml`` in the run folder."""
 
     output_dir: str = "runs/tokenizer"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     # fine-tune: start from the weights of another tokenizer run (its folder, model/ folder or a hub id); the
@@ -249,10 +263,15 @@ class TokenizerTask(Task):
         optimizer, scheduler = optimizer_and_schedule(model, cfg.train)
         perceptual, self.perceptual_info = (build_perceptual(cfg.loss.perceptual) if cfg.loss.uses_perceptual
                                             else (None, None))
+        if random_trunk_warning(self.perceptual_info):
+            warn(accelerator, random_trunk_warning(self.perceptual_info))
         self.loss_fn = TokenizerLoss(cfg.loss, perceptual).to(accelerator.device)  # frozen; never saved
         disc, disc_optimizer = build_gan(cfg)
-        train_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                                       drop_last=True, num_workers=cfg.train.num_workers)
+        # data.random_crop / data.hflip: the training view only (k-means, validation and the grids see plain images)
+        train_loader = make_dataloader(augmented(train_ds, cfg.data, cfg.train.seed), cfg.train.batch_size,
+                                       shuffle=True, seed=cfg.train.seed, drop_last=True,
+                                       num_workers=cfg.train.num_workers)
+        self.recon_images = fixed_batch(val_ds) if cfg.train.recon_every else None
         val_loader = make_dataloader(val_ds, cfg.train.batch_size, shuffle=False)
         kmeans_loader = make_dataloader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed + 1)
         if len(train_loader) == 0:
@@ -325,6 +344,10 @@ class TokenizerTask(Task):
     def after_update(self, trainer: Trainer, step: int) -> None:
         if self.phase == "quantize":
             self.raw.quantizer.step_schedule()  # temperature schedules count optimizer steps (no host sync)
+        done = step + 1  # optimizer steps taken (the grid files count from 1, as the checkpoints do)
+        if recon_due(done, self.cfg.train.recon_every, self.cfg.train.steps):
+            write_recon_grid(self.raw, self.recon_images, trainer.output_dir, done, self.phase == "quantize",
+                             self.alpha, trainer.accelerator)
 
     def log_record(self, trainer: Trainer, step: int) -> dict:
         record = step_metrics(self.raw, self.output, trainer.accelerator, self.phase, self.alpha)

@@ -21,8 +21,11 @@ from vqgen.tokenizer.data import (
     SHAPE_NAMES,
     DataConfig,
     DataError,
+    Augmented,
     SyntheticShapes,
+    augmented,
     build_dataset,
+    missing_splits,
     denormalize,
     make_dataloader,
     preprocess_pil,
@@ -223,15 +226,76 @@ def test_grey_and_rgb_conversion():
     assert preprocess_pil(rgba, 16, 3).shape == (3, 16, 16)
 
 
-def test_resize_vs_center_crop_on_wide_image():
+def test_policies_on_wide_image():
     arr = np.zeros((20, 60), dtype=np.uint8)  # (H, W): a bright middle third, dark sides
     arr[:, 20:40] = 255
     img = Image.fromarray(arr, "L")
-    squashed = preprocess_pil(img, 10, 1, "resize")
-    cropped = preprocess_pil(img, 10, 1, "center_crop")
-    assert squashed.shape == cropped.shape == (1, 10, 10)
+    squashed = preprocess_pil(img, 10, 1, "stretch")
+    for policy in ("resize", "center_crop"):  # both keep the aspect ratio: the bright middle square fills the frame
+        cropped = preprocess_pil(img, 10, 1, policy)
+        assert cropped.shape == (1, 10, 10)
+        assert cropped[0, :, 1:9].min() > 220, policy
+    assert squashed.shape == (1, 10, 10)
     assert squashed[0, :, 0].max() < 30 and squashed[0, :, 5].min() > 220  # sides dark, middle bright
-    assert cropped[0, :, 2:8].min() > 220  # the crop is the bright middle square
+
+
+def _disc_image(width: int, height: int) -> Image.Image:
+    """A white disc of radius 0.4 * short side at the centre of a black RGB image, with red bands outside the
+    central square (they must not show after a centre crop)."""
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5
+    r = 0.4 * min(width, height)
+    arr = np.zeros((height, width, 3), dtype=np.uint8)
+    arr[(xs - width / 2) ** 2 + (ys - height / 2) ** 2 <= r * r] = 255
+    side = min(width, height)
+    top, left = (height - side) // 2, (width - side) // 2
+    outside = np.ones((height, width), bool)
+    outside[top:top + side, left:left + side] = False
+    arr[outside] = (255, 0, 0)
+    return Image.fromarray(arr, "RGB")
+
+
+@pytest.mark.parametrize("width, height", [(37, 53), (53, 37)])
+def test_default_resize_keeps_aspect_ratio_on_37x53(width, height):
+    """Short side to S, then the central S x S: the disc stays round and centred, nothing outside the central
+    square shows; torchvision's Resize(S) + CenterCrop(S) gives the same image up to its half-pixel rounding."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    img, size = _disc_image(width, height), 32
+    out = preprocess_pil(img, size, 3)  # the default policy
+    assert out.shape == (3, size, size)
+    disc = (out.float().mean(0) > 127).float()  # (S, S)
+    rows, cols = disc.sum(1).nonzero(), disc.sum(0).nonzero()
+    extent = (int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1)
+    assert abs(extent[0] - extent[1]) <= 1 and abs(extent[0] - 0.8 * size) <= 2  # round, 0.8 of the frame
+    ys, xs = torch.nonzero(disc, as_tuple=True)
+    assert abs(float(ys.float().mean()) + 0.5 - size / 2) < 0.5 and abs(float(xs.float().mean()) + 0.5 - size / 2) < 0.5
+    red = (out[0].int() - out[1].int() > 100)
+    assert not red.any()  # the red bands lie outside the central square
+    reference = TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.BICUBIC), [size, size])
+    reference = torch.from_numpy(np.array(reference)).permute(2, 0, 1).float()
+    assert (reference - out.float()).abs().mean() < 12  # rounding of the crop offset: at most half a pixel
+    squashed = preprocess_pil(img, size, 3, "stretch")  # the old default squashes the disc into an ellipse
+    sq = (squashed.float().mean(0) > 127) & ~(squashed[0].int() - squashed[1].int() > 100)
+    rows, cols = sq.sum(1).nonzero(), sq.sum(0).nonzero()
+    assert abs((int(rows.max() - rows.min()) + 1) - (int(cols.max() - cols.min()) + 1)) >= 5
+
+
+@pytest.mark.parametrize("side, size, mode", [(28, 32, "L"), (32, 32, "RGB"), (64, 32, "RGB"), (37, 16, "L"),
+                                              (17, 16, "RGBA")])
+def test_square_images_are_unchanged_by_the_new_default(side, size, mode):
+    """For square sources (MNIST, CIFAR-10) the default gives exactly the whole image scaled, as before."""
+    rng = np.random.default_rng(side)
+    channels = 1 if mode == "L" else 3
+    arr = rng.integers(0, 256, (side, side, len(mode)) if mode != "L" else (side, side), dtype=np.uint8)
+    img = Image.fromarray(arr, mode)
+    old = img.convert("L" if channels == 1 else "RGB")
+    if old.size != (size, size):
+        old = old.resize((size, size), Image.BICUBIC)
+    old = torch.from_numpy(np.asarray(old).copy())
+    old = old.unsqueeze(0) if channels == 1 else old.permute(2, 0, 1)
+    for policy in ("resize", "stretch", "center_crop"):
+        assert torch.equal(preprocess_pil(img, size, channels, policy), old), policy
 
 
 def test_hf_image_folder(tmp_path):
@@ -406,3 +470,123 @@ def test_denormalize_and_save_image_grid(tmp_path):
     save_image_grid(ds.images[:4], tmp_path / "u8.png", nrow=2)  # uint8 input works too
     with pytest.raises(DataError, match="expects"):
         save_image_grid(images[0], tmp_path / "bad.png")
+
+
+# ------------------------------------------------------------------------------------- augmentation
+
+
+def _epoch_images(ds, epoch: int, n: int = 8) -> torch.Tensor:
+    ds.set_augment_epoch(epoch)
+    return torch.stack([ds[i]["image"] for i in range(n)])
+
+
+def test_augmentation_off_returns_the_split_itself():
+    ds = build_dataset(_synth(), "train")
+    assert augmented(ds, _synth(), seed=0) is ds
+
+
+def test_hflip_mirrors_about_half_the_images_and_keeps_labels():
+    cfg = _synth(hflip=True)
+    base = build_dataset(cfg, "train")
+    aug = augmented(base, cfg, seed=3)
+    assert isinstance(aug, Augmented) and len(aug) == len(base) and aug.num_classes == base.num_classes
+    aug.set_augment_epoch(0)
+    flipped = 0
+    for i in range(64):
+        item, plain = aug[i], base[i]
+        mirrored = torch.equal(item["image"], plain["image"].flip(-1))
+        assert mirrored or torch.equal(item["image"], plain["image"])
+        assert mirrored == aug.view(i, 0).flip
+        flipped += mirrored
+        assert item["label"] == plain["label"] and torch.equal(item["factors"], plain["factors"])
+    assert 16 <= flipped <= 48
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index():
+    """The same (seed, epoch, index) gives the same image in any order and in another object (a resumed run);
+    another epoch or seed gives other crops; the global random state is neither read nor moved."""
+    cfg = _synth(random_crop=True, random_crop_min=0.6, hflip=True)
+    base = build_dataset(cfg, "train")
+    a, b = augmented(base, cfg, seed=0), augmented(base, cfg, seed=0)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = _epoch_images(a, 1)
+    assert torch.equal(torch.get_rng_state(), state)
+    b.set_augment_epoch(1)
+    backwards = torch.stack([b[i]["image"] for i in reversed(range(8))]).flip(0)
+    assert torch.equal(first, backwards)
+    torch.manual_seed(999)  # another global state changes nothing
+    assert torch.equal(first, _epoch_images(a, 1))
+    assert not torch.equal(first, _epoch_images(a, 2))
+    assert not torch.equal(first, _epoch_images(augmented(base, cfg, seed=1), 1))
+    plain = torch.stack([base[i]["image"] for i in range(8)])
+    assert not torch.equal(first, plain)
+    assert first.shape == plain.shape and first.min() >= -1 and first.max() <= 1
+
+
+def test_random_crop_on_real_images_cuts_squares_of_the_source(tmp_path):
+    """A random crop of a 48x32 gradient: a square of 0.5-1 of the short side somewhere in the image, scaled to S
+    (so the horizontal ramp it shows is a sub-range of the source's)."""
+    ramp = np.tile(np.linspace(0, 255, 48, dtype=np.float64), (32, 1)).astype(np.uint8)  # (H=32, W=48)
+    path = _write_parquet(tmp_path / "ramp.parquet", [Image.fromarray(ramp, "L")] * 6)
+    cfg = _hf(tmp_path, {"train": path}, channels=1, image_size=16, validation_fraction=0.0, random_crop=True,
+              random_crop_min=0.5)
+    base = build_dataset(cfg, "train")
+    aug = augmented(base, cfg, seed=0)
+    spans = set()
+    for epoch in range(3):
+        aug.set_augment_epoch(epoch)
+        for i in range(len(aug)):
+            img = (aug[i]["image"][0] + 1) * 127.5  # (16, 16) in [0, 255]
+            left, right = float(img[:, 0].mean()), float(img[:, -1].mean())
+            crop = aug.view(i, epoch).crop
+            side = crop[0] * 32  # source pixels
+            expect_left = crop[1] * (48 - side) * 255 / 47
+            assert abs(left - expect_left) < 12 and 0.5 <= crop[0] <= 1
+            assert (img[:, 1:].mean(0) >= img[:, :-1].mean(0) - 1).all()  # still a left-to-right ramp
+            spans.add(round(right - left))
+    assert len(spans) > 3  # crops of several sizes
+
+
+def test_augmented_views_reach_data_loader_workers():
+    """The epoch lives in shared memory: persistent workers see set_augment_epoch."""
+    cfg = _synth(hflip=True, random_crop=True)
+    aug = augmented(build_dataset(cfg, "train"), cfg, seed=0)
+    loader = make_dataloader(aug, batch_size=8, shuffle=False, num_workers=1)
+    for epoch in (0, 1):
+        aug.set_augment_epoch(epoch)
+        got = next(iter(loader))["image"]
+        assert torch.equal(got, _epoch_images(aug, epoch))
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"random_crop": True, "resize": "stretch"}, "stretch"),
+    ({"random_crop_min": 0.0}, "random_crop_min"),
+    ({"random_crop": True, "cache_in_memory": True, "source": "hf", "data_dir": "x"}, "cache_in_memory"),
+])
+def test_augmentation_settings_refused(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(DataConfig, data)
+
+
+# ----------------------------------------------------------------------------------- missing splits
+
+
+def test_missing_splits_per_source(tmp_path, mnist_like):
+    assert missing_splits(_synth(), ["train", "validation", "test"]) == {}
+    assert "data.num_test" in missing_splits(_synth(num_test=0), ["test"])["test"]
+    files = _hf(tmp_path, {"train": mnist_like["train"]})
+    found = missing_splits(files, ["train", "validation", "test"])
+    assert list(found) == ["test"] and "data.data_files.test" in found["test"]  # validation is carved from train
+    root = tmp_path / "folder"
+    for k, cls in enumerate(("a", "b")):
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(root / "train" / cls / f"{i}.png")
+    folder = DataConfig(source="hf", data_dir=str(root), cache_dir=str(tmp_path / "c"), validation_fraction=0.25)
+    found = missing_splits(folder, ["train", "validation", "test"])
+    assert list(found) == ["test"]
+    assert f"add a folder {root / 'test'}/" in found["test"] and "data_files" not in found["test"]
+    with pytest.raises(DataError, match=f"add a folder {root / 'test'}/"):
+        build_dataset(folder, "test")
+

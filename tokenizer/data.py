@@ -11,8 +11,12 @@ Two sources share that contract:
   coverage can be counted. ``label = shape * n_colours + colour`` (the "mode").
 - ``hf`` (:class:`HFImageDataset`): a hub name, local parquet files or an image folder through
   ``datasets``. Images are decoded lazily per item (or once into memory with ``cache_in_memory``), then
-  go through the one preprocessing path :func:`preprocess_pil` (mode L/RGB, resize or centre crop,
-  scale to [-1, 1]). ``factors`` is ``[label]``, or empty with ``label = -1`` when unlabeled.
+  go through the one preprocessing path :func:`preprocess_pil` (mode L/RGB, a square crop scaled to
+  ``image_size``, scale to [-1, 1]). ``factors`` is ``[label]``, or empty with ``label = -1`` when unlabeled.
+
+Training augmentations (``data.random_crop``, ``data.hflip``; off by default) are not part of any split:
+:func:`augmented` wraps the split a trainer learns from, and draws each image's crop and flip from
+(seed, epoch, index) alone, so a resumed run sees the same images as an uninterrupted one.
 
 Each dataset carries ``num_classes``, ``factor_names``, ``factor_sizes``, ``class_names`` and a
 ``fingerprint`` (stable hash of what defines its images, for caching FID statistics and classifiers).
@@ -38,7 +42,7 @@ from vqgen.core.config import ConfigError
 
 SPLITS = ("train", "validation", "test")
 SOURCES = ("synthetic", "hf")
-RESIZE_POLICIES = ("resize", "center_crop")
+RESIZE_POLICIES = ("resize", "center_crop", "stretch")
 
 # Bump when the synthetic generator changes, so cached statistics keyed by the fingerprint go stale.
 SYNTHETIC_VERSION = 1
@@ -83,7 +87,14 @@ class DataConfig:
     label_column: str | None = None  # None: a ClassLabel feature or a column "label"/"labels"; else unlabeled
     image_size: int = 32
     channels: int = 3
-    resize: str = "resize"  # "resize": whole image to size; "center_crop": central square, then resize
+    # "resize": short side scaled to image_size, the central square kept (aspect ratio kept); "center_crop": the
+    # central square cut at whole source pixels, then scaled; "stretch": the whole image scaled to a square
+    resize: str = "resize"
+    # training split of the tokenizer only (see ``augmented``): a random square crop instead of the central one,
+    # its side a uniform fraction in [random_crop_min, 1] of the short side, at a uniform random position
+    random_crop: bool = False
+    random_crop_min: float = 0.8
+    hflip: bool = False  # training split of the tokenizer only: mirror left-right with probability 1/2
     validation_fraction: float = 0.05  # carved from train when the source has no validation split
     max_samples: int | None = None  # per-split cap (a seeded random subset), for quick runs
     seed: int = 0
@@ -103,6 +114,14 @@ class DataConfig:
             raise DataError(f"data.channels={self.channels!r} must be 1 (grey) or 3 (RGB)")
         if self.resize not in RESIZE_POLICIES:
             raise DataError(f"data.resize={self.resize!r} is unknown; use one of {', '.join(RESIZE_POLICIES)}")
+        if not 0.0 < self.random_crop_min <= 1.0:
+            raise DataError(f"data.random_crop_min={self.random_crop_min!r} must be in (0, 1]")
+        if self.random_crop and self.resize == "stretch":
+            raise DataError("data.random_crop cuts square crops, which data.resize=stretch never does (validation and "
+                            "test would look different from training); use data.resize=resize or turn random_crop off")
+        if self.random_crop and self.cache_in_memory and self.source == "hf":
+            raise DataError("data.random_crop crops the source images, which data.cache_in_memory does not keep; set "
+                            "data.cache_in_memory=false (data.hflip works with the cache)")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise DataError(f"data.validation_fraction={self.validation_fraction!r} must be in [0, 1)")
         if self.max_samples is not None and self.max_samples < 1:
@@ -230,36 +249,76 @@ class SyntheticShapes(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "image": to_float(self.images[i]),
-            "label": self.labels[i],
-            "factors": self.factors_table[i],
-        }
+        return self.item(i)
+
+    def item(self, i: int, view: "View | None" = None) -> dict[str, torch.Tensor]:
+        """Item ``i``; ``view`` (training augmentation) crops and mirrors its image (the factors describe the
+        rendered image)."""
+        image = self.images[i]
+        if view is not None:
+            if view.crop is not None:  # the rendered image is the source
+                image = preprocess_pil(to_pil(image), image.shape[-1], image.shape[0], crop=view.crop)
+            if view.flip:
+                image = image.flip(-1)
+        return {"image": to_float(image), "label": self.labels[i], "factors": self.factors_table[i]}
 
 
 # ---------------------------------------------------------------------------------------------- hf
 
 
-def preprocess_pil(img: Image.Image, image_size: int, channels: int, resize: str = "resize") -> torch.Tensor:
+# A square in an image: (side as a fraction of the short side in (0, 1], x in [0, 1], y in [0, 1]); see crop_box
+Crop = tuple[float, float, float]
+CENTRE: Crop = (1.0, 0.5, 0.5)  # the central square
+
+
+def crop_box(width: int, height: int, crop: Crop) -> tuple[float, float, float, float]:
+    """The square ``crop`` of a ``width`` x ``height`` image as a PIL box (left, top, right, bottom), in source
+    pixels, not rounded: side ``crop[0] * min(width, height)``; ``x``, ``y`` place it from the left / top edge
+    (0) to the right / bottom edge (1)."""
+    scale, x, y = crop
+    side = scale * min(width, height)
+    left, top = x * (width - side), y * (height - side)
+    return left, top, left + side, top + side
+
+
+def preprocess_pil(img: Image.Image, image_size: int, channels: int, resize: str = "resize",
+                   crop: Crop | None = None) -> torch.Tensor:
     """The one preprocessing path for real images: PIL -> uint8 (C, S, S).
 
-    ``resize``: the whole image to S x S (bicubic; PIL filters over the source footprint, so downscaling
-    is antialiased). ``center_crop``: the central square (side = shorter side), then the same resize.
+    ``resize`` (the policy, ``DataConfig.resize``): ``resize`` scales the short side to S and keeps the central
+    S x S, i.e. the central square of the source scaled to S (bicubic, over a box that is not rounded to whole
+    pixels, so it is exactly centred; PIL filters over the source footprint, so downscaling is antialiased);
+    a square image is scaled as a whole. ``center_crop`` cuts the central square at whole source pixels, then
+    scales it. ``stretch`` scales the whole image to S x S (the aspect ratio is not kept). ``crop`` (training
+    augmentation) replaces the central square by another square of the image (see :func:`crop_box`).
     """
     target = "L" if channels == 1 else "RGB"
     if img.mode != target:
         _log_conversion(img.mode, target, channels)
     img = img.convert(target)  # also drops alpha and expands palettes
-    if resize == "center_crop":
-        w, h = img.size
+    w, h = img.size
+    box = None
+    if crop is not None:
+        box = crop_box(w, h, crop)
+    elif resize == "center_crop":
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
         img = img.crop((left, top, left + side, top + side))
-    if img.size != (image_size, image_size):
+    elif resize == "resize" and w != h:
+        box = crop_box(w, h, CENTRE)
+    if box is not None:
+        img = img.resize((image_size, image_size), Image.BICUBIC, box=box)
+    elif img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BICUBIC)
     arr = np.asarray(img, dtype=np.uint8)  # (S, S) or (S, S, 3)
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1).contiguous()
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """uint8 (C, H, W) with C = 1 or 3 -> a PIL image of mode L or RGB."""
+    arr = image.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[..., 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
 
 
 _LOGGED_CONVERSIONS: set[tuple[str, str]] = set()
@@ -481,12 +540,12 @@ def _split_indices(dsd, cfg: DataConfig, split: str) -> tuple[str, torch.Tensor 
     name = _source_split(dsd, split)
     if split == "test" or _source_split(dsd, "validation") is not None:
         if name is None:
-            raise DataError(f"the data has no {split!r} split (splits: {available}); add data_files.{split}")
+            raise DataError(f"the data has no {split!r} split (splits: {available}); {split_hint(cfg, split)}")
         return name, None
     # No source validation split: carve it from train.
     train = _source_split(dsd, "train")
     if train is None:
-        raise DataError(f"the data has no 'train' split (splits: {available}); add data_files.train")
+        raise DataError(f"the data has no 'train' split (splits: {available}); {split_hint(cfg, 'train')}")
     n = len(dsd[train])
     n_val = int(round(n * cfg.validation_fraction))
     if n_val == 0 or n_val == n:
@@ -494,12 +553,49 @@ def _split_indices(dsd, cfg: DataConfig, split: str) -> tuple[str, torch.Tensor 
             return train, None
         raise DataError(
             f"the data has no validation split (splits: {available}) and validation_fraction="
-            f"{cfg.validation_fraction} of {n} train rows carves none; raise data.validation_fraction "
-            "or add data_files.validation"
+            f"{cfg.validation_fraction} of {n} train rows carves none; raise data.validation_fraction, "
+            f"or {split_hint(cfg, 'validation')}"
         )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed_for(cfg.seed, "carve")))
     chosen = perm[:n_val] if split == "validation" else perm[n_val:]
     return train, chosen.sort().values
+
+
+def split_hint(cfg: DataConfig, split: str) -> str:
+    """How to give the data ``cfg`` describes a ``split`` it lacks, in the terms of its kind of source."""
+    if cfg.source == "synthetic":
+        return f"set data.num_{split} > 0"
+    if cfg.data_files:
+        return f"add data.data_files.{split}=<file or glob of its rows>"
+    builder = _resolve_builder(cfg)
+    if builder == "imagefolder" and cfg.data_dir is not None:
+        folder = Path(cfg.data_dir) / split
+        return (f"add a folder {folder}/ laid out like the training images (one sub-folder per class, "
+                "as in data.data_dir/train/)")
+    return (f"{builder!r} has no {split} split to offer; give that split as local files "
+            f"(data.data_files.{split}=..., with data.data_files.train)")
+
+
+def missing_splits(cfg: DataConfig, splits) -> dict[str, str]:
+    """The splits among ``splits`` that :func:`build_dataset` would refuse or leave empty, each with the reason and
+    what to change (``split_hint``). Decodes no image: for ``hf`` it loads the split table (``datasets`` caches
+    it, so the build that follows reads it again at no cost)."""
+    cfg.validate()
+    wanted = list(dict.fromkeys(splits))
+    for split in wanted:
+        _check_split(split)
+    if cfg.source == "synthetic":
+        sizes = {"train": cfg.num_train, "validation": cfg.num_validation, "test": cfg.num_test}
+        return {s: f"data.num_{s}=0 makes the {s} split empty; {split_hint(cfg, s)}" for s in wanted if sizes[s] == 0}
+    _local_files(cfg)
+    dsd = _load(cfg)
+    found = {}
+    for split in wanted:
+        try:
+            _split_indices(dsd, cfg, split)
+        except DataError as err:
+            found[split] = str(err)
+    return found
 
 
 class HFImageDataset(Dataset):
@@ -528,19 +624,28 @@ class HFImageDataset(Dataset):
         if cfg.cache_in_memory:
             self.images = torch.stack([self._decode(row[image_column]) for row in self._hf])
 
-    def _decode(self, img: Image.Image) -> torch.Tensor:
+    def _decode(self, img: Image.Image, crop: Crop | None = None) -> torch.Tensor:
         c = self._cfg
-        return preprocess_pil(img, c.image_size, c.channels, c.resize)
+        return preprocess_pil(img, c.image_size, c.channels, c.resize, crop)
 
     def __len__(self) -> int:
         return len(self._hf)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.item(i)
+
+    def item(self, i: int, view: "View | None" = None) -> dict[str, torch.Tensor]:
+        """Item ``i``; ``view`` (training augmentation) crops the source image and mirrors the result."""
         i = int(i)
+        crop = view.crop if view is not None else None
         if self.images is not None:
+            if crop is not None:
+                raise DataError("data.random_crop needs the source images; set data.cache_in_memory=false")
             image = self.images[i]
         else:
-            image = self._decode(self._hf[i][self._image_column])
+            image = self._decode(self._hf[i][self._image_column], crop)
+        if view is not None and view.flip:
+            image = image.flip(-1)
         label = self.labels[i]
         factors = label.view(1) if self._label_column else torch.zeros(0, dtype=torch.int64)
         return {"image": to_float(image), "label": label, "factors": factors}
@@ -602,6 +707,63 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset:
             n = min(n, cfg.max_samples)
         return SyntheticShapes(n, cfg.image_size, cfg.channels, cfg.seed, split)
     return _build_hf(cfg, split)
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """How one training image is augmented: a square ``crop`` of the source (None: the policy's central square)
+    and whether it is mirrored left-right."""
+
+    crop: Crop | None
+    flip: bool
+
+
+class Augmented(Dataset):
+    """A training split with ``data.random_crop`` / ``data.hflip``: item ``i`` of epoch ``e`` is item ``i`` of
+    ``base`` seen through :meth:`view` ``(i, e)``, a pure function of (seed, epoch, index).
+
+    The trainer calls :meth:`set_augment_epoch` before each epoch (``vqgen.core.trainer.Trainer.batch_stream``); the epoch
+    lives in shared memory, so data-loader workers (persistent or not) see it. It is not called ``set_epoch``:
+    Accelerate would call that too, and some releases pass 0 for the rest of a resumed epoch. Nothing here
+    touches the global random state, so resuming a run (which restores the epoch from the step) gives the same
+    images.
+    """
+
+    def __init__(self, base: Dataset, cfg: DataConfig, seed: int):
+        self.base = base
+        self.random_crop, self.random_crop_min, self.hflip = cfg.random_crop, cfg.random_crop_min, cfg.hflip
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        for name in ("num_classes", "factor_names", "factor_sizes", "class_names", "fingerprint", "labels"):
+            setattr(self, name, getattr(base, name, None))
+
+    def set_augment_epoch(self, epoch: int) -> None:
+        """The epoch whose views :meth:`__getitem__` returns."""
+        self._epoch.fill_(int(epoch))
+
+    def view(self, index: int, epoch: int) -> View:
+        """The crop and flip of item ``index`` in ``epoch``: four uniform draws from a generator seeded by
+        (seed, epoch, index), always drawn in the same order whichever options are on."""
+        u = np.random.default_rng(_seed_for(self.seed, f"augment:{epoch}:{index}")).random(4)
+        crop = None
+        if self.random_crop:
+            crop = (self.random_crop_min + (1.0 - self.random_crop_min) * float(u[0]), float(u[1]), float(u[2]))
+        return View(crop=crop, flip=self.hflip and bool(u[3] < 0.5))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.base.item(int(i), self.view(int(i), int(self._epoch)))
+
+
+def augmented(dataset: Dataset, cfg: DataConfig, seed: int) -> Dataset:
+    """``dataset`` (a training split from :func:`build_dataset`) with the augmentations ``cfg`` turns on
+    (``random_crop``, ``hflip``), or ``dataset`` itself when none is on. Validation, test and encoding never go
+    through this. ``seed``: the run's seed (the crops of run seed s are the same in every run with seed s)."""
+    if not (cfg.random_crop or cfg.hflip):
+        return dataset
+    return Augmented(dataset, cfg, seed)
 
 
 def make_dataloader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,

@@ -520,16 +520,21 @@ class VQVAE(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-to
     def generate_model_card(self, *args, **kwargs):
         from huggingface_hub import ModelCard
 
+        from vqgen.tokenizer.perceptual import random_trunk_warning
+
         cfg = self.config
         description = (
             f"A vqgen image tokenizer (VQ-VAE, `{cfg.arch}` architecture): {cfg.in_channels}x{cfg.image_size}x"
             f"{cfg.image_size} images in [-1, 1] -> {cfg.grid[0]}x{cfg.grid[1]} tokens from a `{cfg.quantizer.kind}` "
             f"quantizer with {self.quantizer.codebook_size} codes."
         )
-        usage = ("from tokenizer.model import VQVAE\n"
+        usage = ("from vqgen.tokenizer.model import VQVAE\n"
                  "tok = VQVAE.from_pretrained(\"<this folder or hub id>\")\n"
                  "ids = tok.encode(images)      # (B, C, H, W) in [-1, 1] -> (B, h, w) int64\n"
                  "recon = tok.decode(ids)")
+        caveat = random_trunk_warning((kwargs.get("summary") or {}).get("perceptual"))
+        if caveat:
+            description += f"\n\n**Warning:** {caveat}."
         values = card_kwargs("vqgen tokenizer", description, usage, kwargs.get("training_config"), kwargs.get("summary"))
         return ModelCard.from_template(card_data=self._hub_mixin_info.model_card_data,
                                        template_str=CARD_TEMPLATE, **values)

@@ -149,3 +149,15 @@ def build_perceptual(cfg: PerceptualConfig) -> tuple[nn.Module, dict]:
                            "between runs with the same seed, never with published LPIPS")
     module.requires_grad_(False)
     return module.eval(), info
+
+
+def random_trunk_warning(info: dict | None) -> str | None:
+    """The warning a run with a random LPIPS trunk prints at start-up and its model card carries (None for real
+    LPIPS or no perceptual loss); ``info`` is the description :func:`build_perceptual` returns (also kept in
+    ``summary.json`` as ``perceptual``)."""
+    if not info or info.get("is_lpips", True):
+        return None
+    return ("the perceptual loss uses a randomly initialised VGG16 trunk (loss.perceptual.pretrained=false): it is NOT "
+            "LPIPS, and a tokenizer trained with it is not comparable with LPIPS-trained ones; give the trunk's "
+            f"weights (loss.perceptual.weights_path=/path/to/{VGG16_FILE}) for LPIPS")
+

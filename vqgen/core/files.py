@@ -70,7 +70,7 @@ _TRAINER = {"config.yaml", "metrics.jsonl", "summary.json", "vqgen_stage.json", 
 CONTENTS: dict[str, tuple[set[str], tuple[str, ...]]] = {
     "run": ({"experiment.yaml", "report.json", "report.md", "report.html", "report_files", "report_stage.json",
              "tokenizer", "tokens", "prior", "samples"}, ()),
-    "tokenizer": (_TRAINER, ()),
+    "tokenizer": (_TRAINER | {"recon"}, ()),
     "prior": (_TRAINER, ()),
     "tokens": ({"meta.json", "vqgen_stage.json"}, (r"^\w+\.safetensors$",)),
     "samples": ({"images", "grid.png", "tokens.safetensors", "meta.json", "manifest.json", "vqgen_stage.json"},
@@ -81,6 +81,7 @@ CONTENTS: dict[str, tuple[set[str], tuple[str, ...]]] = {
 }
 # Sub-folders whose every entry is checked by name too (``folder kind``, sub-folder) -> patterns.
 SUBFOLDER_CONTENTS = {
+    ("tokenizer", "recon"): (r"^step_\d+\.png$",),
     ("samples", "images"): (r"^\d+\.png$",),
     ("run", "report_files"): (r"^[\w.-]+\.png$",),
     ("report", "report_files"): (r"^[\w.-]+\.png$",),

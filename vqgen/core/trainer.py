@@ -278,8 +278,9 @@ class Trainer:
     def batch_stream(self, loader, samples_seen: int) -> Iterator:
         """Endless micro-batches of a prepared loader continuing after ``samples_seen`` samples (all processes).
 
-        Each epoch's shuffle is seeded by (data seed, epoch) through ``set_epoch`` (Accelerate's seedable sampler)
-        and the batches of a partly used epoch are skipped, so a resumed run sees the same data in the same order
+        Each epoch's shuffle is seeded by (data seed, epoch) through ``set_epoch`` (Accelerate's seedable sampler;
+        a dataset with ``set_augment_epoch`` is told the epoch too, for its augmentation) and the batches of a
+        partly used epoch are skipped, so a resumed run sees the same data in the same order
         as an uninterrupted one (with another batch size: the next whole batch after that many samples).
         """
         accelerator = self.accelerator
@@ -290,6 +291,8 @@ class Trainer:
             nonlocal epoch, skip
             while True:
                 loader.set_epoch(epoch)
+                if hasattr(loader.dataset, "set_augment_epoch"):  # augmented views (vqgen.tokenizer.data.Augmented)
+                    loader.dataset.set_augment_epoch(epoch)
                 yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
                 skip, epoch = 0, epoch + 1
 
