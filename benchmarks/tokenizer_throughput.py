@@ -32,8 +32,8 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from peak_memory import peak_mb, pin_mmap_threshold  # benchmarks/peak_memory.py
-from vqgen.core.trainer import TrainConfig, task_step
-from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, TokenizerTask
+from vqgen.core.trainer import task_step
+from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, TokenizerTask, TokenizerTrainConfig
 from vqgen.tokenizer.data import DataConfig
 from vqgen.tokenizer.losses import LossConfig
 from vqgen.tokenizer.model import ModelConfig
@@ -55,7 +55,7 @@ def tokenizer_step(model: ModelConfig, images: torch.Tensor, loss: LossConfig | 
         data=DataConfig(source="synthetic", image_size=size, channels=model.in_channels, num_train=n,
                         num_validation=n, num_test=n),
         model=model, loss=loss or LossConfig(),
-        train=TrainConfig(lr=1e-4, batch_size=n, trackers=[], fused=fused, compile=compiled),
+        train=TokenizerTrainConfig(lr=1e-4, batch_size=n, trackers=[], fused=fused, compile=compiled),
     )
     return task_step(TokenizerTask(cfg), cfg.train, {"image": images})
 

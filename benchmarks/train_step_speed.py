@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vqgen.core.io import save_json  # noqa: E402
-from vqgen.core.trainer import TrainConfig, task_step  # noqa: E402
-from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, TokenizerTask  # noqa: E402
+from vqgen.core.trainer import task_step  # noqa: E402
+from vqgen.pipelines.train_tokenizer import TokenizerRunConfig, TokenizerTask, TokenizerTrainConfig  # noqa: E402
 from vqgen.tokenizer.data import DataConfig  # noqa: E402
 from vqgen.tokenizer.model import ModelConfig  # noqa: E402
 from vqgen.tokenizer.quantizers import QuantizerConfig  # noqa: E402
@@ -49,7 +49,7 @@ def build(variant: str, images: torch.Tensor, tiny: bool):
     cfg = TokenizerRunConfig(
         data=DataConfig(source="synthetic", image_size=32, channels=3, num_train=n, num_validation=n, num_test=n),
         model=ModelConfig(quantizer=QuantizerConfig(kind="ema", codebook_size=64 if tiny else 512, dim=128), **shape),
-        train=TrainConfig(lr=1e-4, batch_size=n, trackers=[], compile=variant == "compile",
+        train=TokenizerTrainConfig(lr=1e-4, batch_size=n, trackers=[], compile=variant == "compile",
                           fused=variant == "fused_adamw"),
     )
     step = task_step(TokenizerTask(cfg), cfg.train, {"image": images})

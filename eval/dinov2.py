@@ -15,9 +15,7 @@ same bytes are parsed (:mod:`eval.weights`). ``known`` tells whether they are th
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from vqgen.core.hub import is_hub_id
+from vqgen.core.hub import hub_reachable, is_hub_id, quiet_transformers
 
 from .weights import DINOV2_VITL14, WeightsError, read_verified
 
@@ -41,19 +39,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _FILES = ("config.json", "model.safetensors")
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -64,7 +49,7 @@ def _from_hub(repo_id: str) -> Path:
                f"download config.json and model.safetensors of {DINOV2_VITL14.source} into a folder and pass "
                f"{DINOV2_VITL14.option}")
     for local_only in (True, False):
-        if not local_only and not _hub_reachable():
+        if not local_only and not hub_reachable():
             raise WeightsError(missing)
         try:
             paths = [Path(hf_hub_download(repo_id, name, local_files_only=local_only)) for name in _FILES]
@@ -93,18 +78,6 @@ def resolve_dinov2_weights(weights: str | None) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No "Loading weights" bar from ``transformers`` (its progress bars are a global switch)."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def is_vit_l14(config) -> bool:
@@ -144,7 +117,7 @@ class DinoV2FeatureExtractor(FeatureExtractorBase):
             raise WeightsError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
         state = {k.removeprefix("dinov2."): v for k, v in state.items()}
         # transformers maps the checkpoint's names onto its modules (they differ between versions)
-        with _quiet_transformers():
+        with quiet_transformers():
             self.model, info = Dinov2Model.from_pretrained(None, config=config, state_dict=state,
                                                            output_loading_info=True)
         missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []

@@ -1,6 +1,6 @@
 """Configuration of the stage-2 prior's network (section ``model`` of ``configs/prior/*.yaml``).
 
-The training loop's settings (``pipelines.common.TrainConfig``) and the run layout live with the
+The training loop's settings (``vqgen.core.trainer.TrainConfig``) and the run layout live with the
 pipeline (``pipelines.train_prior.PriorRunConfig``).
 """
 

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from vqgen.core.config import from_dict
-from vqgen.core.hub import CARD_TEMPLATE, LIBRARY_NAME, card_kwargs, hub_folder, is_hub_id
+from vqgen.core.hub import CARD_TEMPLATE, LIBRARY_NAME, card_kwargs, hub_folder, is_hub_id, quiet_transformers
 from vqgen.core.errors import CorruptFileError, MissingFileError, UserError
 from vqgen.core.io import atomic_path, check_safetensors, file_fingerprint, load_json, save_json
 
@@ -86,18 +86,6 @@ def check_tokenizer(expected: dict, tokenizer_dir: str | Path, what: str) -> Non
     )
 
 
-@contextlib.contextmanager
-def _no_progress_bars():
-    """transformers' per-file progress bars off (they would fill logs and stderr for a one-file model)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def sdpa_backend(name: str):
@@ -228,7 +216,7 @@ class Prior(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-ge
         if self.tokenizer is None:
             raise ValueError("this prior has no tokenizer record; build it with tokenizer=tokenizer_record(dir)")
         directory = Path(save_directory)
-        with atomic_path(directory) as tmp, _no_progress_bars():
+        with atomic_path(directory) as tmp, quiet_transformers():
             super().save_pretrained(tmp, model_card_kwargs=model_card_kwargs)
         if push_to_hub:
             return self.push_to_hub(repo_id or directory.name, model_card_kwargs=model_card_kwargs,
@@ -291,7 +279,7 @@ class Prior(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=["image-ge
         load_json(directory / "config.json")  # the same for the transformer's config
         cfg = from_dict(PriorModelConfig, rec["model"])
         try:
-            with _no_progress_bars():
+            with quiet_transformers():
                 # safetensors only: a pickled pytorch_model.bin beside it is never read
                 transformer = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True,
                                                                    attn_implementation=cfg.attn_implementation)

@@ -226,7 +226,7 @@ def _hub_unreachable(monkeypatch):
     """Every hub look-up fails fast, as on a machine without network (whatever this machine has)."""
     import vqgen.tokenizer.data as data
 
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0, offline=False: False)
 
 
 def _argv(template: list[str], fields: dict) -> list[str]:

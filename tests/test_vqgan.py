@@ -115,7 +115,7 @@ def test_lpips_trunk_from_a_local_file_and_clear_error_without_one(tmp_path, mon
     assert not any(p.requires_grad for p in net.parameters()) and not net.training
     # no file, an empty torch hub cache and no network: one line that says what to do
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(perceptual, "_download_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(perceptual, "reachable", lambda url, timeout=3.0: False)
     with pytest.raises(PerceptualWeightsError, match="weights_path=.*pretrained=false") as err:
         build_perceptual(PerceptualConfig())
     assert "\n" not in str(err.value)

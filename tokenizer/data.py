@@ -39,6 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vqgen.core.config import ConfigError
+from vqgen.core.hub import hub_reachable
 
 SPLITS = ("train", "validation", "test")
 SOURCES = ("synthetic", "hf")
@@ -399,21 +400,6 @@ def _is_hub_name(builder: str) -> bool:
     return builder not in _PACKAGED_DATASETS_MODULES and not Path(builder).expanduser().exists()
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick connection attempt to the hub (``datasets`` itself retries for about 30 s before failing)."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return True  # offline mode is set: datasets fails (or reads its cache) at once, nothing to avoid
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager
@@ -452,7 +438,7 @@ def _load(cfg: DataConfig):
     import datasets  # imported here: synthetic-only users never pay for it
 
     builder = _resolve_builder(cfg)
-    offline = _is_hub_name(builder) and not _hub_reachable()
+    offline = _is_hub_name(builder) and not hub_reachable(offline=True)
     try:
         with _hub_offline(offline), _quiet_datasets():
             dsd = datasets.load_dataset(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vqgen.core.errors import UserError
+from vqgen.core.hub import reachable
 from vqgen.core.io import file_fingerprint
 
 VGG16_FILE = "vgg16-397923af.pth"
@@ -49,16 +50,6 @@ class PerceptualConfig:
             raise ValueError("perceptual.weights_path is set but perceptual.pretrained=false ignores it; remove one")
 
 
-def _download_reachable(timeout: float = 3.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(VGG16_URL)
-    try:
-        with socket.create_connection((url.hostname, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -104,7 +95,7 @@ def _trunk_weights(cfg: PerceptualConfig) -> Path:
     hint = (f"download {VGG16_URL} on a machine with a network and pass loss.perceptual.weights_path=/path/to/"
             f"{VGG16_FILE} (or put it in {cached.parent}); loss.perceptual.pretrained=false runs with a random "
             "trunk instead, which is not LPIPS")
-    if not _download_reachable():
+    if not reachable(VGG16_URL):
         raise PerceptualWeightsError(f"LPIPS needs the VGG16 trunk weights and there is no network to fetch them: {hint}")
     try:
         torch.hub.load_state_dict_from_url(VGG16_URL, progress=False, map_location="cpu")

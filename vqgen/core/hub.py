@@ -9,6 +9,7 @@ errors, and the card.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -46,6 +47,42 @@ Load it with vqgen (this repository installed with `pip install -e .`):
 {{ training_config }}
 ```
 """
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """One quick TCP connection to ``url``'s host (libraries retry for half a minute before failing offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_reachable(timeout: float = 3.0, offline: bool = False) -> bool:
+    """Whether the Hugging Face hub answers; ``offline`` is what to return when ``HF_HUB_OFFLINE`` is set."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return offline
+    return reachable(constants.ENDPOINT, timeout)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' per-file progress bars off inside the block (a global switch, restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def is_hub_id(name: str | Path) -> bool:
