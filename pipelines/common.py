@@ -17,6 +17,7 @@ from vqgen.core.config import ConfigError, load_config
 from vqgen.core.errors import UserError, one_line, warn  # noqa: F401  (warn: re-exported for the commands)
 from vqgen.core import progress
 from vqgen.core.diskspace import os_failure_message
+from vqgen.core.distributed import shutdown
 from vqgen.core.files import ensure_folder as check_output_dir  # noqa: F401  (re-exported for the commands)
 from vqgen.core.locks import is_main_launch_process
 from vqgen.core.trainer import show_progress, use_cpu_processes  # noqa: F401  (re-exported for the commands)
@@ -134,7 +135,9 @@ def entry_point(body: Callable | None = None, *, known: tuple[type[BaseException
             debug = "--debug" in args or os.environ.get("VQGEN_DEBUG", "") not in ("", "0")
             progress.clear()  # an earlier command in this process reports nothing for this one
             try:
-                return fn(args)
+                result = fn(args)
+                shutdown()  # under accelerate launch: the process group ends before the process does
+                return result
             except (UserError, *known) as err:
                 if debug:
                     raise

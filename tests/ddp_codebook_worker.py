@@ -59,6 +59,7 @@ def main() -> None:
         quantizer((3.0 + rank + 0.01 * torch.randn(4, 3, 3, DIM, generator=data)).to(device))
         dump(quantizer, args.out, f"{kind}_reset_rank{rank}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group before exit (gloo may abort a process otherwise)
 
 
 if __name__ == "__main__":

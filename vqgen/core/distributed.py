@@ -60,3 +60,10 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(n)]
     dist.all_gather(parts, padded)
     return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+
+
+def shutdown() -> None:
+    """Tear the process group down in order at the end of a command (gloo aborts a process that exits while its
+    threads still hold connections); nothing on one process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
