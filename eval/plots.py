@@ -205,12 +205,15 @@ def read_metrics(path: str | Path) -> list[dict]:
 def plot_stage_curves(stage_dir: str | Path, path: str | Path, title: str) -> Path | None:
     """:func:`plot_training_curves` of a trainer's run folder (``metrics.jsonl``), with the markers its
     ``config.yaml`` implies (:func:`schedule_markers`; a folder without one marks the logged phase changes)."""
-    import yaml
+    from vqgen.core.config import ConfigError, read_yaml
 
     stage_dir = Path(stage_dir)
     config = None
     if (stage_dir / "config.yaml").is_file():
-        config = yaml.safe_load((stage_dir / "config.yaml").read_text())
+        try:
+            config = read_yaml(stage_dir / "config.yaml")
+        except ConfigError:  # an unreadable config costs the markers, not the curves
+            config = None
     markers = schedule_markers(config) if isinstance(config, dict) else None
     return plot_training_curves(read_metrics(stage_dir / "metrics.jsonl"), path, title, markers)
 
