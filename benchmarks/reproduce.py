@@ -39,7 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vqgen.eval.studies import combine_verdicts, compare_arms, default_margin, holm, summarize, verdict  # noqa: E402
+from vqgen.eval.studies import (combine_verdicts, compare_arms, default_margin, fragile, holm,  # noqa: E402
+                                summarize, verdict)
 from vqgen.core.io import load_json, save_json  # noqa: E402
 
 STUDIES = ("adaptive", "deferred", "quantizers")
@@ -446,12 +447,14 @@ def _test(study, claimed_arm, base_arm, metric, lower_is_better, claimed=None, b
 def _finish(test: dict) -> None:
     """Verdict at the adjusted p, and the evidence text with both p values."""
     test["verdict"] = verdict(test, test["p_adjusted"])
+    test["fragile"] = fragile(test["p_adjusted"])
     ci = test["ci"]
     test["text"] = (f"{test['dataset']}: {test['metric']} {test['claimed']} {test['claimed_text']} vs "
                     f"{test['baseline']} {test['baseline_text']}; effect {_fmt(test['effect'])}"
                     + (f", 95% CI [{_fmt(ci[0])}, {_fmt(ci[1])}], p={test['p']:.3g}, "
                        f"Holm p={test['p_adjusted']:.3g}" if ci else "")
-                    + f", margin {_fmt(test['margin'])} -> {test['verdict']}")
+                    + f", margin {_fmt(test['margin'])} -> {test['verdict']}"
+                    + (" (fragile: Holm p in [0.01, 0.05), more seeds wanted)" if test["fragile"] else ""))
 
 
 def best_fixed(study: dict) -> str | None:
@@ -572,10 +575,11 @@ def claims(studies: list[dict]) -> list[dict]:
             per_dataset[tests[0]["dataset"]] = combine_verdicts([t["verdict"] for t in tests])
             evidence += [t["text"] for t in tests]
             tests_out += [{k: t[k] for k in ("dataset", "metric", "claimed", "baseline", "effect", "ci", "p",
-                                             "p_adjusted", "margin", "verdict")} for t in tests]
+                                             "p_adjusted", "margin", "verdict", "fragile")} for t in tests]
         if per_dataset:
             out.append({"claim": claim, "family": family, "verdict": combine_verdicts(list(per_dataset.values())),
                         "per_dataset": per_dataset, "tests": tests_out,
+                        "fragile": any(t["fragile"] and t["verdict"] != "inconclusive" for t in tests_out),
                         "evidence": " | ".join(evidence) + (f" | {note}" if note else "")})
         elif tests_per_dataset:
             out.append({"claim": claim, "family": family, "verdict": "inconclusive", "per_dataset": {}, "tests": [],

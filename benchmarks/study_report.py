@@ -105,7 +105,8 @@ def markdown(results: dict, figures: dict[str, list[str]]) -> str:
         "reproduce* when it is below 0.05 the other way or the whole interval lies within the margin of equivalence "
         "(5% of the baseline, or 0.05 for fractions); otherwise *inconclusive*. Over data sets (and over the "
         "baselines of one claim) the verdict is the one they all share, else *inconclusive*. The runs are far "
-        "shorter than the papers' (the budget is stated per study): a verdict holds for this budget.",
+        "shorter than the papers' (the budget is stated per study): a verdict holds for this budget. A verdict marked "
+        "*fragile* rests on an adjusted p between 0.01 and 0.05: it holds, but more seeds should confirm it.",
         "",
         "## Verdicts",
         "",
@@ -114,7 +115,8 @@ def markdown(results: dict, figures: dict[str, list[str]]) -> str:
     ]
     for c in results["claims"]:
         per = ", ".join(f"{d}: {v}" for d, v in (c.get("per_dataset") or {}).items()) or "-"
-        lines.append(f"| {c['claim']} | {c.get('family', '-')} | **{c['verdict']}** | {per} | "
+        mark = " (fragile)" if c.get("fragile") else ""
+        lines.append(f"| {c['claim']} | {c.get('family', '-')} | **{c['verdict']}**{mark} | {per} | "
                      f"{c['evidence'].replace('|', '/')} |")
     lines.append("")
     for s in results["studies"]:

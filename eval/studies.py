@@ -19,6 +19,8 @@ for every claim and data set:
 - Over several data sets (and over several baselines of one claim): the verdict they all share, else
   ``inconclusive``. The rule is symmetric: one data set that reproduces and one that is inconclusive give
   ``inconclusive``, exactly as one that does not reproduce and one that is inconclusive do.
+- A verdict whose adjusted p lies in [0.01, 0.05) is *fragile* (``fragile``): it holds, but one unlucky seed
+  could move it; such a comparison is flagged for more seeds rather than trusted as settled.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from typing import Sequence
 
 from scipy import stats as _st
 
-__all__ = ["VERDICTS", "combine_verdicts", "compare_arms", "default_margin", "holm", "summarize", "verdict"]
+__all__ = ["VERDICTS", "combine_verdicts", "compare_arms", "default_margin", "fragile", "holm", "summarize",
+           "verdict"]
 
 VERDICTS = ("reproduces", "does not reproduce", "inconclusive")
 FRACTION_MARGIN = 0.05
 RELATIVE_MARGIN = 0.05
 ALPHA = 0.05
+FRAGILE_BELOW = 0.01  # adjusted p in [FRAGILE_BELOW, ALPHA): a verdict that more seeds should confirm
 
 
 def summarize(values: Sequence[float]) -> dict:
@@ -91,6 +95,11 @@ def verdict(result: dict, p: float | None = None) -> str:
     if (p < ALPHA and result["effect"] < 0) or (-margin < lo and hi < margin):
         return "does not reproduce"
     return "inconclusive"
+
+
+def fragile(p_adjusted: float | None) -> bool:
+    """Whether a comparison's adjusted p is significant but only just (in [0.01, 0.05)): more seeds wanted."""
+    return p_adjusted is not None and FRAGILE_BELOW <= p_adjusted < ALPHA
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:

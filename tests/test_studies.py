@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vqgen.eval.codebook import codebook_metrics, tokenizer_details
-from vqgen.eval.studies import combine_verdicts, compare_arms, default_margin, holm, summarize, verdict
+from vqgen.eval.studies import combine_verdicts, compare_arms, default_margin, fragile, holm, summarize, verdict
 from vqgen.tokenizer.model import ModelConfig, VQVAE
 from vqgen.tokenizer.quantizers import QuantizerConfig, spec_of
 
@@ -96,6 +96,8 @@ def test_holm_adjustment_and_verdicts_at_the_adjusted_p():
     result = compare_arms([1.0, 1.1, 0.9], [1.3, 1.4, 1.2], lower_is_better=True, margin=0.01)
     assert result["verdict"] == "reproduces" and 0.005 < result["p"] < 0.05
     assert verdict(result, min(1.0, 10 * result["p"])) == "inconclusive"  # significant alone, not in a family of 10
+    # significant only just (adjusted p in [0.01, 0.05)): flagged for more seeds; settled or not significant: not
+    assert fragile(0.035) and fragile(0.01) and not fragile(0.05) and not fragile(0.004) and not fragile(None)
 
 
 def test_study_plan_same_budget_for_every_arm_and_a_command_that_reruns_it(benchmark_script):
@@ -153,6 +155,16 @@ def test_deferred_claims_from_seed_values_and_unmeasured_ones_said_so(benchmark_
     tests = [t for c in found for t in c["tests"]]
     assert len(tests) == 8 and all(t["p_adjusted"] >= t["p"] for t in tests)
     assert all("Holm p=" in c["evidence"] for c in found if c["tests"])
+    # the flag follows the adjusted p: set exactly where a held verdict's Holm p lies in [0.01, 0.05)
+    for c in found:
+        expected = any(0.01 <= t["p_adjusted"] < 0.05 and t["verdict"] != "inconclusive" for t in c["tests"])
+        assert c.get("fragile", False) == expected
+        assert ("fragile:" in c["evidence"]) == any(0.01 <= t["p_adjusted"] < 0.05 for t in c["tests"])
+    # a 0.9 gain against a spread of 0.3 with 3 seeds: reproduces, but only just (Holm p ~0.02)
+    study = {"study": "deferred", "dataset": "mnist", "arms": [
+        arm("early_kmeans", recon_mse=[3.0, 3.3, 2.7]), arm("deferred", recon_mse=[2.1, 2.4, 1.8])]}
+    (claim,) = [c for c in reproduce.claims([study]) if c["tests"]]
+    assert claim["verdict"] == "reproduces" and claim["fragile"] and "more seeds wanted" in claim["evidence"]
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
