@@ -29,6 +29,7 @@ import multiprocessing as mp
 import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 import traceback
@@ -347,6 +348,38 @@ def commits_of(provenance: dict) -> set[str]:
     return found
 
 
+# What a later commit may change and still count as the code of an earlier one for a study: the study sweeps (each
+# run records its own experiment file and settings) and prose. Anything else, tests included, is a new version.
+CODE_NEUTRAL = re.compile(r"configs/experiments/study_[^/]+\.yaml|docs/.+|[^/]+\.md")
+
+
+def same_code_commits(commits: list[str], root: Path = REPO) -> str | None:
+    """The newest of several clean commits when git shows they differ in study sweeps and prose only, else None.
+
+    Lets a study add seeds to its sweep (a new commit on top of the pinned one) without mixing code: the newest
+    commit must contain every other, and ``git diff --name-only`` between them may name only ``CODE_NEUTRAL``
+    paths. Any failure (a commit this checkout lacks, no git) answers None: the runs then count as mixed.
+    """
+    if len(commits) < 2 or not all(re.fullmatch(r"[0-9a-f]{7,40}", c) for c in commits):
+        return None
+
+    def git(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *argv], capture_output=True, text=True, timeout=60)
+
+    try:
+        newest = [c for c in commits
+                  if all(git("merge-base", "--is-ancestor", o, c).returncode == 0 for o in commits if o != c)]
+        if not newest:
+            return None
+        for other in commits:
+            diff = git("diff", "--name-only", other, newest[0])
+            if diff.returncode != 0 or not all(CODE_NEUTRAL.fullmatch(f) for f in diff.stdout.split()):
+                return None
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return newest[0]
+
+
 def collect(args, study: str, dataset: str) -> dict | None:
     """One study on one data set: arms with per-metric mean / std / values (only finished runs count)."""
     runs = study_runs(args, study, dataset)
@@ -361,6 +394,8 @@ def collect(args, study: str, dataset: str) -> dict | None:
         return None
     commits = sorted(set().union(*(commits_of(p) for p in provenance.values())))
     mixed = len(commits) != 1 or commits[0].endswith("+dirty") or commits[0] == "unrecorded" or " " in commits[0]
+    code_commit = commits[0] if not mixed else same_code_commits(commits)
+    mixed = code_commit is None
     if mixed and not args.allow_mixed_commits:
         raise SystemExit(
             f"{study} on {dataset}: the runs were made by more than one version of the code, or by uncommitted or "
@@ -384,7 +419,7 @@ def collect(args, study: str, dataset: str) -> dict | None:
     machines = list(dict.fromkeys(h for c in clocks for h in c.get("hardware", [])))
     command = study_command(args, study, dataset)
     if not mixed:  # the code that made every run: check it out (a worktree keeps yours as it is), then run
-        command = f"git worktree add ../vqgen-{commits[0][:7]} {commits[0]} && cd ../vqgen-{commits[0][:7]} && {command}"
+        command = f"git worktree add ../vqgen-{code_commit[:7]} {code_commit} && cd ../vqgen-{code_commit[:7]} && {command}"
     if study == "deferred" and args.generation_arms and not any("gfid" in a["metrics"] for a in arms):
         command += " --generation-arms ''"  # what ran: no generation on this data set
     return {
@@ -392,6 +427,7 @@ def collect(args, study: str, dataset: str) -> dict | None:
         "command": command,
         "commits": commits,
         "mixed_commits": mixed,
+        "code_commit": code_commit,
         "provenance": provenance,
         "hardware": " | ".join(machines) if machines else hardware(),
         "budget": {"tokenizer_steps": args.tokenizer_steps, "batch_size": args.batch_size, "hidden": args.hidden,

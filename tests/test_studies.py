@@ -186,3 +186,33 @@ def test_faithful_tau_schedule_spans_the_quantized_phase_at_any_budget(benchmark
             assert q.selector_tau_steps == cfg.train.steps - cfg.schedule.ae_steps, run["name"]
             assert (q.selector_tau_start, q.selector_tau_end) == (20001, 1)
         assert annealing == 2 * 3  # adaptive_faithful and adaptive_faithful_scores, 3 seeds each
+
+
+def test_commits_that_differ_in_study_sweeps_only_count_as_one_code(benchmark_script, tmp_path):
+    """Adding seeds to a pinned study is a new commit; its runs and the earlier ones are one code exactly when git
+    shows no change between the commits outside study sweeps and prose."""
+    import subprocess
+
+    reproduce = benchmark_script("reproduce")
+
+    def commit(path: str, text: str) -> str:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+        git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+        subprocess.run(git + ["add", "-A"], check=True, capture_output=True)
+        subprocess.run(git + ["commit", "-qm", path], check=True, capture_output=True)
+        return subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout[:12]
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True, capture_output=True)
+    pinned = commit("tokenizer/model.py", "x = 1\n")
+    more_seeds = commit("configs/experiments/study_deferred_mnist.yaml", "seeds: [0, 1, 2, 3]\n")
+    prose = commit("docs/results/notes.md", "more seeds\n")
+    assert reproduce.same_code_commits([pinned, more_seeds, prose], tmp_path) == prose  # the newest: reruns them all
+    assert reproduce.same_code_commits([prose, pinned], tmp_path) == prose  # in any order
+    changed_code = commit("tokenizer/model.py", "x = 2\n")
+    assert reproduce.same_code_commits([pinned, changed_code], tmp_path) is None
+    other_config = commit("configs/experiments/mnist_ema_early.yaml", "lr: 1\n")  # an arm's settings: not neutral
+    assert reproduce.same_code_commits([changed_code, other_config], tmp_path) is None
+    assert reproduce.same_code_commits([pinned + "+dirty", more_seeds], tmp_path) is None
+    assert reproduce.same_code_commits(["0123456789ab", pinned], tmp_path) is None  # a commit git does not know
+    assert reproduce.same_code_commits([pinned], tmp_path) is None  # one commit needs no rule
