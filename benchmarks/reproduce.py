@@ -349,12 +349,12 @@ def commits_of(provenance: dict) -> set[str]:
 
 
 # What a later commit may change and still count as the code of an earlier one for a study: the study sweeps (each
-# run records its own experiment file and settings) and prose. Anything else, tests included, is a new version.
-CODE_NEUTRAL = re.compile(r"configs/experiments/study_[^/]+\.yaml|docs/.+|[^/]+\.md")
+# run records its own experiment file and settings), tests and prose. Anything else is a new version.
+CODE_NEUTRAL = re.compile(r"configs/experiments/study_[^/]+\.yaml|tests/.+|docs/.+|[^/]+\.md")
 
 
 def same_code_commits(commits: list[str], root: Path = REPO) -> str | None:
-    """The newest of several clean commits when git shows they differ in study sweeps and prose only, else None.
+    """The newest of several clean commits when git shows they differ in study sweeps, tests and prose only, else None.
 
     Lets a study add seeds to its sweep (a new commit on top of the pinned one) without mixing code: the newest
     commit must contain every other, and ``git diff --name-only`` between them may name only ``CODE_NEUTRAL``

@@ -91,8 +91,8 @@ def provenance_line(study: dict) -> str:
         return (f"**Mixed code**: the runs of this table were made by {', '.join(commits) or 'unrecorded code'} "
                 f"(built with --allow-mixed-commits). Packages: {packages}.")
     if len(commits) > 1:
-        return (f"Runs made by commits {', '.join(f'`{c}`' for c in commits)} (clean), which differ in study sweeps "
-                f"and prose only (`git diff --name-only`): one code, rerun from `{study['code_commit']}`. "
+        return (f"Runs made by commits {', '.join(f'`{c}`' for c in commits)} (clean), which differ in study sweeps, "
+                f"tests and prose only (`git diff --name-only`): one code, rerun from `{study['code_commit']}`. "
                 f"Packages: {packages}.")
     return f"Every run made by commit `{commits[0]}` (clean). Packages: {packages}."
 

@@ -207,7 +207,8 @@ def test_commits_that_differ_in_study_sweeps_only_count_as_one_code(benchmark_sc
     pinned = commit("tokenizer/model.py", "x = 1\n")
     more_seeds = commit("configs/experiments/study_deferred_mnist.yaml", "seeds: [0, 1, 2, 3]\n")
     prose = commit("docs/results/notes.md", "more seeds\n")
-    assert reproduce.same_code_commits([pinned, more_seeds, prose], tmp_path) == prose  # the newest: reruns them all
+    test = commit("tests/test_studies.py", "assert True\n")  # a test that follows the sweep: no code either
+    assert reproduce.same_code_commits([pinned, more_seeds, prose, test], tmp_path) == test  # the newest reruns all
     assert reproduce.same_code_commits([prose, pinned], tmp_path) == prose  # in any order
     changed_code = commit("tokenizer/model.py", "x = 2\n")
     assert reproduce.same_code_commits([pinned, changed_code], tmp_path) is None
