@@ -114,10 +114,10 @@ def test_study_plan_same_budget_for_every_arm_and_a_command_that_reruns_it(bench
     runs = reproduce.study_runs(args, "deferred", "mnist")
     assert {r["arm"] for r in runs} == {"early_random", "early_kmeans", "early_deadcode", "deferred", "deferred_soft",
                                         "deferred_deadcode"}
-    assert sorted(r["seed"] for r in runs) == sorted(list(range(5)) * 6) and len({r["dir"] for r in runs}) == 30
-    # generation: the four arms of the claim, every seed (5 on MNIST)
+    assert sorted(r["seed"] for r in runs) == sorted(list(range(8)) * 6) and len({r["dir"] for r in runs}) == 48
+    # generation: the four arms of the claim, every seed (8 on MNIST)
     assert sorted((r["arm"], r["seed"]) for r in runs if r["generation"]) == [
-        (a, s) for a in ("deferred", "deferred_deadcode", "early_deadcode", "early_kmeans") for s in range(5)]
+        (a, s) for a in ("deferred", "deferred_deadcode", "early_deadcode", "early_kmeans") for s in range(8)]
     for r in runs:
         assert "tokenizer.train.steps=100" in r["overrides"] and r["overrides"][-1] == "evaluate.k=3"
         ae = [int(o.split("=")[1]) for o in r["overrides"] if o.startswith("tokenizer.schedule.ae_steps=")]
