@@ -170,6 +170,17 @@ def schedule_warning(cfg: TokenizerRunConfig, quantizer) -> str | None:
             f"model.quantizer.{name}={steps} to run the whole schedule")
 
 
+def rotation_warning(cfg: TokenizerRunConfig) -> str | None:
+    """A warning for the rotation trick in a deferred run: in vqgen's quantizer study (README, "The quantizer
+    family") VQ with the rotation trick diverged after the switch in every seed and EMA VQ lost codes."""
+    if cfg.schedule.mode != "deferred" or not getattr(cfg.model.quantizer, "rotation_trick", False):
+        return None
+    return ("model.quantizer.rotation_trick with schedule.mode=deferred: in vqgen's quantizer study this "
+            "combination diverged after the switch to quantization (VQ: every seed collapsed to one or two codes; "
+            "EMA: codes in use fell steadily); watch the loss after schedule.ae_steps, or use the rotation trick "
+            "with schedule.mode=early")
+
+
 def phase_at(step: int, schedule: ScheduleConfig) -> tuple[str, float]:
     """(phase, alpha) for an optimizer step: ``ae`` (continuous) or ``quantize`` with blend weight alpha."""
     if schedule.mode == "early":
@@ -257,9 +268,9 @@ class TokenizerTask(Task):
         if cfg.init_from and not trainer.resuming:
             self.init_record = load_init_weights(model, cfg.init_from, "tokenizer")
             accelerator.print(f"tokenizer: weights from {cfg.init_from} (fine-tuning; fresh optimizer)")
-        long_schedule = schedule_warning(cfg, model.quantizer)
-        if long_schedule:
-            warn(accelerator, long_schedule)
+        for warning in (schedule_warning(cfg, model.quantizer), rotation_warning(cfg)):
+            if warning:
+                warn(accelerator, warning)
         optimizer, scheduler = optimizer_and_schedule(model, cfg.train)
         perceptual, self.perceptual_info = (build_perceptual(cfg.loss.perceptual) if cfg.loss.uses_perceptual
                                             else (None, None))

@@ -207,3 +207,15 @@ def test_selector_temperature_reaches_its_end_over_the_quantized_steps(tmp_path,
     train_tokenizer(tiny(tmp_path / "long", *ladder, "model.quantizer.selector_tau_steps=40"))
     err = capsys.readouterr().err
     assert "selector_tau_steps=40 is longer than the 4 quantized steps" in err and "ends at 91" in err
+
+
+def test_rotation_trick_with_deferred_training_is_warned_about(tmp_path, capsys):
+    """The quantizer study saw VQ + rotation trick diverge after the deferred switch: a run that combines them says
+    so at start-up; the trick from step 0, or deferral without it, does not."""
+    vq, rotation = ["model.quantizer.kind=vq", "train.steps=3"], "model.quantizer.rotation_trick=true"
+    deferred = ["schedule.mode=deferred", "schedule.ae_steps=2", "schedule.kmeans_batches=2"]
+    train_tokenizer(tiny(tmp_path / "both", *vq, rotation, *deferred))
+    assert "rotation_trick with schedule.mode=deferred" in capsys.readouterr().err
+    train_tokenizer(tiny(tmp_path / "early", *vq, rotation, "schedule.mode=early"))
+    train_tokenizer(tiny(tmp_path / "plain", *vq, *deferred))
+    assert "rotation_trick" not in capsys.readouterr().err
