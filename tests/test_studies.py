@@ -190,7 +190,7 @@ def test_faithful_tau_schedule_spans_the_quantized_phase_at_any_budget(benchmark
 
 def test_commits_that_differ_in_study_sweeps_only_count_as_one_code(benchmark_script, tmp_path):
     """Adding seeds to a pinned study is a new commit; its runs and the earlier ones are one code exactly when git
-    shows no change between the commits outside study sweeps and prose."""
+    shows no change between the commits outside study sweeps, tests and prose."""
     import subprocess
 
     reproduce = benchmark_script("reproduce")
