@@ -159,12 +159,14 @@ def quantized_steps(cfg: TokenizerRunConfig) -> int:
 
 def schedule_warning(cfg: TokenizerRunConfig, quantizer) -> str | None:
     """A warning when the quantizer's temperature schedule is longer than the quantized phase (it would stop
-    part of the way, at a temperature the configuration does not name)."""
+    part of the way, at a temperature the configuration does not name); none for a constant temperature."""
     schedule = quantizer.schedule()
     steps = quantized_steps(cfg)
     if schedule is None or schedule[1] <= steps:
         return None
     name, length = schedule
+    if quantizer.tau_at(steps) == quantizer.tau_at(length):  # constant (start == end): nothing is cut off
+        return None
     return (f"model.quantizer.{name}={length} is longer than the {steps} quantized steps of this run, so the "
             f"temperature ends at {quantizer.tau_at(steps):.4g}, not at its end value; set "
             f"model.quantizer.{name}={steps} to run the whole schedule")

@@ -207,6 +207,9 @@ def test_selector_temperature_reaches_its_end_over_the_quantized_steps(tmp_path,
     train_tokenizer(tiny(tmp_path / "long", *ladder, "model.quantizer.selector_tau_steps=40"))
     err = capsys.readouterr().err
     assert "selector_tau_steps=40 is longer than the 4 quantized steps" in err and "ends at 91" in err
+    constant = [arg for arg in ladder if "tau_start" not in arg] + ["model.quantizer.selector_tau_start=1"]
+    train_tokenizer(tiny(tmp_path / "constant", *constant, "model.quantizer.selector_tau_steps=40"))
+    assert "warning" not in capsys.readouterr().err  # tau = 1 throughout: a longer schedule cuts nothing off
 
 
 def test_rotation_trick_with_deferred_training_is_warned_about(tmp_path, capsys):
