@@ -203,6 +203,34 @@ def test_rotation_trick_option_keeps_the_forward_and_rotates_the_encoder_gradien
     torch.testing.assert_close(grads[1], expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("gradient", ["straight_through", "rotation", "rotation_no_rescale", "rescale_no_rotation"])
+def test_rotation_diagnostic_splits_the_trick_into_rotation_and_rescale(benchmark_script, gradient):
+    """benchmarks/rotation_deferred.py's variants: inside its probe a VQ layer's encoder gradient is g, lambda R^T g,
+    R^T g or lambda g; the probe records |x|, cos(x, q) and lambda per training step and restores the library."""
+    diagnostic = benchmark_script("rotation_deferred")
+    import vqgen.tokenizer.quantizers.base as quantizer_base
+
+    before = (quantizer_base.rotation_trick, quantizer_base.straight_through)
+    layer = build(kind="vq", codebook_size=16, dim=8, rotation_trick=gradient != "straight_through").train()
+    z, upstream = torch.randn(40, 8), torch.randn(40, 8)
+    with diagnostic.Probe(gradient) as probe:
+        zz = z.clone().requires_grad_(True)
+        out = layer(zz)
+        (out.quantized * upstream).sum().backward()
+    assert (quantizer_base.rotation_trick, quantizer_base.straight_through) == before
+    codes = out.quantized.detach()
+    pairs = [_rotation(e, c) for e, c in zip(z, codes)]
+    expected = {"straight_through": [g for g in upstream],
+                "rotation": [lam * r.T @ g for (r, lam), g in zip(pairs, upstream)],
+                "rotation_no_rescale": [r.T @ g for (r, _), g in zip(pairs, upstream)],
+                "rescale_no_rotation": [lam * g for (_, lam), g in zip(pairs, upstream)]}[gradient]
+    torch.testing.assert_close(zz.grad, torch.stack(expected), atol=1e-5, rtol=1e-4)
+    (x_norm, cos, lam), = probe.rows
+    assert x_norm == pytest.approx(float(z.norm(dim=-1).mean()))
+    assert cos == pytest.approx(float(torch.nn.functional.cosine_similarity(z, codes, dim=-1).mean()))
+    assert lam == pytest.approx(sum(lam for _, lam in pairs) / len(pairs))
+
+
 # ------------------------------------------------------------------------------------------------ registry
 def _changed(value):
     if isinstance(value, bool):
@@ -318,11 +346,11 @@ def test_a_new_kind_with_its_own_option_is_one_config_class_and_its_registration
 
 # ------------------------------------------------------------------------------------------------ diagnostics
 def test_implicit_codebook_diagnostics_are_over_the_used_grid_points():
+    torch.manual_seed(0)  # the weights too: whatever ran before must not decide how many grid points are used
     model = VQVAE(ModelConfig(image_size=16, hidden=16, res_hidden=8, num_res_layers=1,
                               quantizer=QuantizerConfig(kind="fsq", dim=3, levels=[5, 4, 3])))
     with torch.no_grad():
         model.pre_quant.weight.mul_(20)  # spread the latents over the grid
-    torch.manual_seed(0)
     images = torch.rand(6, 3, 16, 16) * 2 - 1
     metrics = codebook_metrics(model, [images[:3], images[3:]])
     ids = model.encode(images).reshape(-1)
