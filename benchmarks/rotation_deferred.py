@@ -190,7 +190,10 @@ def main(argv=None) -> dict:
             record = run_variant(spec, variant, root)
             print(json.dumps(record), flush=True)
             records.append(record)
+    commits = sorted({c for r in records
+                      for c in reproduce.commits_of(reproduce.run_provenance(root / f"{r['variant']}_s{r['seed']}"))})
     out = {"arm": ARM, "study": "quantizers_mnist", "budget": budget.budget_options, "hardware": reproduce.hardware(),
+           "commits": commits, "command": "python benchmarks/rotation_deferred.py " + " ".join(argv or sys.argv[1:]),
            "records": records, "table": table(records)}
     print(out["table"])
     if args.json:

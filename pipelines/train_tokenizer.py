@@ -174,13 +174,18 @@ def schedule_warning(cfg: TokenizerRunConfig, quantizer) -> str | None:
 
 def rotation_warning(cfg: TokenizerRunConfig) -> str | None:
     """A warning for the rotation trick in a deferred run: in vqgen's quantizer study (README, "The quantizer
-    family") VQ with the rotation trick diverged after the switch in every seed and EMA VQ lost codes."""
+    family") VQ with the rotation trick diverged after the switch in every seed and EMA VQ lost codes;
+    ``benchmarks/rotation_deferred.py`` traced the VQ case to the rotation and found beta = 1 stable."""
     if cfg.schedule.mode != "deferred" or not getattr(cfg.model.quantizer, "rotation_trick", False):
         return None
-    return ("model.quantizer.rotation_trick with schedule.mode=deferred: in vqgen's quantizer study this "
-            "combination diverged after the switch to quantization (VQ: every seed collapsed to one or two codes; "
-            "EMA: codes in use fell steadily); watch the loss after schedule.ae_steps, or use the rotation trick "
-            "with schedule.mode=early")
+    beta = getattr(cfg.model.quantizer, "beta", None)
+    beta = f" (beta={beta:g})" if beta is not None else ""
+    return (f"model.quantizer.rotation_trick with schedule.mode=deferred{beta}: in "
+            "vqgen's quantizer study this combination diverged after the switch to quantization at beta=0.25 (VQ: "
+            "every seed collapsed to one or two codes, the rotated gradient turning the encoder outputs away from "
+            "their codes; EMA: codes in use fell steadily); VQ with beta=1 stayed stable in all three seeds "
+            "(benchmarks/rotation_deferred.py); watch the loss after schedule.ae_steps, raise model.quantizer.beta, "
+            "or use the rotation trick with schedule.mode=early")
 
 
 def phase_at(step: int, schedule: ScheduleConfig) -> tuple[str, float]:
