@@ -572,7 +572,10 @@ def test_sigint_ends_in_one_line_exit_130_and_the_rerun_resumes(tmp_path):
     out = tmp_path / "tok"
     command = [sys.executable, "-m", "vqgen.pipelines.train_tokenizer", "--config", TOK, "--output-dir", str(out),
                "train.steps=200", "train.log_every=2", "train.checkpoint_every=2"]
-    proc = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that starts the suite in the background (``cmd &``) leaves SIGINT ignored for its children, and Python
+    # then installs no Ctrl-C handler: restore the default so the command sees the interrupt a terminal would send
+    proc = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         metrics = out / "metrics.jsonl"
