@@ -63,17 +63,14 @@ class _Variant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, q = ctx.saved_tensors
+        eps = quantizer_base.ROTATION_EPS
+        scale = q.norm(dim=-1, keepdim=True).clamp_min(eps) / x.norm(dim=-1, keepdim=True).clamp_min(eps)
         if ctx.mode == "rescale_no_rotation":
-            eps = quantizer_base.ROTATION_EPS
-            scale = q.norm(dim=-1, keepdim=True).clamp_min(eps) / x.norm(dim=-1, keepdim=True).clamp_min(eps)
             return scale * grad, None, None
         # rotation_no_rescale: the library's map divided by its rescale factor
         with torch.enable_grad():
             xx = x.detach().requires_grad_(True)
-            out = quantizer_base._RotationTrick.apply(xx, q)
-            (rotated,) = torch.autograd.grad(out, xx, grad)
-        eps = quantizer_base.ROTATION_EPS
-        scale = q.norm(dim=-1, keepdim=True).clamp_min(eps) / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+            (rotated,) = torch.autograd.grad(quantizer_base._RotationTrick.apply(xx, q), xx, grad)
         return rotated / scale, None, None
 
 
@@ -94,7 +91,8 @@ class Probe:
                 with torch.no_grad():
                     xn, qn = x.norm(dim=-1), q.norm(dim=-1)
                     cos = torch.nn.functional.cosine_similarity(x, q, dim=-1)
-                    self.rows.append((xn.mean().item(), cos.mean().item(), (qn / xn.clamp_min(1e-12)).mean().item()))
+                    row = torch.stack([xn.mean(), cos.mean(), (qn / xn.clamp_min(1e-12)).mean()])
+                    self.rows.append(tuple(row.tolist()))  # one read-back per step
             if self.gradient == "straight_through":
                 return straight(x, q)
             if self.gradient == "rotation":
