@@ -233,3 +233,29 @@ def test_a_planted_pickle_in_a_checkpoint_never_runs(tmp_path, capsys, name):
     train_tokenizer(tokenizer(part, "train.steps=6"))
     assert "is unusable" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_an_interrupt_while_a_checkpoint_is_fingerprinted_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """Ctrl-C can land after the files are written but before the rename (sha256 of a large model takes a
+    while): the temporary folder goes, the checkpoints before stay, and the rerun resumes from them."""
+    import vqgen.core.trainer as trainer_module
+
+    run = tmp_path / "tok"
+    real = trainer_module.file_fingerprint
+    calls = {"n": 0}
+
+    def interrupted_at_the_second_checkpoint(path):
+        if path.parent.name == ".step_00000004.tmp":
+            calls["n"] += 1
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(trainer_module, "file_fingerprint", interrupted_at_the_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(tokenizer(run, "train.steps=6"))
+    assert calls["n"] == 1
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_00000002"], names
+    monkeypatch.setattr(trainer_module, "file_fingerprint", real)
+    train_tokenizer(tokenizer(run, "train.steps=6"))
+    assert [r["step"] for r in metrics(run)] == list(range(1, 7))

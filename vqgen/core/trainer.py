@@ -828,24 +828,28 @@ class CheckpointStore:
     def save(self, trainer: Trainer, step: int) -> None:
         """Every process must call this; each writes its RNG state, the main process everything else."""
         accelerator = trainer.accelerator
+        main = accelerator.is_main_process
         final = self.directory / f"step_{step:08d}"
         tmp = self.directory / f".step_{step:08d}.tmp"
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        with disk_full_guard(tmp), removed_on_failure(tmp, accelerator.is_main_process):  # nothing half-written
+        # nothing half-written: a failure or an interrupt anywhere before the rename (the writes, the fingerprints
+        # that take a while on a large model, the record) removes the temporary folder
+        with disk_full_guard(tmp), removed_on_failure(tmp, main):
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
             _torch_save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-            if accelerator.is_main_process:
+            if main:
                 self._write_state(trainer, tmp, step)
-        accelerator.wait_for_everyone()  # every RNG file is in place before the record lists them
-        if accelerator.is_main_process:
-            files = {p.name: {"size": p.stat().st_size, "sha256": file_fingerprint(p)}
-                     for p in sorted(tmp.iterdir()) if p.is_file()}
-            save_json({"format": CHECKPOINT_FORMAT, "step": step, "files": files}, tmp / CHECKPOINT_RECORD)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            accelerator.wait_for_everyone()  # every RNG file is in place before the record lists them
+            if main:
+                files = {p.name: {"size": p.stat().st_size, "sha256": file_fingerprint(p)}
+                         for p in sorted(tmp.iterdir()) if p.is_file()}
+                save_json({"format": CHECKPOINT_FORMAT, "step": step, "files": files}, tmp / CHECKPOINT_RECORD)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+        if main:
             for _, old in self.all()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
