@@ -1,6 +1,8 @@
 """Configuration: defaults, YAML, dotted overrides, unknown keys and wrong types rejected clearly."""
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import yaml
@@ -82,3 +84,45 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
             raise RuntimeError("boom")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_a_folder_replaced_atomically_is_never_lost_to_an_interrupt_between_its_two_renames(tmp_path, monkeypatch):
+    """A folder cannot be renamed over a non-empty one, so the old one is moved aside first; an interrupt right
+    after that move puts it back (no ``.NAME.old-*`` left, nothing lost)."""
+    import vqgen.core.io as io_module
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    real, calls = os.replace, []
+
+    def interrupted_second_rename(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(io_module.os, "replace", interrupted_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "weights").write_text("new")
+    monkeypatch.setattr(io_module.os, "replace", real)
+    assert calls[0][0] == "model" and calls[0][1].startswith(".model.old-")  # the interrupt came between the renames
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (target / "weights").read_text() == "old"
+
+
+def test_cleaning_an_owned_folder_puts_back_a_folder_left_aside_and_removes_the_rest(tmp_path):
+    """A process killed between the two renames leaves ``.NAME.old-XXXXXXXX`` and no ``NAME``: the cleaning
+    before the next run renames it back; one whose NAME exists is a leftover and goes, as do other temporaries."""
+    from vqgen.core.files import _clean_temporaries
+
+    (tmp_path / ".model.old-0123abcd").mkdir()
+    (tmp_path / ".model.old-0123abcd" / "weights").write_text("only copy")
+    (tmp_path / "ema").mkdir()
+    (tmp_path / ".ema.old-89abcdef").mkdir()
+    (tmp_path / ".x.json.tmp-01234567").write_text("half")
+    _clean_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema", "model"]
+    assert (tmp_path / "model" / "weights").read_text() == "only copy"

@@ -60,6 +60,7 @@ PATH_MAX = 4096
 # Names vqgen may leave in any folder it owns: its marker and lock, and the temporaries of an interrupted write
 # (``io.atomic_path``: .NAME.tmp-XXXXXXXX / .NAME.old-XXXXXXXX; a removal: .NAME.removed-XXXXXXXX; a checkpoint
 # being written: .step_N.tmp; a write test; a samples folder being made: .NAME.partial; a sibling lock).
+_OLD = re.compile(r"^\.(.+)\.old-[0-9a-f]{8}$")
 TEMPORARY = re.compile(r"^\..+\.(tmp|old|removed)-[0-9a-f]{8}$|^\.vqgen-write-test-|^\.step_\d+\.tmp$"
                        r"|^\..+\.partial$|^\..+\.lock$")
 _ALWAYS = {MARKER, LOCK}
@@ -381,12 +382,17 @@ def _clean_temporaries(folder: Path) -> None:
     """Remove what interrupted writes left in ``folder`` and below (the caller holds the folder's lock).
 
     Locks stay, and so does an interrupted sampling (``.NAME.partial``): ``evaluate`` names it, the next
-    ``sample`` into that folder removes it.
+    ``sample`` into that folder removes it. A folder moved aside for its replacement (``.NAME.old-XXXXXXXX``)
+    whose ``NAME`` is gone (a process killed between the two renames) is renamed back, not removed.
     """
     for root, dirs, files in os.walk(folder):
         for name in [*files, *dirs]:
             if TEMPORARY.match(name) and not name.endswith((".lock", ".partial")):
                 path = Path(root) / name
+                kept = _OLD.match(name)
+                if kept and not (Path(root) / kept.group(1)).exists():
+                    os.replace(path, Path(root) / kept.group(1))
+                    continue
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
                     if name in dirs:

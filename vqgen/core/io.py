@@ -29,6 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     with disk_full_guard(path):
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    old = None
     try:
         with disk_full_guard(path):
             yield tmp
@@ -37,10 +38,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     finally:
+        if old is not None and old.exists():
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # interrupted between the two renames: the old folder goes back rather than being lost
+                os.replace(old, path)
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
