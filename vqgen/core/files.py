@@ -392,13 +392,12 @@ def _clean_temporaries(folder: Path) -> None:
                 kept = _OLD.match(name)
                 if kept and not (Path(root) / kept.group(1)).exists():
                     os.replace(path, Path(root) / kept.group(1))
-                    continue
-                if path.is_dir() and not path.is_symlink():
+                elif path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
-                    if name in dirs:
-                        dirs.remove(name)
                 else:
                     path.unlink(missing_ok=True)
+                if name in dirs:  # renamed back or removed: nothing left under this name to walk into
+                    dirs.remove(name)
 
 
 @contextlib.contextmanager
